@@ -1,0 +1,1 @@
+"""tandem decode_service (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""tandem gateway (see docs/architecture.md)."""

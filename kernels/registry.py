@@ -1,0 +1,69 @@
+"""Named kernel sets. The model receives one `KernelOps` and never asks which backend it is."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """The ops the model calls. Signatures and semantics are fixed by the torch references."""
+
+    name: str
+    rms_norm: Callable  # (x, weight, eps, residual=None) -> (out, residual_out | None)
+    rotary: Callable  # (q, k, positions, cos_sin_cache) -> (q, k)
+    silu_and_mul: Callable  # (x [T, 2I]) -> [T, I]
+    write_kv_cache: Callable  # (k, v, k_cache, v_cache, slot_mapping) -> None (in place)
+    decode_attention: Callable  # (q, k_cache, v_cache, block_tables, seq_lens, scale, window)
+    prefill_attention: Callable  # (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, window)
+
+
+def _torch_ops() -> KernelOps:
+    from kernels.activation import silu_and_mul_ref
+    from kernels.decode_attention import paged_decode_attention_ref
+    from kernels.kv_cache_write import write_kv_cache_ref
+    from kernels.prefill_attention import paged_prefill_attention_ref
+    from kernels.rms_norm import rms_norm_ref
+    from kernels.rotary import rotary_ref
+
+    return KernelOps(
+        name="torch",
+        rms_norm=rms_norm_ref,
+        rotary=rotary_ref,
+        silu_and_mul=silu_and_mul_ref,
+        write_kv_cache=write_kv_cache_ref,
+        decode_attention=paged_decode_attention_ref,
+        prefill_attention=paged_prefill_attention_ref,
+    )
+
+
+_BACKENDS: dict[str, Callable[[], KernelOps]] = {"torch": _torch_ops}
+
+
+def register_backend(name: str, factory: Callable[[], KernelOps]) -> None:
+    _BACKENDS[name] = factory
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_ops(name: str = "auto", device: torch.device | str = "cpu") -> KernelOps:
+    """`auto` is Triton on CUDA (when importable) and torch everywhere else."""
+    if name == "auto":
+        name = "torch"
+        if torch.device(device).type == "cuda":
+            try:
+                import kernels.triton_backend  # noqa: F401  (registers "triton")
+
+                name = "triton" if "triton" in _BACKENDS else "torch"
+            except ImportError:
+                name = "torch"
+    elif name == "triton" and name not in _BACKENDS:
+        import kernels.triton_backend  # noqa: F401
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose from {available_backends()}")
+    return _BACKENDS[name]()

@@ -1,0 +1,1 @@
+"""tandem kvtransfer (see docs/architecture.md)."""

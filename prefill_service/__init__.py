@@ -1,0 +1,1 @@
+"""tandem prefill_service (see docs/architecture.md)."""

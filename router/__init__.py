@@ -1,0 +1,1 @@
+"""tandem router (see docs/architecture.md)."""

@@ -1,0 +1,232 @@
+"""The engine one worker runs: receive -> schedule -> run -> process, one step at a time.
+
+Single-threaded by design: servers call it from one engine thread. Besides plain generation it
+has the two halves of a KV handoff:
+    prefill side:  add_request(hold_blocks=True) ... finished -> read KV -> release(req_id)
+    decode side:   reserve(...) -> KV written into the reserved blocks -> commit(...)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from tandem.block_manager import BlockManager
+from tandem.config import EngineConfig, ModelConfig
+from tandem.loader import read_hf_config, resolve_model_dir
+from tandem.request import Logprob, Request, RequestStatus, finish_reason
+from tandem.runner import ModelRunner
+from tandem.sampling_params import SamplingParams
+from tandem.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class StepOutput(NamedTuple):
+    req_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[Logprob | None]
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort"
+    num_cached_tokens: int
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_reserved: int
+    num_held: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_cached_blocks: int
+    prefix_cache_queries: int  # tokens
+    prefix_cache_hits: int  # tokens
+    num_preemptions: int
+    step_counts: dict = field(default_factory=dict)
+
+
+class HandoffTarget(NamedTuple):
+    block_ids: list[int]
+    num_cached_tokens: int  # block-aligned prefix already in this pool (not to be sent)
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.model_dir = (
+            resolve_model_dir(cfg.model) if cfg.load_format != "dummy" or cfg.model else None
+        )
+        if self.model_dir is None:
+            raise ValueError("dummy weights still need a model directory with config.json")
+        self.hf_config = read_hf_config(self.model_dir, cfg.hf_overrides)
+        self.model_cfg = ModelConfig.from_hf(self.hf_config)
+        self.max_model_len = cfg.max_model_len or self.model_cfg.max_position_embeddings
+        self.runner = ModelRunner(cfg, self.model_cfg, self.model_dir, self.max_model_len)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}  # every request the engine holds, any state
+        self.eos_token_ids = frozenset(self.model_cfg.eos_token_ids)
+        self.num_preemptions = 0
+
+    # -- receive ------------------------------------------------------------------------------
+    def _new_request(
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Request:
+        if req_id in self.requests:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("prompt must have at least one token")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary (size {self.model_cfg.vocab_size})"
+            )
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_model_len}"
+                " including at least one generated token"
+            )
+        if -(-len(prompt_token_ids) // self.cfg.block_size) > self.block_manager.num_blocks:
+            raise ValueError("prompt needs more KV blocks than this worker's whole pool")
+        req = Request(
+            req_id=req_id,
+            prompt_token_ids=list(prompt_token_ids),
+            params=params,
+            eos_token_ids=self.eos_token_ids,
+            max_total_tokens=self.max_model_len,
+            arrival_time=time.monotonic(),
+        )
+        self.requests[req_id] = req
+        return req
+
+    def add_request(
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        hold_blocks: bool = False,
+    ) -> Request:
+        req = self._new_request(req_id, prompt_token_ids, params)
+        req.hold_blocks = hold_blocks
+        self.scheduler.add(req)
+        return req
+
+    def reserve(
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> HandoffTarget | None:
+        """Decode side: blocks for the whole prompt, reusing this pool's cached prefix.
+
+        Returns None (nothing reserved) when the pool cannot hold the prompt now.
+        """
+        req = self._new_request(req_id, prompt_token_ids, params)
+        num_cached = self.block_manager.match_prefix(req)
+        req.num_computed_tokens = num_cached
+        if not self.block_manager.can_allocate(req, req.num_tokens - num_cached):
+            self.block_manager.free(req)
+            del self.requests[req_id]
+            return None
+        self.block_manager.allocate(req, req.num_tokens - num_cached)
+        req.num_cached_tokens = num_cached
+        req.status = RequestStatus.RESERVED
+        return HandoffTarget(list(req.block_table), num_cached)
+
+    def commit(
+        self, req_id: str, first_token_id: int, first_logprob: Logprob | None = None
+    ) -> StepOutput | None:
+        """Decode side: the prompt's KV is in the reserved blocks; join the running batch."""
+        req = self.requests[req_id]
+        assert req.status == RequestStatus.RESERVED, req.status
+        req.num_computed_tokens = req.num_tokens
+        self.block_manager.cache_full_blocks(req)
+        self.scheduler.add_running(req)
+        self._append_token(req, first_token_id, first_logprob)
+        if req.status.finished:
+            self._finish(req, req.status)
+            return StepOutput(req_id, [], [], finish_reason(req.status), req.num_cached_tokens)
+        return None
+
+    def release(self, req_id: str) -> None:
+        """Prefill side: the held blocks have been sent; give them back (they stay cached)."""
+        req = self.requests.pop(req_id, None)
+        if req is not None and req.block_table:
+            self.block_manager.free(req)
+
+    def abort(self, req_id: str) -> bool:
+        """Idempotent: False when the request is unknown (finished or never seen)."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return False
+        if req.status in (RequestStatus.RESERVED,) or req.status.finished:
+            req.hold_blocks = False
+            self.block_manager.free(req)
+            req.status = RequestStatus.FINISHED_ABORTED
+            del self.requests[req_id]
+        else:
+            req.hold_blocks = False
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    # -- schedule, run, process -----------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[StepOutput]:
+        sched = self.scheduler.schedule()
+        self.num_preemptions += len(sched.preempted)
+        if not sched.chunks:
+            return []
+        sampled, tokens, logprobs = self.runner.execute(sched.chunks)
+        for req, n in sched.chunks:
+            req.num_computed_tokens += n
+        outputs = []
+        for req, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+            self._append_token(req, token, logprob)
+            outputs.append(
+                StepOutput(
+                    req.req_id, [token], [logprob], finish_reason(req.status), req.num_cached_tokens
+                )
+            )
+            if req.status.finished:
+                self._finish(req, req.status)
+        for req, _ in sched.chunks:
+            if not req.status.finished:
+                self.block_manager.cache_full_blocks(req)
+        return outputs
+
+    def _append_token(self, req: Request, token: int, logprob: Logprob | None) -> None:
+        req.token_ids.append(token)
+        if req.params.logprobs is not None:
+            req.logprobs.append(logprob)
+        p = req.params
+        if req.num_output_tokens >= p.min_tokens and (
+            (not p.ignore_eos and token in req.eos_token_ids) or token in p.stop_token_ids
+        ):
+            req.status = RequestStatus.FINISHED_STOPPED
+        elif req.num_output_tokens >= req.max_output_tokens:
+            req.status = RequestStatus.FINISHED_LENGTH
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        # the sampled token's KV is never computed: cache only blocks full of computed tokens
+        self.block_manager.cache_full_blocks(req)
+        self.scheduler.finish(req, status)
+        if not req.hold_blocks:
+            self.requests.pop(req.req_id, None)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_reserved=sum(r.status == RequestStatus.RESERVED for r in self.requests.values()),
+            num_held=sum(r.hold_blocks and r.status.finished for r in self.requests.values()),
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            num_cached_blocks=bm.num_cached_blocks,
+            prefix_cache_queries=bm.num_queried_tokens,
+            prefix_cache_hits=bm.num_hit_tokens,
+            num_preemptions=self.num_preemptions,
+        )

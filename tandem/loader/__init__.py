@@ -1,0 +1,59 @@
+"""Model loading: resolve the model, build the architecture, fill the weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kernels import KernelOps
+from tandem.config import ModelConfig
+from tandem.loader.default_model import resolve_model_dir
+from tandem.loader.weights import init_dummy_weights, iter_safetensors, load_weights
+from tandem.models import get_model_class
+
+log = logging.getLogger(__name__)
+
+
+def read_hf_config(model_dir: Path, overrides: dict | None = None) -> dict:
+    hf = json.loads((model_dir / "config.json").read_text())
+    hf.update(overrides or {})
+    return hf
+
+
+def load_model(
+    model_dir: Path,
+    model_cfg: ModelConfig,
+    ops: KernelOps,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_positions: int,
+    load_format: str = "auto",
+    seed: int = 0,
+) -> nn.Module:
+    start = time.perf_counter()
+    cls = get_model_class(model_cfg.architecture)
+    with torch.device(device):
+        model = cls(model_cfg, ops, max_positions).to(dtype)
+    model.cos_sin_cache = model.cos_sin_cache.float()  # the rotary table stays fp32
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        load_weights(model, iter_safetensors(model_dir))
+    model.eval().requires_grad_(False)
+    log.info(
+        "model loaded arch=%s format=%s dtype=%s device=%s seconds=%.2f",
+        model_cfg.architecture,
+        load_format,
+        dtype,
+        device,
+        time.perf_counter() - start,
+    )
+    return model
+
+
+__all__ = ["load_model", "read_hf_config", "resolve_model_dir"]

@@ -1,0 +1,92 @@
+"""A request's record inside a worker, and its states.
+
+Lifecycle:  WAITING -> RUNNING -> FINISHED_*      (PREEMPTED ones go back to WAITING)
+            RESERVED -> RUNNING                    (decode side of a KV handoff)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from tandem.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    RESERVED = enum.auto()  # blocks reserved, waiting for KV from a prefill server
+    FINISHED_STOPPED = enum.auto()  # EOS or a stop token
+    FINISHED_LENGTH = enum.auto()  # max_tokens or max_model_len
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISH_REASON
+
+
+# The one table from finish states to OpenAI's finish_reason.
+_FINISH_REASON = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+def finish_reason(status: RequestStatus) -> str | None:
+    return _FINISH_REASON.get(status)
+
+
+@dataclass(slots=True)
+class Logprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the top-k (token_id, logprob), best first
+
+
+@dataclass(slots=True)
+class Request:
+    req_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    max_total_tokens: int = 0  # prompt + output cap (max_model_len)
+    arrival_time: float = 0.0
+    status: RequestStatus = RequestStatus.WAITING
+    # all tokens so far: prompt, then outputs; KV exists for the first num_computed_tokens
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prefix-cache hit at (last) admission
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # of the full blocks, in order
+    logprobs: list[Logprob] = field(default_factory=list)
+    num_preemptions: int = 0
+    # set by a prefill-only worker: keep the blocks after finishing until released
+    hold_blocks: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def max_output_tokens(self) -> int:
+        room = self.max_total_tokens - self.num_prompt_tokens
+        if self.params.max_tokens is None:
+            return room
+        return min(self.params.max_tokens, room)

@@ -1,0 +1,114 @@
+"""Continuous batching with chunked prefill, prefix caching and preemption by recompute.
+
+A request's lifecycle, as queues:
+    waiting  --admit (prefix match, blocks for its first chunk)-->  running
+    running  --each step: next chunk of its prompt, or one decode token-->  running
+    running  --out of blocks: newest request preempted, blocks freed-->  front of waiting
+    running  --EOS / stop token / length / abort-->  finished (blocks freed, or held)
+    reserved --KV arrived from a prefill server (commit)-->  running
+
+Every step has one token budget (max_num_batched_tokens). Running requests are served first,
+oldest first, so decodes are never starved by a long prompt; a prompt larger than what is left
+is split into chunks across steps (chunked prefill).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+from tandem.block_manager import BlockManager
+from tandem.request import Request, RequestStatus
+
+
+class ScheduledChunk(NamedTuple):
+    req: Request
+    num_new_tokens: int
+
+
+class SchedulerOutput(NamedTuple):
+    chunks: list[ScheduledChunk]
+    preempted: list[Request]
+
+
+class Scheduler:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def add_running(self, req: Request) -> None:
+        """A request whose KV is already in place (committed handoff) joins the batch."""
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while not self.bm.can_allocate(req, num_new):
+                victim = self.running.pop()  # the newest request gives way
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                self.bm.allocate(req, num_new)
+                chunks.append(ScheduledChunk(req, num_new))
+                budget -= num_new
+                i += 1
+
+        # no admissions in a step that had to preempt: the pool is already short
+        while (
+            self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
+        ):
+            req = self.waiting[0]
+            if not req.block_table:
+                req.num_computed_tokens = req.num_cached_tokens = self.bm.match_prefix(req)
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.bm.can_allocate(req, num_new):
+                break  # keep its prefix hit; retry when blocks come back
+            self.waiting.popleft()
+            self.bm.allocate(req, num_new)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            chunks.append(ScheduledChunk(req, num_new))
+            budget -= num_new
+        return SchedulerOutput(chunks, preempted)
+
+    def _preempt(self, req: Request) -> None:
+        self.bm.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Take req out of the queues; free its blocks unless it holds them for a KV handoff."""
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        if not req.hold_blocks:
+            self.bm.free(req)

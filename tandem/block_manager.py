@@ -35,7 +35,9 @@ class BlockManager:
         # prefix-cache counters, in tokens (vLLM's prefix_cache_queries / hits)
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
-        # KV events for the router's prefix index, drained by the worker
+        # KV events for the router's prefix index, drained by the worker (recorded only when
+        # a worker feeds a router, so a plain engine does not accumulate them)
+        self.record_events = False
         self.stored_hashes: list[int] = []
         self.evicted_hashes: list[int] = []
 
@@ -92,7 +94,8 @@ class BlockManager:
                 continue
             block.hash = block_hash
             self.cached[block_hash] = block.block_id
-            self.stored_hashes.append(block_hash)
+            if self.record_events:
+                self.stored_hashes.append(block_hash)
 
     def _extend_hashes(self, req: Request) -> None:
         bs = self.block_size
@@ -137,7 +140,8 @@ class BlockManager:
     def _evict(self, block: Block) -> None:
         if block.hash is not None:
             del self.cached[block.hash]
-            self.evicted_hashes.append(block.hash)
+            if self.record_events:
+                self.evicted_hashes.append(block.hash)
             block.hash = None
 
     def reset_prefix_cache(self) -> None:

@@ -1,0 +1,107 @@
+"""Decode servicer: admits requests, reserves KV for remote prefill, streams tokens.
+
+A request's life on a decode server:
+    Generate(prefill_locally)   -> add to the engine -> stream every token
+    Generate(remote prefill)    -> reserve blocks -> send KVTarget -> wait for the KV push
+                                -> commit (join the running batch) -> stream tokens 1..
+    stream cancelled / error    -> engine.abort (idempotent) frees the blocks
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import grpc
+
+from decode_service.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
+from decode_service.worker_common import worker_stats
+from kvtransfer.base import HandoffState
+from kvtransfer.ledger import HandoffFailed, HandoffLedger
+from protos import worker_pb2, worker_pb2_grpc
+from tandem.async_engine import AsyncEngine, EngineDeadError
+from tandem.engine import StepOutput
+
+log = logging.getLogger(__name__)
+
+
+def _token_event(out: StepOutput, num_prompt_tokens: int) -> worker_pb2.DecodeEvent:
+    ev = worker_pb2.TokenEvent(
+        token_ids=out.new_token_ids,
+        finish_reason=finish_to_proto(out.finish_reason),
+        num_prompt_tokens=num_prompt_tokens,
+        num_cached_tokens=out.num_cached_tokens,
+    )
+    for lp in out.new_logprobs:
+        if lp is not None:
+            ev.logprobs.append(logprob_to_proto(lp))
+    return worker_pb2.DecodeEvent(tokens=ev)
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeServicer):
+    def __init__(self, engine: AsyncEngine, ledger: HandoffLedger, kv_address: str) -> None:
+        self.engine = engine
+        self.ledger = ledger
+        self.kv_address = kv_address
+        self._handoff_ids = itertools.count()
+
+    async def Generate(self, request, context):
+        req_id = request.req_id
+        try:
+            params = sampling_from_proto(request.sampling)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        prompt = list(request.prompt_token_ids)
+        try:
+            if request.prefill_locally:
+                stream = self.engine.generate(req_id, prompt, params)
+            else:
+                stream = self._remote_prefill(req_id, prompt, params, context)
+            async for item in stream:
+                if isinstance(item, worker_pb2.DecodeEvent):
+                    yield item
+                else:
+                    yield _token_event(item, len(prompt))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except HandoffFailed as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+
+    async def _remote_prefill(self, req_id, prompt, params, context):
+        target = await self.engine.call(self.engine.engine.reserve, req_id, prompt, params)
+        if target is None:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "no free KV blocks for this prompt right now"
+            )
+        handoff_id = f"{req_id}#{next(self._handoff_ids)}"
+        h = self.ledger.open(handoff_id, req_id, target.block_ids, target.num_cached_tokens)
+        committed = False
+        try:
+            yield worker_pb2.DecodeEvent(
+                kv_target=worker_pb2.KVTarget(
+                    handoff_id=handoff_id,
+                    decode_kv_address=self.kv_address,
+                    block_ids=target.block_ids,
+                    num_cached_tokens=target.num_cached_tokens,
+                    block_size=self.engine.engine.cfg.block_size,
+                    transport="grpc",
+                )
+            )
+            await self.ledger.wait(h)
+            committed = True
+            async for out in self.engine.commit(req_id, h.first_token_id, h.first_logprob):
+                yield out
+        finally:
+            self.ledger.fail(handoff_id, HandoffState.RECLAIMED, "request ended")
+            self.ledger.close(handoff_id)
+            if not committed:  # blocks still reserved: take them back (idempotent)
+                await self.engine.abort(req_id)
+
+    async def Abort(self, request, context):
+        found = await self.engine.abort(request.req_id)
+        return worker_pb2.AbortResponse(found=found)
+
+    async def Stats(self, request, context):
+        return await worker_stats(self.engine, self.ledger.num_active)

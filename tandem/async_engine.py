@@ -1,0 +1,172 @@
+"""The engine on its own thread, driven from asyncio (the servers' event loop).
+
+    asyncio side                         engine thread
+    ------------                         -------------
+    call(fn) / generate(...) --queue-->  run pending calls between steps
+                                         step() -> outputs
+    per-request asyncio.Queue <--loop.call_soon_threadsafe-- outputs
+
+Everything that touches the engine (add, abort, reserve, commit, KV reads) runs on the engine
+thread, so the engine itself needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from tandem.engine import LLMEngine, StepOutput
+from tandem.request import Logprob
+from tandem.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._calls: queue.SimpleQueue[
+            tuple[Callable, tuple, asyncio.Future, asyncio.AbstractEventLoop]
+        ] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # -- asyncio side ---------------------------------------------------------------------------
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(*args) on the engine thread between steps; returns its result."""
+        if self._error is not None:
+            raise EngineDeadError(f"engine failed: {self._error!r}")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._calls.put((fn, args, fut, loop))
+        return await fut
+
+    async def generate(
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        hold_blocks: bool = False,
+    ) -> AsyncIterator[StepOutput]:
+        """Stream a request's outputs; leaving the loop early (or cancelling) aborts it."""
+        q = self._open_stream(req_id)
+        try:
+            await self.call(self.engine.add_request, req_id, prompt_token_ids, params, hold_blocks)
+        except BaseException:
+            self._streams.pop(req_id, None)
+            raise
+        async for out in self._drain(req_id, q):
+            yield out
+
+    async def commit(
+        self, req_id: str, first_token_id: int, first_logprob: Logprob | None
+    ) -> AsyncIterator[StepOutput]:
+        """Decode side of a handoff: join the batch, then stream the tokens sampled here."""
+        q = self._open_stream(req_id)
+        try:
+            done = await self.call(self.engine.commit, req_id, first_token_id, first_logprob)
+        except BaseException:
+            self._streams.pop(req_id, None)
+            raise
+        if done is not None:
+            self._streams.pop(req_id, None)
+            yield done
+            return
+        async for out in self._drain(req_id, q):
+            yield out
+
+    async def abort(self, req_id: str) -> bool:
+        return await self.call(self.engine.abort, req_id)
+
+    def _open_stream(self, req_id: str) -> asyncio.Queue:
+        if req_id in self._streams:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[req_id] = (q, asyncio.get_running_loop())
+        return q
+
+    async def _drain(self, req_id: str, q: asyncio.Queue) -> AsyncIterator[StepOutput]:
+        finished = False
+        try:
+            while True:
+                out = await q.get()
+                if isinstance(out, BaseException):
+                    raise EngineDeadError(f"engine failed: {out!r}") from out
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(req_id, None)
+            if not finished and self._error is None:
+                # the consumer went away (cancelled, disconnected): free the request's blocks
+                try:
+                    await asyncio.shield(self.call(self.engine.abort, req_id))
+                except (asyncio.CancelledError, EngineDeadError):
+                    self._calls.put((self.engine.abort, (req_id,), None, None))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._calls.put((lambda: None, (), None, None))
+        self._thread.join(timeout=10)
+
+    # -- engine thread ------------------------------------------------------------------------
+    def _run_calls(self, block: bool) -> None:
+        try:
+            item = self._calls.get(timeout=0.5) if block else self._calls.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, args, fut, loop = item
+            try:
+                result = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                if fut is not None:
+                    loop.call_soon_threadsafe(_set_exception, fut, e)
+            else:
+                if fut is not None:
+                    loop.call_soon_threadsafe(_set_result, fut, result)
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._run_calls(block=not self.engine.has_unfinished())
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except BaseException as e:  # noqa: BLE001 - an engine bug must not hang clients
+                log.exception("engine step failed; failing every open stream")
+                self._error = e
+                for q, loop in list(self._streams.values()):
+                    loop.call_soon_threadsafe(q.put_nowait, e)
+                return
+            for out in outputs:
+                stream = self._streams.get(out.req_id)
+                if stream is not None:
+                    q, loop = stream
+                    loop.call_soon_threadsafe(q.put_nowait, out)
+
+
+def _set_result(fut: asyncio.Future, result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

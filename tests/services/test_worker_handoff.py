@@ -1,0 +1,192 @@
+"""Prefill and decode servicers on an in-process grpc.aio server (127.0.0.1), real SmolLM2
+engines on both sides: the router's handoff done by hand, checked against LLM.generate."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from decode_service.servicer import DecodeServicer
+from kvtransfer.grpc_transport import CHANNEL_OPTIONS, GrpcKVSender, KVTransferServicer
+from kvtransfer.ledger import HandoffLedger
+from prefill_service.servicer import PrefillServicer
+from protos import common_pb2, worker_pb2, worker_pb2_grpc
+from tandem.async_engine import AsyncEngine
+from tandem.config import EngineConfig
+from tandem.engine import LLMEngine
+from tandem.sampling_params import SamplingParams
+
+PROMPTS = [
+    [1, 9690, 314, 260, 3575, 282, 4649],
+    list(range(100, 180)),  # several blocks, partial last block
+    list(range(500, 532)),  # exactly two blocks
+]
+
+
+@pytest.fixture(scope="module")
+def engines():
+    cfg = EngineConfig(num_blocks=256, max_num_batched_tokens=48)  # 48: prompts prefill in chunks
+    prefill = LLMEngine(cfg)
+    decode = LLMEngine(cfg)
+    yield prefill, decode
+
+
+def _reference(engine: LLMEngine, prompt: list[int], max_tokens: int) -> list[int]:
+    req = engine.add_request(
+        "ref", prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    )
+    while engine.has_unfinished():
+        engine.step()
+    return req.output_token_ids
+
+
+async def _start(prefill_engine, decode_engine):
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    port = server.add_insecure_port("127.0.0.1:0")
+    addr = f"127.0.0.1:{port}"
+    p_async, d_async = AsyncEngine(prefill_engine), AsyncEngine(decode_engine)
+    ledger = HandoffLedger(lease_s=5)
+    prefill = PrefillServicer(p_async, GrpcKVSender(timeout_s=10))
+    worker_pb2_grpc.add_PrefillServicer_to_server(prefill, server)
+    worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(d_async, ledger, addr), server)
+    worker_pb2_grpc.add_KVTransferServicer_to_server(
+        KVTransferServicer(ledger, decode_engine.runner.kv_cache), server
+    )
+    await server.start()
+    channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+    return server, channel, prefill, (p_async, d_async)
+
+
+async def _handoff(channel, req_id, prompt, max_tokens):
+    decode = worker_pb2_grpc.DecodeStub(channel)
+    prefill = worker_pb2_grpc.PrefillStub(channel)
+    sampling = common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    stream = decode.Generate(
+        worker_pb2.DecodeRequest(req_id=req_id, prompt_token_ids=prompt, sampling=sampling)
+    )
+    first = await stream.read()
+    assert first.WhichOneof("event") == "kv_target"
+    resp = await prefill.Prefill(
+        worker_pb2.PrefillRequest(
+            req_id=req_id, prompt_token_ids=prompt, sampling=sampling, kv_target=first.kv_target
+        )
+    )
+    tokens = [resp.token_id]
+    while (ev := await stream.read()) != grpc.aio.EOF:
+        tokens += list(ev.tokens.token_ids)
+        if ev.tokens.finish_reason:
+            assert ev.tokens.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    return tokens, first.kv_target
+
+
+def test_remote_prefill_handoff_matches_local_generation(engines):
+    prefill_engine, decode_engine = engines
+    want = [_reference(prefill_engine, p, 12) for p in PROMPTS]
+    prefill_engine.block_manager.reset_prefix_cache()
+
+    async def main():
+        server, channel, prefill, workers = await _start(prefill_engine, decode_engine)
+        try:
+            results = await asyncio.gather(
+                *(_handoff(channel, f"r{i}", p, 12) for i, p in enumerate(PROMPTS))
+            )
+            # same prompt again: the decode side reuses its own cached prefix blocks
+            again, target = await _handoff(channel, "again", PROMPTS[1], 12)
+            stats = await worker_pb2_grpc.DecodeStub(channel).Stats(worker_pb2.StatsRequest())
+        finally:
+            await prefill.close()
+            await channel.close()
+            await server.stop(None)
+            for w in workers:
+                w.shutdown()
+        return results, again, target, stats
+
+    results, again, target, stats = asyncio.run(main())
+    assert [tokens for tokens, _ in results] == want
+    assert again == want[1]
+    # full blocks, less the one holding the last prompt token (always recomputed)
+    assert target.num_cached_tokens == ((len(PROMPTS[1]) - 1) // 16) * 16
+    assert stats.num_free_blocks == stats.num_total_blocks  # nothing leaked
+    assert prefill_engine.block_manager.num_free_blocks == prefill_engine.block_manager.num_blocks
+
+
+def test_cancelled_decode_stream_frees_reserved_blocks(engines):
+    _, decode_engine = engines
+
+    async def main():
+        server, channel, prefill, workers = await _start(*engines)
+        try:
+            decode = worker_pb2_grpc.DecodeStub(channel)
+            sampling = common_pb2.SamplingParams(temperature=0, max_tokens=8)
+            call = decode.Generate(
+                worker_pb2.DecodeRequest(req_id="c", prompt_token_ids=PROMPTS[1], sampling=sampling)
+            )
+            first = await call.read()
+            assert first.kv_target.block_ids
+            call.cancel()
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                stats = await decode.Stats(worker_pb2.StatsRequest())
+                if stats.num_free_blocks == stats.num_total_blocks:
+                    break
+            return stats
+        finally:
+            await prefill.close()
+            await channel.close()
+            await server.stop(None)
+            for w in workers:
+                w.shutdown()
+
+    stats = asyncio.run(main())
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert stats.num_active_handoffs == 0
+
+
+def test_aggregated_decode_streams_every_token(engines):
+    prefill_engine, decode_engine = engines
+    want = _reference(prefill_engine, PROMPTS[0], 10)
+
+    async def main():
+        server, channel, prefill, workers = await _start(*engines)
+        try:
+            decode = worker_pb2_grpc.DecodeStub(channel)
+            sampling = common_pb2.SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+            req = worker_pb2.DecodeRequest(
+                req_id="a", prompt_token_ids=PROMPTS[0], sampling=sampling, prefill_locally=True
+            )
+            return [t async for ev in decode.Generate(req) for t in ev.tokens.token_ids]
+        finally:
+            await prefill.close()
+            await channel.close()
+            await server.stop(None)
+            for w in workers:
+                w.shutdown()
+
+    assert asyncio.run(main()) == want
+
+
+def test_bad_kv_target_is_invalid_argument(engines):
+    async def main():
+        server, channel, prefill, workers = await _start(*engines)
+        try:
+            stub = worker_pb2_grpc.PrefillStub(channel)
+            target = worker_pb2.KVTarget(
+                handoff_id="x", decode_kv_address="127.0.0.1:1", block_ids=[1], block_size=8
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Prefill(
+                    worker_pb2.PrefillRequest(
+                        req_id="bad", prompt_token_ids=[1, 2, 3], kv_target=target
+                    )
+                )
+            return err.value.code()
+        finally:
+            await prefill.close()
+            await channel.close()
+            await server.stop(None)
+            for w in workers:
+                w.shutdown()
+
+    assert asyncio.run(main()) == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,151 @@
+"""`tandem router`: the public gRPC front door.
+
+config -> engine -> grpc.aio.server -> Router + Registry servicers + health + reflection ->
+start -> SIGTERM/SIGINT -> stop(grace) -> shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from router.config import RouterConfig
+from router.engine import RouterEngine
+from router.metrics import RouterMetrics
+from router.policies import POLICIES
+from router.servicer import RegistryServicer, RouterServicer
+from router.tokenizer import RouterTokenizer
+
+log = logging.getLogger("tandem.router")
+
+SERVICE_NAMES = (
+    router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
+    worker_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
+)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", required=True, help="HF-format model dir (tokenizer, config)")
+    parser.add_argument("--served-model-name", default="", help="name clients use as `model`")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus HTTP port")
+    parser.add_argument("--max-model-len", type=int, default=0)
+    parser.add_argument("--routing-policy", choices=sorted(POLICIES), default="prefix")
+    parser.add_argument("--prefill", action="append", default=[], metavar="HOST:PORT")
+    parser.add_argument("--decode", action="append", default=[], metavar="HOST:PORT")
+    parser.add_argument("--max-num-requests", type=int, default=1024)
+    parser.add_argument("--log-level", default="warning")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
+        model=args.model,
+        served_model_name=args.served_model_name or Path(args.model).name,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        max_model_len=args.max_model_len,
+        routing_policy=args.routing_policy,
+        prefill_addresses=tuple(args.prefill),
+        decode_addresses=tuple(args.decode),
+        max_num_requests=args.max_num_requests,
+    )
+
+
+@dataclass
+class RunningRouter:
+    server: grpc.aio.Server
+    engine: RouterEngine
+    port: int
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.server.stop(grace)
+        await self.engine.close()
+
+
+async def start_router(config: RouterConfig, metrics: RouterMetrics | None = None):
+    """Build and start the server (also used in-process by tests)."""
+    tokenizer = RouterTokenizer(config.model)
+    metrics = metrics or RouterMetrics(config.served_model_name or Path(config.model).name)
+    engine = RouterEngine(config, tokenizer, metrics)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+        ]
+    )
+    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(engine), server)
+    worker_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(engine), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    await server.start()
+    await engine.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningRouter(server, engine, port, health_servicer)
+
+
+async def serve(config: RouterConfig) -> None:
+    metrics = RouterMetrics(config.served_model_name)
+    if config.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
+    running = await start_router(config, metrics)
+    log.warning(
+        "event=router_ready address=%s:%d model=%s policy=%s prefill=%d decode=%d",
+        config.host, running.port, config.served_model_name, config.routing_policy,
+        len(config.prefill_addresses), len(config.decode_addresses),
+    )  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.warning("event=router_stopping grace_s=%.1f", config.grace_s)
+    await running.health.enter_graceful_shutdown()
+    await running.stop(config.grace_s)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    setup_logging(args.log_level)
+    config = config_from_args(args)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = add_cli_args(argparse.ArgumentParser(prog="tandem router"))
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Boundary records of the router engine (no protobuf past the servicers)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class FinishReason(enum.IntEnum):
+    # Values equal tandem.v1.FinishReason so the servicers convert with int().
+    NONE = 0
+    STOP = 1
+    LENGTH = 2
+    ABORT = 3
+    ERROR = 4
+
+
+class ErrorKind(enum.Enum):
+    INVALID_ARGUMENT = "invalid_argument"
+    CONTEXT_LENGTH = "context_length_exceeded"
+    NOT_FOUND = "not_found"
+    OVERLOADED = "overloaded"  # too many requests: retry later (429)
+    UNAVAILABLE = "unavailable"  # no worker can take it (503)
+    INTERNAL = "internal"
+
+
+class RequestError(Exception):
+    """A request the router refuses or could not serve; servicers map kind to a status code."""
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.param = param  # the offending request field, for OpenAI's error.param
+        self.retry_after = retry_after  # seconds, for Retry-After
+
+
+@dataclass(slots=True)
+class Sampling:
+    """Mirror of tandem.v1.SamplingParams with defaults resolved."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    max_tokens: int | None = None  # None until validation fills max_model_len - prompt_len
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+class Logprob(NamedTuple):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token_id, logprob), best first
+
+
+@dataclass(slots=True)
+class GenerateInput:
+    """One public Generate call after proto conversion."""
+
+    request_id: str
+    model: str
+    text: str | None = None
+    messages: list[dict] | None = None  # [{"role", "content", optional "name"}]
+    prompt_token_ids: list[int] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    n: int = 1
+    echo: bool = False
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+
+
+@dataclass(slots=True)
+class Timing:
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    kv_transfer_ms: float = 0.0
+    ttft_ms: float = 0.0
+    e2e_ms: float = 0.0
+    prefill_worker: str = ""
+    decode_worker: str = ""
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class ChoiceChunk:
+    """A piece of one choice's output, as streamed to the client."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[Logprob] = field(default_factory=list)
+    finish_reason: FinishReason = FinishReason.NONE
+    stop_reason: str = ""
+    timing: Timing | None = None
+    usage: Usage | None = None  # only on the very last chunk of the request
+    prompt_token_ids: list[int] = field(default_factory=list)  # echo, first chunk
+    num_cached_tokens: int = 0  # final chunk: prompt tokens served from a prefix cache

@@ -1,0 +1,213 @@
+"""The worker pool: prefill and decode servers, static (flags) or self-registered.
+
+Per worker the router keeps two kinds of load: what the worker reported (Stats polling or
+heartbeats, slightly stale) and what the router itself dispatched and has not seen answered
+(exact, updated at dispatch time). Routing uses the second first, so a burst of requests
+spreads even before any report arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from protos import worker_pb2, worker_pb2_grpc
+from router.prefix_index import WorkerBlocks
+
+log = logging.getLogger("tandem.router.workers")
+
+DEFAULT_BLOCK_SIZE = 16  # until the worker tells (Stats.block_size / WorkerInfo.block_size)
+APPROX_CAPACITY = 65536  # blocks remembered per worker without KV events
+
+
+class Role(enum.IntEnum):
+    # Values equal tandem.v1.WorkerRole.
+    PREFILL = 1
+    DECODE = 2
+
+
+@dataclass(slots=True)
+class ReportedLoad:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    in_flight_prompt_tokens: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_queries: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class WorkerHandle:
+    worker_id: str
+    role: Role
+    address: str
+    channel: grpc.aio.Channel
+    stub: object  # PrefillStub or DecodeStub
+    static: bool  # from flags (never expires) or self-registered (heartbeats)
+    kv_address: str = ""
+    block_size: int = DEFAULT_BLOCK_SIZE
+    healthy: bool = True  # optimistic until a poll or a call fails
+    draining: bool = False
+    reported: ReportedLoad = field(default_factory=ReportedLoad)
+    inflight_prompt_tokens: int = 0  # prefill: sent, not yet answered
+    active: int = 0  # decode: router requests streaming from it
+    blocks: WorkerBlocks = field(default_factory=lambda: WorkerBlocks(APPROX_CAPACITY))
+    exact_events: bool = False  # KV events arrive: the prefix index is exact
+    last_seen: float = field(default_factory=time.monotonic)
+
+    def prefill_load(self) -> int:
+        return self.inflight_prompt_tokens
+
+    def apply_kv_events(self, batch: worker_pb2.KVEventBatch) -> None:
+        if not self.exact_events:
+            self.exact_events = True
+            self.blocks.capacity = 0
+            self.blocks.clear()  # drop the approximation once the real feed starts
+        if batch.reset:
+            self.blocks.clear()
+        self.blocks.evict(batch.evicted_block_hashes)
+        self.blocks.store(batch.stored_block_hashes)
+
+
+class WorkerPool:
+    def __init__(self, stats_interval_s: float = 0.5, heartbeat_interval_ms: int = 1000):
+        self.workers: dict[str, WorkerHandle] = {}
+        self.stats_interval_s = stats_interval_s
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        self._ids = itertools.count()
+        self._tasks: list[asyncio.Task] = []
+        self._decode_rr = itertools.count()
+
+    # -- membership -----------------------------------------------------------------------
+
+    def add(self, role: Role, address: str, static: bool, kv_address: str = "", block_size=0):
+        channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_send_message_length", 64 << 20),
+            ],
+        )
+        stub = (
+            worker_pb2_grpc.PrefillStub(channel)
+            if role == Role.PREFILL
+            else worker_pb2_grpc.DecodeStub(channel)
+        )
+        wid = f"{role.name.lower()}-{next(self._ids)}"
+        w = WorkerHandle(wid, role, address, channel, stub, static, kv_address)
+        if block_size > 0:
+            w.block_size = block_size
+        self.workers[wid] = w
+        log.info("event=worker_added id=%s role=%s address=%s", wid, role.name, address)
+        if self._tasks:  # already started: watch the newcomer too
+            self._watch(w)
+        return w
+
+    async def remove(self, wid: str) -> None:
+        w = self.workers.pop(wid, None)
+        if w is not None:
+            log.info("event=worker_removed id=%s address=%s", wid, w.address)
+            await w.channel.close()
+
+    def candidates(self, role: Role, exclude=()) -> list[WorkerHandle]:
+        ws = [w for w in self.workers.values() if w.role == role and not w.draining]
+        ws = [w for w in ws if w not in exclude]
+        healthy = [w for w in ws if w.healthy]
+        # All marked unhealthy: try them anyway (a restart may have fixed them) rather than
+        # refusing while a poll catches up.
+        return healthy or ws
+
+    def has_role(self, role: Role) -> bool:
+        return any(w.role == role and not w.draining for w in self.workers.values())
+
+    def choose_decode(self, num_prompt_tokens: int, exclude=()) -> WorkerHandle | None:
+        ws = self.candidates(Role.DECODE, exclude)
+        if not ws:
+            return None
+        start = next(self._decode_rr) % len(ws)
+        ws = ws[start:] + ws[:start]
+
+        # Prefer servers with room for the prompt, then the fewest streams (counted at
+        # dispatch), then the most free blocks reported.
+        def key(w: WorkerHandle):
+            r = w.reported
+            needed = -(-num_prompt_tokens // max(w.block_size, 1))
+            no_room = r.num_total_blocks > 0 and r.num_free_blocks < needed
+            return (no_room, w.active + r.num_waiting, -r.num_free_blocks)
+
+        return min(ws, key=key)
+
+    # -- background: stats polling, KV events, heartbeat expiry -----------------------------
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._expire_loop()))
+        for w in list(self.workers.values()):
+            self._watch(w)
+
+    def _watch(self, w: WorkerHandle) -> None:
+        self._tasks.append(asyncio.create_task(self._poll_loop(w)))
+        if w.role == Role.PREFILL:
+            self._tasks.append(asyncio.create_task(self._events_loop(w)))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for wid in list(self.workers):
+            await self.remove(wid)
+
+    async def _poll_loop(self, w: WorkerHandle) -> None:
+        while w.worker_id in self.workers:
+            try:
+                s = await w.stub.Stats(worker_pb2.StatsRequest(), timeout=2.0)
+                w.reported = ReportedLoad(
+                    s.num_running,
+                    s.num_waiting,
+                    s.num_free_blocks,
+                    s.num_total_blocks,
+                    s.in_flight_prompt_tokens,
+                    s.prefix_cache_hits,
+                    s.prefix_cache_queries,
+                )
+                if s.block_size > 0:
+                    w.block_size = s.block_size
+                if not w.healthy:
+                    log.info("event=worker_healthy id=%s", w.worker_id)
+                w.healthy = True
+            except grpc.aio.AioRpcError as e:
+                if w.healthy:
+                    log.warning("event=worker_unhealthy id=%s code=%s", w.worker_id, e.code().name)
+                w.healthy = False
+            await asyncio.sleep(self.stats_interval_s)
+
+    async def _events_loop(self, w: WorkerHandle) -> None:
+        while w.worker_id in self.workers:
+            try:
+                async for batch in w.stub.KVEvents(worker_pb2.KVEventsRequest()):
+                    w.apply_kv_events(batch)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    log.info("event=kv_events_unavailable id=%s mode=approximate", w.worker_id)
+                    return  # keep approximating from routing decisions
+            await asyncio.sleep(1.0)
+
+    async def _expire_loop(self) -> None:
+        # Self-registered workers that missed three heartbeats leave the pool.
+        limit = 3 * self.heartbeat_interval_ms / 1000
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_ms / 1000)
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                if w.draining and w.active == 0 and w.inflight_prompt_tokens == 0:
+                    await self.remove(w.worker_id)  # drained: nothing of ours runs there
+                elif not w.static and now - w.last_seen > limit:
+                    log.warning("event=worker_expired id=%s", w.worker_id)
+                    await self.remove(w.worker_id)

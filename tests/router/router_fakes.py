@@ -1,0 +1,321 @@
+"""In-process FAKE prefill/decode workers implementing worker.proto's semantics.
+
+Deterministic: the i-th output token of a request is script[i] (script given per test), so
+expected text is known exactly. The fake prefill really pushes one KVChunk (last=True, with
+the first token) to the fake decode's KVTransfer service; the fake decode waits for it before
+streaming tokens 1.., as a real decode server does. The prefill fake keeps a prefix cache of
+block hashes and streams KV events; both fakes record aborts and active requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+import grpc
+
+from protos import common_pb2, worker_pb2, worker_pb2_grpc
+from router.prefix_index import hash_prompt_blocks
+
+BLOCK_SIZE = 4
+EOS = 2  # <|im_end|> in SmolLM2's vocabulary
+
+
+def _finish(i: int, tok: int, s: common_pb2.SamplingParams) -> int:
+    """FinishReason after output token i (0-based) was tok."""
+    if not s.ignore_eos and (tok == EOS or tok in s.stop_token_ids) and i + 1 >= s.min_tokens:
+        return common_pb2.FINISH_REASON_STOP
+    if i + 1 >= s.max_tokens:
+        return common_pb2.FINISH_REASON_LENGTH
+    return common_pb2.FINISH_REASON_UNSPECIFIED
+
+
+def _logprob(tok: int, s: common_pb2.SamplingParams):
+    top = [common_pb2.TopLogprob(token_id=tok + k, logprob=-0.5 * k) for k in range(s.top_logprobs)]
+    return common_pb2.TokenLogprob(token_id=tok, logprob=-0.25, top=top)
+
+
+@dataclass
+class FakeState:
+    script: list[int]
+    token_delay_s: float = 0.0
+    active: set[str] = field(default_factory=set)
+    aborted: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+
+
+class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServicer):
+    def __init__(self, state: FakeState, kv_address: str = ""):
+        self.state = state
+        self.kv_address = kv_address
+        self.handoffs: dict[str, asyncio.Future] = {}
+        self._ids = itertools.count()
+        self.num_total_blocks = 64
+
+    async def Generate(self, request, context):
+        st = self.state
+        st.requests.append(request.req_id)
+        st.active.add(request.req_id)
+        try:
+            s = request.sampling
+            start = 0
+            if not request.prefill_locally:
+                hid = f"h{next(self._ids)}"
+                fut = asyncio.get_running_loop().create_future()
+                self.handoffs[hid] = fut
+                n_blocks = -(-len(request.prompt_token_ids) // BLOCK_SIZE)
+                yield worker_pb2.DecodeEvent(
+                    kv_target=worker_pb2.KVTarget(
+                        handoff_id=hid,
+                        decode_kv_address=self.kv_address,
+                        block_ids=list(range(n_blocks)),
+                        block_size=BLOCK_SIZE,
+                    )
+                )
+                first = await fut  # the final KVChunk
+                if _finish(0, first, s):
+                    return  # finished at token 0: nothing left for decode
+                start = 1
+            for i in itertools.count(start):
+                if st.token_delay_s:
+                    await asyncio.sleep(st.token_delay_s)
+                tok = st.script[i % len(st.script)]
+                fin = _finish(i, tok, s)
+                ev = worker_pb2.TokenEvent(
+                    token_ids=[tok],
+                    finish_reason=fin,
+                    num_prompt_tokens=len(request.prompt_token_ids),
+                )
+                if s.logprobs:
+                    ev.logprobs.append(_logprob(tok, s))
+                if fin == common_pb2.FINISH_REASON_STOP:
+                    ev.stop_token_id = tok
+                yield worker_pb2.DecodeEvent(tokens=ev)
+                if fin:
+                    return
+        finally:
+            st.active.discard(request.req_id)
+
+    async def Push(self, request_iterator, context):
+        async for chunk in request_iterator:
+            if chunk.last:
+                fut = self.handoffs.pop(chunk.handoff_id, None)
+                if fut is None:
+                    return worker_pb2.KVPushResult(ok=False, error="unknown handoff")
+                fut.set_result(chunk.first_token_id)
+        return worker_pb2.KVPushResult(ok=True)
+
+    async def Abort(self, request, context):
+        self.state.aborted.append(request.req_id)
+        return worker_pb2.AbortResponse(found=request.req_id in self.state.active)
+
+    async def Stats(self, request, context):
+        return worker_pb2.WorkerStats(
+            num_running=len(self.state.active),
+            num_free_blocks=self.num_total_blocks,
+            num_total_blocks=self.num_total_blocks,
+            block_size=BLOCK_SIZE,
+        )
+
+
+class FakePrefill(worker_pb2_grpc.PrefillServicer):
+    def __init__(self, state: FakeState, kv_events: bool = True):
+        self.state = state
+        self.kv_events = kv_events
+        self.cached: set[int] = set()
+        self.hits = self.queries = 0
+        self.event_queues: list[asyncio.Queue] = []
+        self.prefill_delay_s = 0.0
+
+    async def Prefill(self, request, context):
+        st = self.state
+        st.requests.append(request.req_id)
+        st.active.add(request.req_id)
+        try:
+            hashes = hash_prompt_blocks(list(request.prompt_token_ids), BLOCK_SIZE)
+            hit = 0
+            for h in hashes:
+                if h not in self.cached:
+                    break
+                hit += 1
+            self.queries += len(request.prompt_token_ids)
+            self.hits += hit * BLOCK_SIZE
+            new = [h for h in hashes if h not in self.cached]
+            self.cached.update(hashes)
+            for q in self.event_queues:
+                q.put_nowait(worker_pb2.KVEventBatch(stored_block_hashes=new))
+            if self.prefill_delay_s:
+                await asyncio.sleep(self.prefill_delay_s)
+            tok = st.script[0]
+            s = request.sampling
+            target = request.kv_target
+            async with grpc.aio.insecure_channel(target.decode_kv_address) as ch:
+                chunk = worker_pb2.KVChunk(
+                    handoff_id=target.handoff_id,
+                    num_blocks=len(target.block_ids),
+                    dtype="float16",
+                    last=True,
+                    first_token_id=tok,
+                )
+                result = await worker_pb2_grpc.KVTransferStub(ch).Push(iter([chunk]))
+            if not result.ok:
+                await context.abort(grpc.StatusCode.INTERNAL, result.error)
+            resp = worker_pb2.PrefillResponse(
+                token_id=tok,
+                finish_reason=_finish(0, tok, s),
+                num_cached_tokens=hit * BLOCK_SIZE,
+                prefill_ms=1.0,
+                kv_transfer_ms=0.5,
+            )
+            if s.logprobs:
+                resp.logprob.CopyFrom(_logprob(tok, s))
+            return resp
+        finally:
+            st.active.discard(request.req_id)
+
+    async def Abort(self, request, context):
+        self.state.aborted.append(request.req_id)
+        return worker_pb2.AbortResponse(found=request.req_id in self.state.active)
+
+    async def Stats(self, request, context):
+        return worker_pb2.WorkerStats(
+            num_running=len(self.state.active),
+            prefix_cache_hits=self.hits,
+            prefix_cache_queries=self.queries,
+            block_size=BLOCK_SIZE,
+        )
+
+    async def KVEvents(self, request, context):
+        if not self.kv_events:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no events")
+        q: asyncio.Queue = asyncio.Queue()
+        self.event_queues.append(q)
+        try:
+            yield worker_pb2.KVEventBatch(reset=True, stored_block_hashes=list(self.cached))
+            while True:
+                yield await q.get()
+        finally:
+            self.event_queues.remove(q)
+
+
+@dataclass
+class FakeServer:
+    server: grpc.aio.Server
+    address: str
+    servicer: object
+    state: FakeState
+
+
+async def start_fake(role: str, script: list[int], **kwargs) -> FakeServer:
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    address = f"127.0.0.1:{port}"
+    state = FakeState(script=script, token_delay_s=kwargs.pop("token_delay_s", 0.0))
+    if role == "decode":
+        servicer = FakeDecode(state, kv_address=address)
+        worker_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
+        worker_pb2_grpc.add_KVTransferServicer_to_server(servicer, server)
+    else:
+        servicer = FakePrefill(state, **kwargs)
+        worker_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
+    await server.start()
+    return FakeServer(server, address, servicer, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# A synthetic HF-format model dir (byte-level BPE + ChatML template), built in milliseconds so
+# tests never need the real model; special ids match the fakes (EOS = 2).
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CORPUS = [
+    "Hello world, this is a tiny corpus for a tiny tokenizer.",
+    "The quick brown fox jumps over the lazy dog. STOP here. The end.",
+    "héllo wörld 你好 😀 emoji and accents é è ü",
+] * 20
+
+
+def write_model_dir(path, max_position_embeddings: int = 256):
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "unk_token": "<|endoftext|>",
+                "chat_template": CHAT_TEMPLATE,
+            }
+        )
+    )
+    (path / "config.json").write_text(
+        json.dumps({"max_position_embeddings": max_position_embeddings, "vocab_size": 400})
+    )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# A router over fakes, in-process
+
+
+@dataclass
+class Stack:
+    router: object  # router.server.RunningRouter
+    address: str
+    prefills: list[FakeServer]
+    decodes: list[FakeServer]
+
+    async def stop(self):
+        await self.router.stop(0)
+        for f in self.prefills + self.decodes:
+            await f.server.stop(0)
+
+
+async def start_stack(
+    model_dir,
+    script: list[int],
+    num_prefill: int = 1,
+    num_decode: int = 1,
+    policy: str = "prefix",
+    token_delay_s: float = 0.0,
+    kv_events: bool = True,
+    **config_kwargs,
+) -> Stack:
+    from router.config import RouterConfig
+    from router.server import start_router
+
+    prefills = [
+        await start_fake("prefill", script, kv_events=kv_events) for _ in range(num_prefill)
+    ]
+    decodes = [
+        await start_fake("decode", script, token_delay_s=token_delay_s) for _ in range(num_decode)
+    ]
+    config = RouterConfig(
+        model=str(model_dir),
+        served_model_name="tiny",
+        port=0,
+        routing_policy=policy,
+        prefill_addresses=tuple(f.address for f in prefills),
+        decode_addresses=tuple(f.address for f in decodes),
+        stats_interval_s=0.05,
+        **config_kwargs,
+    )
+    running = await start_router(config)
+    return Stack(running, f"127.0.0.1:{running.port}", prefills, decodes)

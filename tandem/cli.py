@@ -1,0 +1,221 @@
+"""`tandem serve | gateway | router | prefill | decode`.
+
+Imports stay lazy: `tandem router` and `tandem gateway` must never load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _wait_grpc_healthy(address: str, proc: subprocess.Popen, timeout: float) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"process for {address} exited with code {proc.returncode}")
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} did not become healthy within {timeout:.0f}s")
+
+
+def _wait_http_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with code {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not become healthy within {timeout:.0f}s")
+
+
+_ENGINE_FLAGS = [
+    "dtype",
+    "device",
+    "load_format",
+    "kernel_backend",
+    "block_size",
+    "num_blocks",
+    "gpu_memory_utilization",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_model_len",
+    "seed",
+]
+
+
+def _serve(args: argparse.Namespace) -> None:
+    """Start gateway + router + prefill x N + decode x M on this host; Ctrl-C stops them all."""
+    from tandem.loader.default_model import DEFAULT_MODEL_NAME, resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)  # converts the default GGUF once, here
+    served = args.served_model_name or (
+        DEFAULT_MODEL_NAME if args.model is None else model_dir.name
+    )
+    host = args.host
+    py = [sys.executable, "-m", "tandem.cli"]
+    engine_flags = []
+    for name in _ENGINE_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            engine_flags += [f"--{name.replace('_', '-')}", str(value)]
+    if not args.enable_prefix_caching:
+        engine_flags.append("--no-enable-prefix-caching")
+    common = ["--model", str(model_dir), "--log-level", args.log_level]
+
+    procs: list[subprocess.Popen] = []
+    try:
+        workers = []
+        for role, count in (("decode", args.decode), ("prefill", args.prefill)):
+            for _ in range(count):
+                port = _free_port(host)
+                cmd = [*py, role, "--host", host, "--port", str(port), *common, *engine_flags]
+                procs.append(subprocess.Popen(cmd))
+                workers.append((role, f"{host}:{port}", procs[-1]))
+        for _, address, proc in workers:
+            _wait_grpc_healthy(address, proc, args.startup_timeout)
+        router_port = args.router_port or _free_port(host)
+        router_cmd = [*py, "router", "--host", host, "--port", str(router_port), *common]
+        router_cmd += ["--served-model-name", served, "--routing-policy", args.routing_policy]
+        if args.max_model_len:
+            router_cmd += ["--max-model-len", str(args.max_model_len)]
+        for role, address, _ in workers:
+            router_cmd += [f"--{role}", address]
+        procs.append(subprocess.Popen(router_cmd))
+        _wait_grpc_healthy(f"{host}:{router_port}", procs[-1], args.startup_timeout)
+        gw_cmd = [
+            *py,
+            "gateway",
+            "--host",
+            host,
+            "--port",
+            str(args.port),
+            "--router",
+            f"{host}:{router_port}",
+        ]
+        gw_cmd += ["--log-level", args.log_level]
+        if args.api_key:
+            gw_cmd += ["--api-key", args.api_key]
+        procs.append(subprocess.Popen(gw_cmd))
+        _wait_http_healthy(f"http://{host}:{args.port}/health", procs[-1], args.startup_timeout)
+        print(
+            f"tandem is serving {served} at http://{host}:{args.port}/v1 "
+            f"(router grpc {host}:{router_port}; {args.prefill} prefill, {args.decode} decode). Ctrl-C stops.",
+            flush=True,
+        )
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        while not stop:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a tandem process exited; stopping the others")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="HF directory or .gguf (default: SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
+    p.add_argument(
+        "--router-port", type=int, default=0, help="router gRPC port (default: a free one)"
+    )
+    p.add_argument(
+        "--prefill", type=int, default=1, help="prefill servers (0: decode servers prefill locally)"
+    )
+    p.add_argument("--decode", type=int, default=1, help="decode servers")
+    p.add_argument(
+        "--routing-policy", default="prefix", choices=["prefix", "least_load", "round_robin"]
+    )
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"))
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--log-level", default="warning")
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    for name in _ENGINE_FLAGS:
+        kind = (
+            str
+            if name in ("dtype", "device", "load_format", "kernel_backend")
+            else (float if name == "gpu_memory_utilization" else int)
+        )
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tandem", description="tandem LLM inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve_args(sub.add_parser("serve", help="start the whole local stack"))
+    for name, text in (
+        ("gateway", "OpenAI-compatible HTTP gateway (see `tandem gateway --help`)"),
+        ("router", "public gRPC router (see `tandem router --help`)"),
+        ("prefill", "prefill server (see `tandem prefill --help`)"),
+        ("decode", "decode server (see `tandem decode --help`)"),
+    ):
+        sub.add_parser(name, help=text, add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv else None
+    # each service parses its own flags, so `tandem router` never imports worker code (torch)
+    if command == "router":
+        from router.server import main as router_main
+
+        return router_main(argv[1:])
+    if command == "gateway":
+        from gateway.server import main as gateway_main
+
+        return gateway_main(argv[1:])
+    if command == "prefill":
+        from prefill_service.server import main as prefill_main
+
+        return prefill_main(argv[1:])
+    if command == "decode":
+        from decode_service.server import main as decode_main
+
+        return decode_main(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        _serve(args)
+
+
+if __name__ == "__main__":
+    main()

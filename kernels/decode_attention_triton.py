@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_common import dot, dot_args
+
 _LOG2E = 1.4426950408889634
 # Splits per call aim at this many programs per SM; the GPU bench tunes it.
 PROGRAMS_PER_SM = 4
@@ -43,7 +45,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -81,7 +83,7 @@ def _decode_split_kernel(
             + kvh * stride_kc_h + d[None, :],
             mask=kv_mask, other=0.0,
         )  # fmt: skip
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -92,7 +94,7 @@ def _decode_split_kernel(
             + kvh * stride_vc_h + d[None, :],
             mask=kv_mask, other=0.0,
         )  # fmt: skip
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
         m_i = m_new
 
     # l_i == 0 only for an empty context (seq_len 0: a padded slot); write zeros there.
@@ -180,7 +182,7 @@ def paged_decode_attention_triton(
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     if q.stride(-1) != 1:
         q = q.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
     group = num_q_heads // num_kv_heads
@@ -201,7 +203,6 @@ def paged_decode_attention_triton(
             (batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device
         )
     has_window = sliding_window is not None
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
         q.stride(0), q.stride(1),
@@ -213,7 +214,7 @@ def paged_decode_attention_triton(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad,
         BLOCK_N=_BLOCK_N, BLOCK_SIZE=block_size,
-        HAS_WINDOW=has_window, DIRECT=direct, DOT_PRECISION=precision,
+        HAS_WINDOW=has_window, DIRECT=direct, **dot_args(q.dtype, q.device),
         num_warps=4, num_stages=2,
     )  # fmt: skip
     if not direct:

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_common import dot, dot_args
+
 _LOG2E = 1.4426950408889634
 
 
@@ -34,7 +36,7 @@ def _attend_tiles(
     stride_vc_b, stride_vc_s, lo, hi, seq_len, q_pos, qk_scale, window,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
     d = tl.arange(0, DIM_PAD)
     for start in range(lo, hi, BLOCK_N):
@@ -56,7 +58,7 @@ def _attend_tiles(
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         else:
             k = tl.load(k_ptrs)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale
         if MASKED:
             ok = (t[None, :] <= q_pos[:, None]) & (t[None, :] < seq_len)
             if HAS_WINDOW:
@@ -70,7 +72,7 @@ def _attend_tiles(
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         else:
             v = tl.load(v_ptrs)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
         m_i = m_new
     return m_i, l_i, acc
 
@@ -85,7 +87,7 @@ def _prefill_kernel(
     qk_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(0)
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
@@ -120,18 +122,18 @@ def _prefill_kernel(
         m_i, l_i, acc = _attend_tiles(
             q, m_i, l_i, acc, kc_base, vc_base, bt_row, stride_kc_b, stride_kc_s,
             stride_vc_b, stride_vc_s, lo, hi, seq_len, q_pos, qk_scale, window,
-            HEAD_DIM, DIM_PAD, BLOCK_N, BLOCK_SIZE, True, True, DOT_PRECISION,
+            HEAD_DIM, DIM_PAD, BLOCK_N, BLOCK_SIZE, True, True, DOT_PRECISION, DOT_UPCAST,
         )  # fmt: skip
     else:
         m_i, l_i, acc = _attend_tiles(
             q, m_i, l_i, acc, kc_base, vc_base, bt_row, stride_kc_b, stride_kc_s,
             stride_vc_b, stride_vc_s, 0, full_hi, seq_len, q_pos, qk_scale, window,
-            HEAD_DIM, DIM_PAD, BLOCK_N, BLOCK_SIZE, False, False, DOT_PRECISION,
+            HEAD_DIM, DIM_PAD, BLOCK_N, BLOCK_SIZE, False, False, DOT_PRECISION, DOT_UPCAST,
         )  # fmt: skip
         m_i, l_i, acc = _attend_tiles(
             q, m_i, l_i, acc, kc_base, vc_base, bt_row, stride_kc_b, stride_kc_s,
             stride_vc_b, stride_vc_s, full_hi, hi, seq_len, q_pos, qk_scale, window,
-            HEAD_DIM, DIM_PAD, BLOCK_N, BLOCK_SIZE, True, False, DOT_PRECISION,
+            HEAD_DIM, DIM_PAD, BLOCK_N, BLOCK_SIZE, True, False, DOT_PRECISION, DOT_UPCAST,
         )  # fmt: skip
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -172,7 +174,7 @@ def paged_prefill_attention_triton(
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     if q.stride(-1) != 1:
         q = q.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     batch = query_start_loc.shape[0] - 1
     if num_tokens == 0 or batch == 0:
         return out
@@ -194,7 +196,7 @@ def paged_prefill_attention_triton(
         DIM_PAD=triton.next_power_of_2(head_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HAS_WINDOW=has_window,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **dot_args(q.dtype, q.device),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

@@ -1,0 +1,65 @@
+"""Plain helpers and constants shared by the core tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from tandem import SamplingParams
+from tandem.request import Request
+
+# Varied prompts: prose, code, lists, a question, non-English, digits, a chat-shaped line.
+PROMPT_TEXTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "List three primary colors:\n1.",
+    "Q: What is 17 multiplied by 3?\nA:",
+    "La tour Eiffel se trouve à",
+    "import numpy as np\n\nx = np.arange(10)\nprint(",
+    "User: Give me a short tip for learning to cook.\nAssistant:",
+]
+
+# A long text to cut prompts of any length from.
+CORPUS = (
+    "The history of computing is a story of layered abstractions. Early machines were wired by "
+    "hand; programs were patterns of cables and switches. Stored-program computers changed that: "
+    "instructions became data, and data could be rewritten by the machine itself. Assemblers "
+    "turned mnemonics into opcodes, compilers turned formulas into assembly, and operating "
+    "systems turned scarce hardware into shared services. Each layer hid the one below and "
+    "exposed a smaller, friendlier set of ideas. Networks then connected the machines, and the "
+    "web connected the people who used them. Today a single request to a language model passes "
+    "through load balancers, routers, schedulers, tokenizers, attention kernels and samplers, "
+    "each written by a different team, each trusting the contract of its neighbours. When one "
+    "contract is broken, the failure surfaces far away, which is why careful engineers write "
+    "tests at every boundary: they compare block tables, they compare logits, they compare "
+    "tokens, and they measure throughput on the same machine in the same run. A cache that "
+    "forgets to release a block, a scheduler that starves a request, or a sampler that ignores "
+    "a seed are all small mistakes with large consequences in production systems that serve "
+    "millions of users every single day across many regions of the world."
+)
+
+MAX_NEW = 64
+
+
+def hf_greedy(model, ids: list[int], max_new: int) -> list[int]:
+    """HF generate, greedy, exactly max_new tokens (EOS does not stop it)."""
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def make_request(req_id: str, token_ids: list[int], **params) -> Request:
+    """A bare Request (no engine), as the scheduler and block manager see it."""
+    params.setdefault("max_tokens", 16)
+    return Request(req_id, list(token_ids), SamplingParams(**params), max_total_tokens=10_000)

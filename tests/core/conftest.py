@@ -7,11 +7,19 @@ The SmolLM2 fixtures are session-scoped: loading is a few seconds, and the HF gr
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from core_helpers import CORPUS, MAX_NEW, PROMPT_TEXTS, hf_greedy
 
-from tandem import LLM
+# pytest runs with --import-mode=importlib, which does not put test folders on sys.path; the
+# plain helpers next to this file are imported by name, by this file and by the test modules.
+sys.path.insert(0, str(Path(__file__).parent))
+
+from core_helpers import CORPUS, MAX_NEW, PROMPT_TEXTS, hf_greedy  # noqa: E402
+
+from tandem import LLM  # noqa: E402
 
 
 @pytest.fixture(scope="session")

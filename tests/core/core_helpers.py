@@ -63,3 +63,11 @@ def make_request(req_id: str, token_ids: list[int], **params) -> Request:
     """A bare Request (no engine), as the scheduler and block manager see it."""
     params.setdefault("max_tokens", 16)
     return Request(req_id, list(token_ids), SamplingParams(**params), max_total_tokens=10_000)
+
+
+def engine_generate(engine, prompts: list[list[int]], params) -> list:
+    """Drive LLMEngine directly (no tokenizer needed): the finished Request of each prompt."""
+    reqs = [engine.add_request(f"g{i}-{id(p)}", p, params) for i, p in enumerate(prompts)]
+    while engine.has_unfinished():
+        engine.step()
+    return reqs

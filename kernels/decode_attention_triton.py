@@ -155,11 +155,13 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_split_len(batch: int, num_kv_heads: int, max_ctx: int, device: torch.device) -> int:
+def choose_split_len(
+    batch: int, num_kv_heads: int, max_ctx: int, device: torch.device, block_n: int = _BLOCK_N
+) -> int:
     """Tokens per split, a multiple of the tile, from shapes only (graph-safe)."""
     want = math.ceil(PROGRAMS_PER_SM * _num_sms(device) / max(batch * num_kv_heads, 1))
-    splits = max(1, min(want, math.ceil(max_ctx / _BLOCK_N)))
-    return math.ceil(math.ceil(max_ctx / splits) / _BLOCK_N) * _BLOCK_N
+    splits = max(1, min(want, math.ceil(max_ctx / block_n)))
+    return math.ceil(math.ceil(max_ctx / splits) / block_n) * block_n
 
 
 def paged_decode_attention_triton(
@@ -172,9 +174,11 @@ def paged_decode_attention_triton(
     sliding_window: int | None = None,
     *,
     split_len: int | None = None,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Same contract as paged_decode_attention_ref. split_len (tokens per split, a multiple of
-    64) overrides the shape-based choice; the bench and tests use it."""
+    """Same contract as paged_decode_attention_ref. For tests and tuning: split_len (tokens per
+    split, a multiple of the tile) overrides the shape-based choice, config overrides
+    (BLOCK_N, num_warps, num_stages)."""
     batch, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     assert num_q_heads % num_kv_heads == 0, "GQA needs Hq to be a multiple of Hkv"
@@ -187,9 +191,10 @@ def paged_decode_attention_triton(
         return out
     group = num_q_heads // num_kv_heads
     max_ctx = block_tables.shape[1] * block_size
+    block_n, num_warps, num_stages = config or (_BLOCK_N, 4, 2)
     if split_len is None:
-        split_len = choose_split_len(batch, num_kv_heads, max_ctx, q.device)
-    assert split_len % _BLOCK_N == 0
+        split_len = choose_split_len(batch, num_kv_heads, max_ctx, q.device, block_n)
+    assert split_len % block_n == 0
     num_splits = max(1, math.ceil(max_ctx / split_len))
     direct = num_splits == 1
     dim_pad = triton.next_power_of_2(head_dim)
@@ -213,9 +218,9 @@ def paged_decode_attention_triton(
         sliding_window if has_window else 0,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad,
-        BLOCK_N=_BLOCK_N, BLOCK_SIZE=block_size,
+        BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HAS_WINDOW=has_window, DIRECT=direct, **dot_args(q.dtype, q.device),
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if not direct:
         _decode_reduce_kernel[(batch, num_q_heads)](

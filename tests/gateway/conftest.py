@@ -1,4 +1,3 @@
-import asyncio
 import socket
 import sys
 import threading
@@ -7,28 +6,13 @@ from pathlib import Path
 
 import pytest
 
+# --import-mode=importlib: the shared fakes live in tests/router, which is not on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "router"))
 
-from router_fakes import EOS, start_stack, write_model_dir  # noqa: E402
+from router_fakes import EOS, LoopThread, start_stack, write_model_dir  # noqa: E402
 
 from gateway.config import GatewayConfig  # noqa: E402
 from gateway.server import make_server  # noqa: E402
-
-
-class LoopThread:
-    """An asyncio loop in a thread, for the in-process router and fakes."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout=30):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 class GatewayThread:

@@ -1,5 +1,12 @@
+import sys
+from pathlib import Path
+
 import pytest
-from router_fakes import write_model_dir
+
+# --import-mode=importlib: test folders are not on sys.path; the shared fakes live here.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from router_fakes import write_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from dataclasses import dataclass, field
 
 import grpc
@@ -319,3 +320,19 @@ async def start_stack(
     )
     running = await start_router(config)
     return Stack(running, f"127.0.0.1:{running.port}", prefills, decodes)
+
+
+class LoopThread:
+    """An asyncio loop in a thread, for the in-process router and fakes."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

@@ -50,6 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
     from tandem.config import EngineConfig
     from tandem.engine import LLMEngine
@@ -59,6 +60,7 @@ def main() -> None:
     engine = LLMEngine(
         EngineConfig(
             model=str(CONFIG_DIR),
+            dtype=args.dtype,
             load_format="dummy",
             num_blocks=4096,
             max_num_batched_tokens=4096,
@@ -115,13 +117,13 @@ def main() -> None:
     out = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "model": "dummy Llama-3.1-8B bf16",
+        "model": f"dummy Llama-3.1-8B {args.dtype}",
         "steps": args.steps,
         "results": results,
         "all_equal": all(r["greedy_steps_equal"] == args.steps for r in results),
     }
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(json.dumps({"all_equal": out["all_equal"], "gpu": out["gpu"]}))
+    print(json.dumps({"all_equal": out["all_equal"], "gpu": out["gpu"], "dtype": args.dtype}))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def load_model(
     cls = get_model_class(model_cfg.architecture)
     with torch.device(device):
         model = cls(model_cfg, ops, max_positions).to(dtype)
-    model.cos_sin_cache = model.cos_sin_cache.float()  # the rotary table stays fp32
+    model.init_rope(device)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:

@@ -145,17 +145,15 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # rebuilt on the parameters' device by the loader (buffers are not checkpoint tensors)
-        self.register_buffer(
-            "cos_sin_cache",
-            build_cos_sin_cache(
-                cfg.head_dim,
-                max_positions,
-                cfg.rope_theta,
-                dict(cfg.rope_scaling),
-                torch.device("cpu"),
-            ),
-            persistent=False,
+        self.max_positions = max_positions
+        self.register_buffer("cos_sin_cache", None, persistent=False)
+
+    def init_rope(self, device: torch.device) -> None:
+        """The fp32 rotary table, built after any dtype cast of the module (which would round
+        it to bf16) on the parameters' device."""
+        cfg = self.cfg
+        self.cos_sin_cache = build_cos_sin_cache(
+            cfg.head_dim, self.max_positions, cfg.rope_theta, dict(cfg.rope_scaling), device
         )
 
     def forward(

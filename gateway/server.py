@@ -6,8 +6,11 @@ config -> app -> uvicorn (SIGTERM/SIGINT: graceful, in-flight streams get the gr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
+import threading
 
 import uvicorn
 
@@ -46,6 +49,23 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     )
 
 
+class _Server(uvicorn.Server):
+    # uvicorn re-raises SIGTERM after its graceful shutdown (exit status -15); a drained
+    # gateway exits 0 instead, like the router.
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.signal(s, self.handle_exit) for s in sigs}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
 def make_server(config: GatewayConfig, log_level: str = "warning", grace_s: float = 5.0):
     try:
         import uvloop  # noqa: F401
@@ -62,7 +82,7 @@ def make_server(config: GatewayConfig, log_level: str = "warning", grace_s: floa
         access_log=log_level.lower() in ("debug", "info"),
         timeout_graceful_shutdown=grace_s,
     )
-    return uvicorn.Server(uv_config)
+    return _Server(uv_config)
 
 
 def run(args: argparse.Namespace) -> None:

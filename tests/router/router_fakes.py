@@ -336,3 +336,24 @@ class LoopThread:
     def close(self):
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+async def _serve_forever(num_prefill: int, num_decode: int, script: list[int], delay: float):
+    import json
+
+    fakes = [await start_fake("prefill", script) for _ in range(num_prefill)]
+    fakes += [await start_fake("decode", script, token_delay_s=delay) for _ in range(num_decode)]
+    print(json.dumps([f.address for f in fakes]), flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    # Fake workers as a process (for the e2e tests):
+    # python router_fakes.py NUM_PREFILL NUM_DECODE TOKEN_DELAY_S TOKEN_ID...
+    import sys
+
+    asyncio.run(
+        _serve_forever(
+            int(sys.argv[1]), int(sys.argv[2]), [int(t) for t in sys.argv[4:]], float(sys.argv[3])
+        )
+    )

@@ -51,9 +51,10 @@ class WorkerTokens(NamedTuple):
 
 
 class _WorkerFailed(Exception):
-    def __init__(self, worker: WorkerHandle, detail: str):
+    def __init__(self, worker: WorkerHandle, detail: str, code=None):
         super().__init__(detail)
         self.worker = worker
+        self.code = code  # grpc.StatusCode when the worker answered with one
 
 
 def _fire_abort(worker: WorkerHandle, req_id: str) -> None:
@@ -79,7 +80,7 @@ def _worker_error(e: grpc.aio.AioRpcError, worker: WorkerHandle) -> Exception:
     if code in _RETRYABLE:
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             worker.healthy = False  # the poller restores it
-        return _WorkerFailed(worker, f"{code.name}: {e.details()}")
+        return _WorkerFailed(worker, f"{code.name}: {e.details()}", code)
     return RequestError(ErrorKind.INTERNAL, f"worker {worker.address}: {code.name} {e.details()}")
 
 
@@ -96,12 +97,14 @@ async def stream_choice(
     """Yields the choice's tokens across attempts; the last item has a finish_reason."""
     generated: list[int] = []
     bad: set[WorkerHandle] = set()
-    last_error = "no worker available"
+    last_error, all_full = "no worker available", True
     for attempt in range(MAX_ATTEMPTS):
         s = dataclasses.replace(sampling)
         if generated:  # migration: continue where the failed decode server stopped
             s.max_tokens = sampling.max_tokens - len(generated)
             s.min_tokens = max(0, sampling.min_tokens - len(generated))
+        if attempt and pool.choose_decode(len(prompt_ids), exclude=bad) is None:
+            break  # every decode server failed or is full
         attempt_id = req_id if attempt == 0 else f"{req_id}.{attempt}"
         try:
             async for batch in _attempt(
@@ -114,10 +117,13 @@ async def stream_choice(
         except _WorkerFailed as e:
             bad.add(e.worker)
             last_error = str(e)
+            all_full = all_full and e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             log.warning(
                 "event=worker_failed req_id=%s worker=%s attempt=%d detail=%s",
                 req_id, e.worker.address, attempt, e,
             )  # fmt: skip
+    if all_full:  # every worker tried was out of KV blocks / slots: overload, not failure
+        raise RequestError(ErrorKind.OVERLOADED, f"workers are full: {last_error}", retry_after=1)
     raise RequestError(
         ErrorKind.UNAVAILABLE, f"request failed on every worker: {last_error}", retry_after=1
     )

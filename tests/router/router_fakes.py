@@ -53,9 +53,12 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
         self.handoffs: dict[str, asyncio.Future] = {}
         self._ids = itertools.count()
         self.num_total_blocks = 64
+        self.full = False  # True: refuse admissions like a decode server out of KV blocks
 
     async def Generate(self, request, context):
         st = self.state
+        if self.full:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free KV blocks")
         st.requests.append(request.req_id)
         st.active.add(request.req_id)
         try:

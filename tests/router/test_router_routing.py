@@ -231,3 +231,26 @@ def test_tokenize_detokenize_models_health_reflection():
     assert [m.id for m in models.models] == ["tiny"]
     assert hc.status == health_pb2.HealthCheckResponse.SERVING
     assert {"tandem.v1.Router", "tandem.v1.Registry", "grpc.health.v1.Health"} <= set(services)
+
+
+def test_full_decode_servers_mean_overload_not_failure():
+    async def scenario():
+        stack = await start_stack(MODEL_DIR[0], [300, 301], num_decode=2)
+        try:
+            stack.decodes[0].servicer.full = True
+            async with grpc.aio.insecure_channel(stack.address) as ch:
+                stub = router_pb2_grpc.RouterStub(ch)
+                served = []
+                for _ in range(3):
+                    served.append([c async for c in stub.Generate(req([5, 6]))])
+                stack.decodes[1].servicer.full = True
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    [c async for c in stub.Generate(req([5, 6]))]
+            return stack, served, e.value
+        finally:
+            await stack.stop()
+
+    stack, served, err = asyncio.run(scenario())
+    assert {s[-1].timing.decode_worker for s in served} == {stack.decodes[1].address}
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(err.trailing_metadata())["retry-after"] == "1"

@@ -183,6 +183,8 @@ class WorkerPool:
                     log.info("event=worker_healthy id=%s", w.worker_id)
                 w.healthy = True
             except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return  # no Stats: route on the router's own dispatch counts only
                 if w.healthy:
                     log.warning("event=worker_unhealthy id=%s code=%s", w.worker_id, e.code().name)
                 w.healthy = False

@@ -30,7 +30,7 @@ from kernels.triton_common import dot, dot_args
 
 _LOG2E = 1.4426950408889634
 # Splits per call aim at this many programs per SM; the GPU bench tunes it.
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 2
 _BLOCK_N = 64
 
 
@@ -83,11 +83,12 @@ def _decode_split_kernel(
             + kvh * stride_kc_h + d[None, :],
             mask=kv_mask, other=0.0,
         )  # fmt: skip
-        s = dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale
+        # raw scores; the softmax scale is folded into the exponent (one FMA per score)
+        s = dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST)
         s = tl.where(t_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(
             vc_ptr + blk[:, None] * stride_vc_b + off[:, None] * stride_vc_s
@@ -191,7 +192,7 @@ def paged_decode_attention_triton(
         return out
     group = num_q_heads // num_kv_heads
     max_ctx = block_tables.shape[1] * block_size
-    block_n, num_warps, num_stages = config or (_BLOCK_N, 4, 2)
+    block_n, num_warps, num_stages = config or (_BLOCK_N, 4, 3)
     if split_len is None:
         split_len = choose_split_len(batch, num_kv_heads, max_ctx, q.device, block_n)
     assert split_len % block_n == 0

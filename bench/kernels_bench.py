@@ -440,18 +440,14 @@ def sweep(copy_gbps: float, matmul: float) -> dict:
         (128, 128, 8, 2),
         (128, 64, 4, 4),
     ):
-        for prefetch in (False, True):
-            for name in ("causal_1k_x8", "causal_4k_x2", "extend_4k+512_x4"):
-                try:
-                    row = prefill_case(
-                        name, PREFILL_CASES[name], matmul, False,
-                        config=cfg, prefetch_block_ids=prefetch,
-                    )  # fmt: skip
-                    row.update(config=cfg, prefetch=prefetch)
-                except Exception as e:
-                    row = {"case": name, "config": cfg, "error": str(e)[:200]}
-                res["prefill"].append(row)
-                print("sweep prefill", cfg, prefetch, name, row.get("TFLOPs"), flush=True)
+        for name in ("causal_1k_x8", "causal_4k_x2", "extend_4k+512_x4"):
+            try:
+                row = prefill_case(name, PREFILL_CASES[name], matmul, False, config=cfg)
+                row.update(config=cfg)
+            except Exception as e:
+                row = {"case": name, "config": cfg, "error": str(e)[:200]}
+            res["prefill"].append(row)
+            print("sweep prefill", cfg, name, row.get("TFLOPs"), flush=True)
     return res
 
 

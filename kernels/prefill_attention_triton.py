@@ -28,8 +28,6 @@ import triton.language as tl
 from kernels.triton_common import dot, dot_args
 
 _LOG2E = 1.4426950408889634
-# Load the next tile's block ids one iteration early (bench/kernels_bench.py --sweep decides).
-PREFETCH_BLOCK_IDS = False
 
 
 @triton.jit
@@ -46,21 +44,15 @@ def _attend_tiles(
     stride_vc_b, stride_vc_s, lo, hi, seq_len, q_pos, qk_scale, window,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PREFETCH_BT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
     d = tl.arange(0, DIM_PAD)
-    if PREFETCH_BT:
-        # block ids of the first tile; each iteration loads the next tile's, so the K/V
-        # addresses never wait on a load issued in the same iteration
-        blk_next = _block_ids(bt_row, lo + tl.arange(0, BLOCK_N), seq_len, True, BLOCK_SIZE)
     for start in range(lo, hi, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
         off = t % BLOCK_SIZE
-        if PREFETCH_BT:
-            blk = blk_next
-            blk_next = _block_ids(bt_row, t + BLOCK_N, tl.minimum(hi, seq_len), True, BLOCK_SIZE)
-        else:
-            blk = _block_ids(bt_row, t, seq_len, MASKED, BLOCK_SIZE)
+        # (loading the next tile's block ids one iteration early measured no faster on an
+        # H100: the software pipeliner already hides this load)
+        blk = _block_ids(bt_row, t, seq_len, MASKED, BLOCK_SIZE)
         k_ptrs = kc_base + blk[:, None] * stride_kc_b + off[:, None] * stride_kc_s + d[None, :]
         v_ptrs = vc_base + blk[:, None] * stride_vc_b + off[:, None] * stride_vc_s + d[None, :]
         # full tiles of a power-of-two head_dim load unmasked (wider, simpler loads)
@@ -102,8 +94,7 @@ def _prefill_kernel(
     qk_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PREFETCH_BT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(0)
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
@@ -138,18 +129,18 @@ def _prefill_kernel(
         m_i, l_i, acc = _attend_tiles(
             q, m_i, l_i, acc, kc_base, vc_base, bt_row, stride_kc_b, stride_kc_s,
             stride_vc_b, stride_vc_s, lo, hi, seq_len, q_pos, qk_scale, window,
-            HEAD_DIM, DIM_PAD, BLOCK_N, BLOCK_SIZE, True, True, PREFETCH_BT, DOT_PRECISION, DOT_UPCAST,
+            HEAD_DIM, DIM_PAD, BLOCK_N, BLOCK_SIZE, True, True, DOT_PRECISION, DOT_UPCAST,
         )  # fmt: skip
     else:
         m_i, l_i, acc = _attend_tiles(
             q, m_i, l_i, acc, kc_base, vc_base, bt_row, stride_kc_b, stride_kc_s,
             stride_vc_b, stride_vc_s, 0, full_hi, seq_len, q_pos, qk_scale, window,
-            HEAD_DIM, DIM_PAD, BLOCK_N, BLOCK_SIZE, False, False, PREFETCH_BT, DOT_PRECISION, DOT_UPCAST,
+            HEAD_DIM, DIM_PAD, BLOCK_N, BLOCK_SIZE, False, False, DOT_PRECISION, DOT_UPCAST,
         )  # fmt: skip
         m_i, l_i, acc = _attend_tiles(
             q, m_i, l_i, acc, kc_base, vc_base, bt_row, stride_kc_b, stride_kc_s,
             stride_vc_b, stride_vc_s, full_hi, hi, seq_len, q_pos, qk_scale, window,
-            HEAD_DIM, DIM_PAD, BLOCK_N, BLOCK_SIZE, True, False, PREFETCH_BT, DOT_PRECISION, DOT_UPCAST,
+            HEAD_DIM, DIM_PAD, BLOCK_N, BLOCK_SIZE, True, False, DOT_PRECISION, DOT_UPCAST,
         )  # fmt: skip
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -180,7 +171,6 @@ def paged_prefill_attention_triton(
     *,
     max_query_len: int | None = None,
     config: tuple[int, int, int, int] | None = None,
-    prefetch_block_ids: bool | None = None,
 ) -> torch.Tensor:
     """Same contract as paged_prefill_attention_ref. max_query_len sizes the grid (pass it to
     avoid a device->host sync); config overrides the tile choice (for tuning)."""
@@ -213,7 +203,6 @@ def paged_prefill_attention_triton(
         DIM_PAD=triton.next_power_of_2(head_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HAS_WINDOW=has_window,
-        PREFETCH_BT=PREFETCH_BLOCK_IDS if prefetch_block_ids is None else prefetch_block_ids,
         **dot_args(q.dtype, q.device),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

@@ -160,18 +160,13 @@ def test_prefill_random_batch(seed, device):
         raise AssertionError(f"{e} batch={batch}") from None
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_prefill_other_tiles_and_max_query_len(seed, device, prefetch):
-    """Tiles that straddle blocks differently, a caller-supplied (generous) max_query_len, and
-    both ways of fetching block ids."""
+def test_prefill_other_tiles_and_max_query_len(seed, device):
+    """Tiles that straddle blocks differently, and a caller-supplied (generous) max_query_len."""
     run_prefill(
         EXTEND_BATCH, 4, 2, 32, None, torch.bfloat16, device, seed,
-        max_query_len=40, config=(32, 16, 4, 1), prefetch_block_ids=prefetch,
+        max_query_len=40, config=(32, 16, 4, 1),
     )  # fmt: skip
-    run_prefill(
-        EXTEND_BATCH, 8, 3, 64, 9, torch.bfloat16, device, seed,
-        config=(16, 32, 4, 1), prefetch_block_ids=prefetch,
-    )  # fmt: skip
+    run_prefill(EXTEND_BATCH, 8, 3, 64, 9, torch.bfloat16, device, seed, config=(16, 32, 4, 1))
 
 
 @pytest.mark.gpu

@@ -42,13 +42,21 @@ class Scheduler:
         self.running: list[Request] = []
 
     def add(self, req: Request) -> None:
+        self._cap_to_pool(req)
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
 
     def add_running(self, req: Request) -> None:
         """A request whose KV is already in place (committed handoff) joins the batch."""
+        self._cap_to_pool(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
+
+    def _cap_to_pool(self, req: Request) -> None:
+        # A request longer than the whole pool would preempt itself forever once it runs alone:
+        # it ends with "length" when its KV fills the pool (the last sampled token needs none).
+        pool_tokens = self.bm.num_blocks * self.bm.block_size
+        req.max_total_tokens = min(req.max_total_tokens or pool_tokens, pool_tokens)
 
     @property
     def num_unfinished(self) -> int:
@@ -87,7 +95,12 @@ class Scheduler:
                 req.num_computed_tokens = req.num_cached_tokens = self.bm.match_prefix(req)
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.bm.can_allocate(req, num_new):
-                break  # keep its prefix hit; retry when blocks come back
+                # Give the prefix hit back (its blocks stay cached, so the retry hits them
+                # again): a waiting request holding blocks could starve the preempted request
+                # queued before it, with nothing running to free any.
+                self.bm.free(req)
+                req.num_computed_tokens = req.num_cached_tokens = 0
+                break
             self.waiting.popleft()
             self.bm.allocate(req, num_new)
             req.status = RequestStatus.RUNNING

@@ -21,6 +21,7 @@ def step(s: Scheduler) -> list[tuple[str, int]]:
     out = s.schedule()
     for req, n in out.chunks:
         req.num_computed_tokens += n
+        s.bm.cache_full_blocks(req)
         if req.num_computed_tokens == req.num_tokens:
             req.token_ids.append(1)
             if req.num_output_tokens >= req.max_output_tokens:
@@ -127,9 +128,49 @@ def test_preempted_request_resumes_by_recompute_and_nothing_leaks():
     assert step(s) == [("a", 1)]
     assert step(s) == [("a", 1)]  # a's 4th token: a finishes
     assert a.status == RequestStatus.FINISHED_LENGTH
-    assert step(s) == [("b", 9)]  # prompt + its first output token, recomputed
+    # prompt + its first output token, recomputed; its first block (2) is still cached,
+    # its second (3) was reused by a and lost its hash
+    assert step(s) == [("b", 5)]
+    assert b.num_cached_tokens == 4 and b.block_table[0] == 2
     assert b.num_output_tokens == 2
     while s.num_unfinished:
         step(s)
     assert b.num_output_tokens == 4
     assert s.bm.num_free_blocks == 4
+
+
+def test_request_longer_than_the_pool_ends_with_length_instead_of_looping():
+    # 4 blocks of 4 = 16 tokens of KV; 10 prompt + 20 asked would preempt itself forever
+    s = sched(num_blocks=4, block_size=4, budget=64)
+    r = make_request("r", range(10), max_tokens=20)
+    s.add(r)
+    assert r.max_output_tokens == 6
+    for _ in range(20):
+        if not s.num_unfinished:
+            break
+        step(s)
+    assert r.status == RequestStatus.FINISHED_LENGTH and r.num_tokens == 16
+    assert r.num_preemptions == 0 and s.bm.num_free_blocks == 4
+
+
+def test_failed_admission_holds_no_blocks_and_keeps_its_prefix_hit():
+    s = sched(num_blocks=6, block_size=4, budget=64)
+    warm = make_request("warm", range(9), max_tokens=1)
+    s.add(warm)
+    step(s)
+    assert warm.status == RequestStatus.FINISHED_LENGTH and s.bm.num_cached_blocks == 2
+    big = make_request("big", range(50, 65), max_tokens=2)  # 15 tokens: 4 blocks, then decodes
+    s.add(big)
+    assert step(s) == [("big", 15)]
+    assert s.bm.num_free_blocks == 2  # warm's cached prefix blocks 0 and 1
+    # late shares those 2 blocks but needs 2 more: it cannot start, and holds nothing meanwhile
+    late = make_request("late", list(range(8)) + [90] * 5, max_tokens=4)
+    s.add(late)
+    assert step(s) == [("big", 1)]
+    assert big.status == RequestStatus.FINISHED_LENGTH
+    assert late.block_table == [] and late.status == RequestStatus.WAITING
+    assert [s.bm.blocks[i].ref_count for i in (0, 1)] == [0, 0]
+    assert s.bm.num_cached_blocks >= 2
+    # room again: admitted with the same 2 cached blocks, only the suffix computed
+    assert step(s) == [("late", 5)]
+    assert late.num_cached_tokens == 8 and late.block_table[:2] == [0, 1]

@@ -478,7 +478,8 @@ def main() -> int:
                 f"decode B={batch:4d} ctx={ctx:5d}: graph {row['graph_ms'] * 1e3:7.1f} us "
                 f"{row['GBps']:6.0f} GB/s = {row['frac_copy']:.2f} of copy | eager "
                 f"{row['eager_ms'] * 1e3:6.1f} us, sdpa {row['sdpa_best']} "
-                f"{(row['sdpa_best_ms'] or 0) * 1e3:6.1f} us ({row['sdpa_best_GBps'] or 0:.0f} GB/s)",
+                f"{(row['sdpa_best_ms'] or 0) * 1e3:6.1f} us "
+                f"({row['sdpa_best_GBps'] or 0:.0f} GB/s)",
                 flush=True,
             )
     report["prefill_config"] = _tile_config(D, torch.device(DEV))

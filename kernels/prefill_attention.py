@@ -36,8 +36,15 @@ def paged_prefill_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    *,
+    max_query_len: int | None = None,
 ) -> torch.Tensor:
-    """q [T, Hq, D] packed; query_start_loc [B+1] (cumulative q_lens); seq_lens [B] totals."""
+    """q [T, Hq, D] packed; query_start_loc [B+1] (cumulative q_lens); seq_lens [B] totals.
+
+    max_query_len (the longest chunk) is unused here; every backend accepts it so the model can
+    always pass it, and the Triton kernel then sizes its grid without a device->host sync.
+    """
+    del max_query_len
     out = torch.empty_like(q)
     hq, hkv = q.shape[1], k_cache.shape[2]
     starts = query_start_loc.tolist()

@@ -18,9 +18,9 @@ class KernelOps:
     silu_and_mul: Callable  # (x [T, 2I]) -> [T, I]
     write_kv_cache: Callable  # (k, v, k_cache, v_cache, slot_mapping) -> None (in place)
     decode_attention: Callable  # (q, k_cache, v_cache, block_tables, seq_lens, scale, window)
-    prefill_attention: (
-        Callable  # (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, window)
-    )
+    # (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, window,
+    #  *, max_query_len=None)
+    prefill_attention: Callable
 
 
 def _torch_ops() -> KernelOps:

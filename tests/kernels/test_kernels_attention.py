@@ -132,7 +132,10 @@ def run_prefill(batch, block_size, group, head_dim, window, dtype, device, seed,
     out = paged_prefill_attention_triton(
         q, k_cache, v_cache, block_tables, qsl, lens, scale, window, **kwargs
     )
-    ref = paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, qsl, lens, scale, window)
+    ref = paged_prefill_attention_ref(
+        q, k_cache, v_cache, block_tables, qsl, lens, scale, window,
+        max_query_len=kwargs.get("max_query_len"),
+    )  # fmt: skip
     what = f"prefill bs={block_size} group={group} d={head_dim} window={window} {kwargs}"
     assert_rel_close(out, ref, seed, what)
 

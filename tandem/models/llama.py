@@ -95,6 +95,7 @@ class Attention(nn.Module):
                 meta.seq_lens,
                 self.scale,
                 self.sliding_window,
+                max_query_len=meta.max_query_len,  # spares the Triton kernel a host sync
             )
         return self.o_proj(out.view(num_tokens, self.q_size))
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from kernels.prefill_attention import gather_context
-
 
 def paged_decode_attention_ref(
     q: torch.Tensor,
@@ -25,15 +23,25 @@ def paged_decode_attention_ref(
 
     Returns [B, Hq, D]. Hq must be a multiple of Hkv (GQA); all math in fp32.
     """
-    out = torch.empty_like(q)
-    hq, hkv = q.shape[1], k_cache.shape[2]
-    for b in range(q.shape[0]):
-        n = int(seq_lens[b])
-        k, v = gather_context(k_cache, v_cache, block_tables[b], n)  # [n, Hkv, D]
-        start = 0 if sliding_window is None else max(0, n - sliding_window)
-        k = k[start:].float().repeat_interleave(hq // hkv, dim=1)
-        v = v[start:].float().repeat_interleave(hq // hkv, dim=1)
-        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
-        probs = scores.softmax(dim=-1)
-        out[b] = torch.einsum("hn,nhd->hd", probs, v).to(q.dtype)
-    return out
+    # one batched gather over every block-table slot (no per-sequence loop: this is the CPU
+    # serving path); slots past seq_len (or before the window) are masked out, and their
+    # values zeroed so padding that holds garbage, even NaN, cannot leak into the output
+    num_seqs, hq = q.shape[:2]
+    _, block_size, hkv, head_dim = k_cache.shape
+    tables = block_tables.long()
+    k = k_cache[tables].flatten(1, 2).float()  # [B, L, Hkv, D], L = max_blocks * block_size
+    v = v_cache[tables].flatten(1, 2).float()
+    pos = torch.arange(k.shape[1], device=q.device)[None, :]
+    n = seq_lens.long()[:, None]
+    valid = pos < n
+    if sliding_window is not None:
+        valid &= pos >= n - sliding_window
+    v = torch.where(valid[:, :, None, None], v, 0.0)
+    qg = q.float().view(num_seqs, hkv, hq // hkv, head_dim)  # query heads grouped by KV head
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    # an empty context (a padded batch slot, seq_len 0) attends to nothing: output zeros
+    probs = torch.where(valid.any(dim=1)[:, None, None, None], probs, 0.0)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v)
+    return out.reshape(num_seqs, hq, head_dim).to(q.dtype)

@@ -45,12 +45,23 @@ def paged_prefill_attention_ref(
     always pass it, and the Triton kernel then sizes its grid without a device->host sync.
     """
     del max_query_len
+    from kernels.decode_attention import paged_decode_attention_ref
+
     out = torch.empty_like(q)
     hq, hkv = q.shape[1], k_cache.shape[2]
     starts = query_start_loc.tolist()
+    q_lens = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    # sequences adding one token (decodes in a mixed step) go through the batched decode path
+    single = [b for b, n in enumerate(q_lens) if n == 1]
+    if single:
+        rows = torch.tensor([starts[b] for b in single], device=q.device)
+        idx = torch.tensor(single, device=q.device)
+        out[rows] = paged_decode_attention_ref(
+            q[rows], k_cache, v_cache, block_tables[idx], seq_lens[idx], scale, sliding_window
+        )
     for b in range(len(starts) - 1):
         q0, q1 = starts[b], starts[b + 1]
-        if q1 == q0:
+        if q1 - q0 <= 1:
             continue
         n = int(seq_lens[b])
         q_len = q1 - q0

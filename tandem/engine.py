@@ -85,6 +85,9 @@ class LLMEngine:
             raise ValueError(
                 f"token id {bad[0]} is outside the vocabulary (size {self.model_cfg.vocab_size})"
             )
+        bad = [t for t in params.logit_bias if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary")
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_model_len}"

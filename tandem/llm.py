@@ -114,13 +114,14 @@ class LLM:
                 if comp.logprobs is not None:
                     comp.logprobs += step.new_logprobs
                 out.num_cached_tokens = step.num_cached_tokens
-                if p.stop and step.finish_reason is None:
+                if p.stop:  # also on the last step: a stop string wins over "length"
                     text = self.tokenizer.decode(
                         comp.token_ids, skip_special_tokens=p.skip_special_tokens
                     )
                     comp.text, hit = _truncate_at_stop(text, p.stop, p.include_stop_str_in_output)
                     if hit:
-                        self.engine.abort(step.req_id)
+                        if step.finish_reason is None:
+                            self.engine.abort(step.req_id)
                         comp.finish_reason = "stop"
                         bar.update()
                         continue

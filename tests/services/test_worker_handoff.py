@@ -4,6 +4,7 @@ engines on both sides: the router's handoff done by hand, checked against LLM.ge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -42,6 +43,7 @@ def _reference(engine: LLMEngine, prompt: list[int], max_tokens: int) -> list[in
     return req.output_token_ids
 
 
+@contextlib.asynccontextmanager
 async def _start(prefill_engine, decode_engine):
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -56,7 +58,14 @@ async def _start(prefill_engine, decode_engine):
     )
     await server.start()
     channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-    return server, channel, prefill, (p_async, d_async)
+    try:
+        yield channel
+    finally:
+        await prefill.close()
+        await channel.close()
+        await server.stop(None)
+        p_async.shutdown()
+        d_async.shutdown()
 
 
 async def _handoff(channel, req_id, prompt, max_tokens):
@@ -87,20 +96,13 @@ def test_remote_prefill_handoff_matches_local_generation(engines):
     prefill_engine.block_manager.reset_prefix_cache()
 
     async def main():
-        server, channel, prefill, workers = await _start(prefill_engine, decode_engine)
-        try:
+        async with _start(prefill_engine, decode_engine) as channel:
             results = await asyncio.gather(
                 *(_handoff(channel, f"r{i}", p, 12) for i, p in enumerate(PROMPTS))
             )
             # same prompt again: the decode side reuses its own cached prefix blocks
             again, target = await _handoff(channel, "again", PROMPTS[1], 12)
             stats = await worker_pb2_grpc.DecodeStub(channel).Stats(worker_pb2.StatsRequest())
-        finally:
-            await prefill.close()
-            await channel.close()
-            await server.stop(None)
-            for w in workers:
-                w.shutdown()
         return results, again, target, stats
 
     results, again, target, stats = asyncio.run(main())
@@ -116,8 +118,7 @@ def test_cancelled_decode_stream_frees_reserved_blocks(engines):
     _, decode_engine = engines
 
     async def main():
-        server, channel, prefill, workers = await _start(*engines)
-        try:
+        async with _start(*engines) as channel:
             decode = worker_pb2_grpc.DecodeStub(channel)
             sampling = common_pb2.SamplingParams(temperature=0, max_tokens=8)
             call = decode.Generate(
@@ -132,12 +133,6 @@ def test_cancelled_decode_stream_frees_reserved_blocks(engines):
                 if stats.num_free_blocks == stats.num_total_blocks:
                     break
             return stats
-        finally:
-            await prefill.close()
-            await channel.close()
-            await server.stop(None)
-            for w in workers:
-                w.shutdown()
 
     stats = asyncio.run(main())
     assert stats.num_free_blocks == stats.num_total_blocks
@@ -149,28 +144,20 @@ def test_aggregated_decode_streams_every_token(engines):
     want = _reference(prefill_engine, PROMPTS[0], 10)
 
     async def main():
-        server, channel, prefill, workers = await _start(*engines)
-        try:
+        async with _start(*engines) as channel:
             decode = worker_pb2_grpc.DecodeStub(channel)
             sampling = common_pb2.SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
             req = worker_pb2.DecodeRequest(
                 req_id="a", prompt_token_ids=PROMPTS[0], sampling=sampling, prefill_locally=True
             )
             return [t async for ev in decode.Generate(req) for t in ev.tokens.token_ids]
-        finally:
-            await prefill.close()
-            await channel.close()
-            await server.stop(None)
-            for w in workers:
-                w.shutdown()
 
     assert asyncio.run(main()) == want
 
 
 def test_bad_kv_target_is_invalid_argument(engines):
     async def main():
-        server, channel, prefill, workers = await _start(*engines)
-        try:
+        async with _start(*engines) as channel:
             stub = worker_pb2_grpc.PrefillStub(channel)
             target = worker_pb2.KVTarget(
                 handoff_id="x", decode_kv_address="127.0.0.1:1", block_ids=[1], block_size=8
@@ -182,11 +169,5 @@ def test_bad_kv_target_is_invalid_argument(engines):
                     )
                 )
             return err.value.code()
-        finally:
-            await prefill.close()
-            await channel.close()
-            await server.stop(None)
-            for w in workers:
-                w.shutdown()
 
     assert asyncio.run(main()) == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,7 +1,5 @@
-"""KV handoff between prefill and decode servers; transports are picked by name."""
+"""KV handoff between prefill and decode servers (only the `grpc` transport exists so far)."""
 
 from kvtransfer.base import HandoffState, KVDest, KVSender, KVSlice, plan_slices
 
-TRANSPORTS = ("grpc",)
-
-__all__ = ["HandoffState", "KVDest", "KVSender", "KVSlice", "TRANSPORTS", "plan_slices"]
+__all__ = ["HandoffState", "KVDest", "KVSender", "KVSlice", "plan_slices"]

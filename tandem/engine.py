@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from tandem.block_manager import BlockManager
@@ -44,7 +44,6 @@ class EngineStats:
     prefix_cache_queries: int  # tokens
     prefix_cache_hits: int  # tokens
     num_preemptions: int
-    step_counts: dict = field(default_factory=dict)
 
 
 class HandoffTarget(NamedTuple):

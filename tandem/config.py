@@ -113,6 +113,9 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # token budget per step (chunked prefill)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # CUDA graphs for decode-only steps of up to this many sequences (0 or enforce_eager: off)
+    cuda_graph_max_batch_size: int = 512
+    enforce_eager: bool = False
     hf_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

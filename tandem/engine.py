@@ -215,6 +215,7 @@ class LLMEngine:
         # the sampled token's KV is never computed: cache only blocks full of computed tokens
         self.block_manager.cache_full_blocks(req)
         self.scheduler.finish(req, status)
+        self.runner.forget(req.req_id)
         if not req.hold_blocks:
             self.requests.pop(req.req_id, None)
 

@@ -12,7 +12,9 @@ Input preparation for a packed batch (chunk of request b covers positions [c_b, 
 from __future__ import annotations
 
 import logging
+import time
 
+import numpy as np
 import torch
 
 from kernels import get_ops
@@ -24,6 +26,21 @@ from tandem.sampler import sample
 from tandem.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
+
+
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t if device.type == "cpu" else t.to(device)
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """The decode batch sizes captured as CUDA graphs; a batch runs in the smallest >= it."""
+    ladder = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
+    ladder += list(range(320, max_batch_size + 1, 64))
+    sizes = [b for b in ladder if b < max_batch_size] + [max_batch_size]
+    return sorted(set(sizes)) if max_batch_size > 0 else []
 
 
 class ModelRunner:
@@ -64,6 +81,13 @@ class ModelRunner:
         self.kv_caches = [
             (self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model_cfg.num_layers)
         ]
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self._rows: dict[str, list] = {}  # req_id -> [block_table list, int32 row, filled]
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not cfg.enforce_eager and cfg.cuda_graph_max_batch_size:
+            self.graphs = DecodeGraphs(
+                self, graph_batch_sizes(min(cfg.cuda_graph_max_batch_size, cfg.max_num_seqs))
+            )
         log.info(
             "kv cache num_blocks=%d block_size=%d backend=%s",
             self.num_blocks,
@@ -127,52 +151,195 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return peak
 
+    def _table_row(self, req: Request) -> np.ndarray:
+        """req's block table as an int32 row, extended in place as blocks are appended, so a
+        step copies only the new entries (input preparation does not grow with context)."""
+        cached = self._rows.get(req.req_id)
+        table = req.block_table
+        if cached is None or cached[0] is not table:  # new request, or its table was reset
+            row = np.zeros(max(self.max_blocks_per_seq, len(table)), dtype=np.int32)
+            row[: len(table)] = table
+            self._rows[req.req_id] = [table, row, len(table)]
+            return row
+        _, row, filled = cached
+        if len(table) > len(row):  # longer than max_model_len / block_size (pool-capped runs)
+            row = np.concatenate([row, np.zeros(len(table) - len(row) + 16, dtype=np.int32)])
+            cached[1] = row
+        if len(table) > filled:
+            row[filled : len(table)] = table[filled:]
+            cached[2] = len(table)
+        return row
+
+    def forget(self, req_id: str) -> None:
+        """The request left this runner (finished, aborted, released)."""
+        self._rows.pop(req_id, None)
+
     def prepare(
         self, chunks: list[ScheduledChunk]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        starts = [0]
+        n_seqs = len(chunks)
+        lens = np.fromiter((n for _, n in chunks), dtype=np.int64, count=n_seqs)
+        starts = np.zeros(n_seqs + 1, dtype=np.int64)
+        np.cumsum(lens, out=starts[1:])
+        total = int(starts[-1])
+        input_ids = np.empty(total, dtype=np.int64)
+        positions = np.empty(total, dtype=np.int64)
+        slots = np.empty(total, dtype=np.int64)
+        seq_lens = np.empty(n_seqs, dtype=np.int32)
+        max_blocks = 1
+        rows = []
         logits_rows: list[int] = []
-        for req, n in chunks:
+        for i, (req, n) in enumerate(chunks):
             c = req.num_computed_tokens
-            input_ids += req.token_ids[c : c + n]
-            table = req.block_table
-            for pos in range(c, c + n):
-                positions.append(pos)
-                slots.append(table[pos // bs] * bs + pos % bs)
-            seq_lens.append(c + n)
-            starts.append(starts[-1] + n)
+            s = int(starts[i])
+            row = self._table_row(req)
+            rows.append(row)
+            max_blocks = max(max_blocks, len(req.block_table))
+            if n == 1:
+                input_ids[s] = req.token_ids[c]
+                positions[s] = c
+                slots[s] = int(row[c // bs]) * bs + c % bs
+            else:
+                input_ids[s : s + n] = req.token_ids[c : c + n]
+                pos = np.arange(c, c + n)
+                positions[s : s + n] = pos
+                slots[s : s + n] = row[pos // bs].astype(np.int64) * bs + pos % bs
+            seq_lens[i] = c + n
             if c + n == req.num_tokens:
-                logits_rows.append(starts[-1] - 1)
-        max_blocks = max(len(req.block_table) for req, _ in chunks)
-        tables = [req.block_table + [0] * (max_blocks - len(req.block_table)) for req, _ in chunks]
+                logits_rows.append(s + n - 1)
+        tables = np.zeros((n_seqs, max_blocks), dtype=np.int32)
+        for i, row in enumerate(rows):
+            tables[i] = row[:max_blocks]
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            max_query_len=max(n for _, n in chunks),
-            decode_only=all(n == 1 for _, n in chunks),
+            slot_mapping=_to_device(slots, dev),
+            block_tables=_to_device(tables, dev),
+            seq_lens=_to_device(seq_lens, dev),
+            query_start_loc=_to_device(starts.astype(np.int32), dev),
+            max_query_len=int(lens.max()),
+            decode_only=total == n_seqs,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        return ids, pos, meta, logits_rows
+        return _to_device(input_ids, dev), _to_device(positions, dev), meta, logits_rows
 
     @torch.inference_mode()
     def execute(
         self, chunks: list[ScheduledChunk]
     ) -> tuple[list[Request], list[int], list[Logprob | None]]:
         """Run one step; returns the requests that sampled, their tokens and logprobs."""
-        ids, pos, meta, rows = self.prepare(chunks)
-        hidden = self.model(ids, pos, meta, self.kv_caches)
         sampling = [req for req, n in chunks if req.num_computed_tokens + n == req.num_tokens]
-        if not sampling:
-            return [], [], []
-        logits = self.model.compute_logits(hidden[rows])
+        graphs = self.graphs
+        if (
+            graphs is not None
+            and len(chunks) <= graphs.max_batch_size
+            and all(n == 1 for _, n in chunks)
+        ):
+            hidden = graphs.run(chunks)  # decode: every chunk samples, rows 0..B-1
+            logits = self.model.compute_logits(hidden)
+        else:
+            ids, pos, meta, rows = self.prepare(chunks)
+            hidden = self.model(ids, pos, meta, self.kv_caches)
+            if not sampling:
+                return [], [], []
+            logits = self.model.compute_logits(hidden[rows])
         tokens, logprobs = sample(logits, sampling, self.gen)
         return sampling, tokens, logprobs
+
+
+class DecodeGraphs:
+    """CUDA graphs of the model's forward for decode-only batches.
+
+    One graph per batch size of the ladder, all sharing one memory pool (captured largest
+    first). Inputs live in static device buffers; a step copies its inputs from pinned host
+    buffers into the first B rows, pads the rest (slot -1: no KV write; seq_len 0: attention
+    writes zeros) and replays the smallest graph that holds B. Block tables keep their full
+    width (max_model_len / block_size), so the decode kernel's grid is fixed per graph.
+    """
+
+    def __init__(self, runner: ModelRunner, sizes: list[int]) -> None:
+        self.runner = runner
+        self.sizes = sizes
+        self.max_batch_size = sizes[-1]
+        dev, nb = runner.device, runner.max_blocks_per_seq
+        mb = self.max_batch_size
+        self.input_ids = torch.zeros(mb, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(mb, dtype=torch.long, device=dev)
+        self.slots = torch.full((mb,), -1, dtype=torch.long, device=dev)
+        self.seq_lens = torch.zeros(mb, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(mb, nb, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(mb + 1, dtype=torch.int32, device=dev)
+        # pinned staging: [ids | positions | slots] as int64, [seq_lens | block tables] as int32
+        self._host64 = torch.zeros(3, mb, dtype=torch.long).pin_memory()
+        self._host32 = torch.zeros(mb * (1 + nb), dtype=torch.int32).pin_memory()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        t0 = time.perf_counter()
+        self._capture()
+        log.info(
+            "event=cuda_graphs_captured sizes=%d max_batch=%d seconds=%.1f",
+            len(sizes),
+            mb,
+            time.perf_counter() - t0,
+        )
+
+    def _meta(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:b],
+            block_tables=self.block_tables[:b],
+            seq_lens=self.seq_lens[:b],
+            query_start_loc=self.query_start_loc[: b + 1],
+            max_query_len=1,
+            decode_only=True,
+        )
+
+    def _forward(self, b: int) -> torch.Tensor:
+        r = self.runner
+        return r.model(self.input_ids[:b], self.positions[:b], self._meta(b), r.kv_caches)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for b in reversed(self.sizes):
+                self._forward(b)  # compile and autotune outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        for b in reversed(self.sizes):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.outputs[b] = self._forward(b)
+            self.graphs[b] = g
+        torch.cuda.synchronize()
+
+    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        r, bs = self.runner, self.runner.block_size
+        n = len(chunks)
+        b = next(s for s in self.sizes if s >= n)
+        nb = r.max_blocks_per_seq
+        h64 = self._host64.numpy()
+        h32 = self._host32.numpy()
+        mb = self.max_batch_size
+        width = max(len(req.block_table) for req, _ in chunks)
+        tables = h32[mb : mb + b * width].reshape(b, width)  # contiguous [b, width]
+        for i, (req, _) in enumerate(chunks):
+            c = req.num_computed_tokens
+            row = r._table_row(req)
+            h64[0, i] = req.token_ids[c]
+            h64[1, i] = c
+            h64[2, i] = int(row[c // bs]) * bs + c % bs
+            h32[i] = c + 1
+            tables[i] = row[:width]
+        h64[:2, n:b] = 0
+        h64[2, n:b] = -1
+        h32[n:b] = 0
+        self.input_ids[:b].copy_(self._host64[0, :b], non_blocking=True)
+        self.positions[:b].copy_(self._host64[1, :b], non_blocking=True)
+        self.slots[:b].copy_(self._host64[2, :b], non_blocking=True)
+        self.seq_lens[:b].copy_(self._host32[:b], non_blocking=True)
+        # only the columns in use: the kernel never reads a block past seq_len
+        staged = self._host32[mb : mb + b * width].view(b, width)
+        self.block_tables[:b, :width].copy_(staged, non_blocking=True)
+        self.graphs[b].replay()
+        return self.outputs[b][:n]

@@ -1,9 +1,14 @@
-"""Turning the last-position logits of a batch into tokens (and logprobs).
+"""Turning the last-position logits of a batch into tokens (and logprobs), on the logits' device.
 
 Order, per request: logit_bias -> penalties -> min_tokens mask -> logprobs (of this processed
 distribution, before temperature) -> greedy argmax, or temperature -> top-k -> top-p -> min-p
 -> draw. A seeded request draws with a generator seeded from (seed, output index), so its
 tokens do not depend on the batch it ran in, on preemption, or on which worker sampled it.
+
+The common case is batched: one argmax over the greedy rows, the filters as tensor ops over all
+sampled rows (one sort when any row asks for top-k or top-p), one noise draw for the unseeded
+rows, and a single device-to-host copy of the chosen tokens. Python loops run only over the rows
+that need per-request work (logit_bias, penalties, min_tokens, seeds, logprobs).
 """
 
 from __future__ import annotations
@@ -45,35 +50,58 @@ def _apply_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> None:
                 logits[i, list(banned)] = float("-inf")
 
 
-def _filter(logits: torch.Tensor, req: Request) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p on one row; returns probabilities."""
-    p = req.params
-    logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if p.top_p < 1.0:
-        sorted_probs, idx = probs.sort(descending=True)
-        # drop a token when the mass strictly before it already reaches top_p
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= p.top_p
-        probs = probs.scatter(0, idx, sorted_probs.masked_fill(drop, 0.0))
-    if p.min_p > 0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    return probs / probs.sum()
+def _filtered_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p over rows [R, V] at once; returns probabilities.
+
+    Per row this is: logits / T; keep the tokens whose logit is >= the k-th largest (ties
+    kept); softmax; drop a token when the mass strictly before it (in descending order)
+    already reaches top_p; drop tokens below min_p * max prob; renormalise.
+    """
+    dev, vocab = logits.device, logits.shape[-1]
+    params = [r.params for r in reqs]
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+    logits = logits / temps[:, None]
+    top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_ps = [p.top_p for p in params]
+    need_k = any(k < vocab for k in top_ks)
+    need_p = any(p < 1.0 for p in top_ps)
+    if need_k or need_p:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        if need_k:
+            ks = torch.tensor(top_ks, dtype=torch.long, device=dev)
+            kth = sorted_logits.gather(1, (ks - 1)[:, None])
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+            sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+        probs = logits.softmax(-1)
+        if need_p:
+            sorted_probs = sorted_logits.softmax(-1)
+            ps = torch.tensor(top_ps, dtype=torch.float32, device=dev)
+            drop = (sorted_probs.cumsum(-1) - sorted_probs) >= ps[:, None]
+            drop_unsorted = torch.zeros_like(drop).scatter_(1, order, drop)
+            probs = probs.masked_fill(drop_unsorted, 0.0)
+    else:
+        probs = logits.softmax(-1)
+    min_ps = [p.min_p for p in params]
+    if any(m > 0 for m in min_ps):
+        mp = torch.tensor(min_ps, dtype=torch.float32, device=dev)
+        probs = probs.masked_fill(probs < mp[:, None] * probs.amax(-1, keepdim=True), 0.0)
+    return probs / probs.sum(-1, keepdim=True)
 
 
-def _draw(probs: torch.Tensor, req: Request, default_gen: torch.Generator | None) -> int:
-    # exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) draws from p
-    if req.params.seed is not None:
+def _noise(probs: torch.Tensor, reqs: list[Request], default_gen) -> torch.Tensor:
+    """Exp(1) noise per row: rows of seeded requests from their own (seed, index) generator."""
+    noise = torch.empty_like(probs)
+    seeded = [i for i, r in enumerate(reqs) if r.params.seed is not None]
+    if len(seeded) < len(reqs):
+        noise.exponential_(generator=default_gen)
+    for i in seeded:
+        req = reqs[i]
         gen = torch.Generator(device=probs.device)
         gen.manual_seed(
             (req.params.seed * _SEED_STRIDE + req.num_output_tokens) & 0x7FFF_FFFF_FFFF_FFFF
         )
-    else:
-        gen = default_gen
-    noise = torch.empty_like(probs).exponential_(generator=gen)
-    return int((probs / noise).argmax())
+        noise[i].exponential_(generator=gen)
+    return noise
 
 
 def sample(
@@ -85,14 +113,19 @@ def sample(
     want_logprobs = any(r.params.logprobs is not None for r in reqs)
     logprobs = logits.log_softmax(-1) if want_logprobs else None
 
-    greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
-    tokens = [0] * len(reqs)
-    if greedy:
-        for i, t in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
-            tokens[i] = t
-    for i, req in enumerate(reqs):
-        if not req.params.greedy:
-            tokens[i] = _draw(_filter(logits[i], req), req, default_gen)
+    tokens_t = logits.argmax(-1)  # greedy rows keep this
+    rand = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    if rand:
+        rand_reqs = [reqs[i] for i in rand]
+        rows = logits if len(rand) == len(reqs) else logits[rand]
+        probs = _filtered_probs(rows, rand_reqs)
+        # exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) draws from p
+        drawn = (probs / _noise(probs, rand_reqs, default_gen)).argmax(-1)
+        if len(rand) == len(reqs):
+            tokens_t = drawn
+        else:
+            tokens_t[torch.tensor(rand, device=logits.device)] = drawn
+    tokens = tokens_t.tolist()  # the one host sync of a step
 
     out: list[Logprob | None] = [None] * len(reqs)
     if logprobs is not None:

@@ -1,0 +1,252 @@
+"""GPU, engine only (no services): W1 offline throughput and the decode step's CPU share.
+
+On dummy Llama-3.1-8B (bf16), in one process:
+  1. W1 (N requests, IN random tokens in / OUT out, ignore EOS, all at once) through LLMEngine:
+     output tok/s, and per decode step the batch, the wall time and the decode roofline
+     (weights + context KV bytes over the copy bandwidth measured in the same run);
+  2. at a steady decode batch (--profile-batch), per step: wall time, GPU time (CUDA events
+     around the runner), their difference (time the GPU waits on the host), with CUDA graphs
+     and without; and a cProfile of the graph steps' host work.
+
+    PYTHONPATH=. python bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --out $OUT/engine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import importlib.util
+import io
+import json
+import pstats
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "tandem" / "configs" / "llama-3.1-8b"
+
+
+def make_engine(args):
+    from tandem.config import EngineConfig
+    from tandem.engine import LLMEngine
+
+    return LLMEngine(
+        EngineConfig(
+            model=str(CONFIG_DIR),
+            dtype="bfloat16",
+            load_format="dummy",
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+        )
+    )
+
+
+def weight_bytes(engine) -> int:
+    return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+
+
+def kv_bytes_per_token(engine) -> int:
+    return engine.runner.block_bytes // engine.runner.block_size
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    # the same draw as ../shared/tools/hf_peers.py with the same seed
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+
+
+class StepTimer:
+    """Wraps runner.execute: wall time of engine.step and GPU time between two CUDA events."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.records: list[dict] = []
+        runner = engine.runner
+        inner = runner.execute
+
+        def timed(chunks):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+            start.record()
+            out = inner(chunks)  # ends with the host sync of the sampled tokens
+            end.record()
+            self._pending = (start, end, len(chunks), sum(n for _, n in chunks), chunks)
+            return out
+
+        runner.execute = timed
+
+    def close(self) -> None:
+        del self.engine.runner.execute  # back to the class's method
+
+    def step(self):
+        self._pending = None
+        t0 = time.perf_counter()
+        out = self.engine.step()
+        wall = time.perf_counter() - t0
+        if self._pending is not None:
+            start, end, batch, tokens, chunks = self._pending
+            end.synchronize()
+            ctx = sum(r.num_computed_tokens for r, _ in chunks)
+            self.records.append(
+                {
+                    "batch": batch,
+                    "tokens": tokens,
+                    "context_tokens": ctx,
+                    "decode_only": tokens == batch,
+                    "wall_s": wall,
+                    "gpu_s": start.elapsed_time(end) / 1000,
+                }
+            )
+        return out
+
+
+def run_w1(engine, args) -> dict:
+    from tandem.sampling_params import SamplingParams
+
+    vocab = engine.model_cfg.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    # warm-up: compile the prefill kernels for the shapes W1 uses
+    for i, p in enumerate(prompts(8, args.input_len, vocab, 99)):
+        engine.add_request(f"warm{i}", p, SamplingParams(max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    timer = StepTimer(engine)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts(args.requests, args.input_len, vocab, args.seed)):
+        engine.add_request(f"w1-{i}", p, params)
+    out_tokens = 0
+    while engine.has_unfinished():
+        out_tokens += sum(len(o.new_token_ids) for o in timer.step())
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    timer.close()
+    wb, kvb = weight_bytes(engine), kv_bytes_per_token(engine)
+    decode = [r for r in timer.records if r["decode_only"]]
+    for r in decode:
+        r["roofline_s"] = (wb + r["context_tokens"] * kvb) / (args.copy_gbs * 1e9)
+    dec_wall = sum(r["wall_s"] for r in decode)
+    return {
+        "requests": args.requests,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "output_tokens": out_tokens,
+        "seconds": seconds,
+        "output_tok_s": out_tokens / seconds,
+        "steps": len(timer.records),
+        "decode_steps": len(decode),
+        "prefill_or_mixed_s": sum(r["wall_s"] for r in timer.records if not r["decode_only"]),
+        "decode_s": dec_wall,
+        "max_decode_batch": max((r["batch"] for r in decode), default=0),
+        "mean_decode_batch": statistics.mean(r["batch"] for r in decode) if decode else 0,
+        # time-weighted: the roofline time of the decode steps over their measured time
+        "decode_roofline_fraction": sum(r["roofline_s"] for r in decode) / dec_wall
+        if dec_wall
+        else None,
+        "weight_bytes": wb,
+        "kv_bytes_per_token": kvb,
+    }
+
+
+def steady_decode(engine, args) -> dict:
+    """profile_batch requests decoding at once; per-step times with graphs, then eager."""
+    from tandem.sampling_params import SamplingParams
+
+    vocab = engine.model_cfg.vocab_size
+    n = args.profile_batch
+    params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+    for i, p in enumerate(prompts(n, args.input_len, vocab, 7)):
+        engine.add_request(f"prof-{i}", p, params)
+    while len(engine.scheduler.running) < n or any(
+        r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running
+    ):
+        engine.step()
+    result = {"batch": n}
+    graphs = engine.runner.graphs
+    for mode in ("graphs", "eager"):
+        engine.runner.graphs = graphs if mode == "graphs" else None
+        timer = StepTimer(engine)
+        for _ in range(5):
+            timer.step()
+        timer.records.clear()
+        prof = cProfile.Profile() if mode == "graphs" else None
+        if prof:
+            prof.enable()
+        for _ in range(args.profile_steps):
+            timer.step()
+        if prof:
+            prof.disable()
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+            result["cprofile_top"] = s.getvalue()
+        timer.close()
+        recs = timer.records
+        wall = statistics.median(r["wall_s"] for r in recs)
+        gpu = statistics.median(r["gpu_s"] for r in recs)
+        result[mode] = {
+            "step_wall_ms_p50": wall * 1e3,
+            "step_gpu_ms_p50": gpu * 1e3,
+            "host_only_ms_p50": (wall - gpu) * 1e3,
+            "host_fraction": (wall - gpu) / wall,
+            "tok_s": n / wall,
+        }
+    engine.runner.graphs = graphs
+    for i in range(n):
+        engine.abort(f"prof-{i}")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--ceilings",
+        required=True,
+        help="path to ../shared/tools/gpu_ceilings.py (carried): measured in this run",
+    )
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--profile-batch", type=int, default=256)
+    ap.add_argument("--profile-steps", type=int, default=40)
+    ap.add_argument("--skip-w1", action="store_true")
+    args = ap.parse_args()
+
+    spec = importlib.util.spec_from_file_location("gpu_ceilings", args.ceilings)
+    ceilings_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ceilings_mod)
+    ceilings = ceilings_mod.measure()
+    args.copy_gbs = ceilings["copy_GBps_read_plus_write"]
+    print("CEILINGS", json.dumps(ceilings), flush=True)
+    t0 = time.perf_counter()
+    engine = make_engine(args)
+    out = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model": "dummy Llama-3.1-8B bf16",
+        "startup_s": time.perf_counter() - t0,
+        "num_blocks": engine.runner.num_blocks,
+        "graph_sizes": engine.runner.graphs.sizes if engine.runner.graphs else [],
+        "ceilings": ceilings,
+    }
+    print(json.dumps(out), flush=True)
+    with torch.inference_mode():
+        out["steady_decode"] = steady_decode(engine, args)
+        print(json.dumps({k: v for k, v in out["steady_decode"].items() if k != "cprofile_top"}))
+        print(out["steady_decode"]["cprofile_top"], flush=True)
+        if not args.skip_w1:
+            out["w1_engine"] = run_w1(engine, args)
+            print(json.dumps(out["w1_engine"]), flush=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

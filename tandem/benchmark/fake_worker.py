@@ -1,0 +1,228 @@
+"""FAKE prefill and decode workers: the real worker.proto services with no model behind them.
+
+A benchmark tool for the control plane (router + gateway + HTTP), never a stand-in in a test
+that claims anything about model output: its "tokens" are the prompt's own ids replayed
+(output token i = prompt[i % len(prompt)], valid ids that detokenize to real text), produced
+as fast as the stream accepts them, or one every --itl-ms.
+
+decode   Generate(prefill_locally=true): stream every token, one TokenEvent each (as a real
+         decode server does, one per step)
+         Generate(prefill_locally=false): send a KVTarget, wait for the fake prefill's one
+         KVChunk (last=true, token 0), then stream tokens 1..
+prefill  Prefill: push one empty final KVChunk with token 0 to the decode server, answer
+         token 0. No KV events (the router then approximates its prefix index).
+both     Abort, Stats (no KV blocks: the pool is reported as effectively unbounded), health.
+
+No torch and no engine import: `python -m tandem.benchmark.fake_worker --role decode`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos import common_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("tandem.fake_worker")
+
+BLOCK_SIZE = 16
+NUM_BLOCKS = 1 << 20  # reported pool size: never the limit
+HANDOFF_TIMEOUT_S = 60.0
+_UNSET = common_pb2.FINISH_REASON_UNSPECIFIED
+
+
+def finish_reason(i: int, token_id: int, s: common_pb2.SamplingParams) -> int:
+    """FinishReason after output token i (0-based) was token_id."""
+    max_tokens = s.max_tokens if s.HasField("max_tokens") else 16
+    if not s.ignore_eos and token_id in s.stop_token_ids and i + 1 >= s.min_tokens:
+        return common_pb2.FINISH_REASON_STOP
+    if i + 1 >= max_tokens:
+        return common_pb2.FINISH_REASON_LENGTH
+    return _UNSET
+
+
+def output_token(prompt: list[int], i: int) -> int:
+    return prompt[i % len(prompt)] if prompt else 0
+
+
+class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServicer):
+    def __init__(self, address: str, itl_s: float = 0.0):
+        self.address = address  # KVTransfer is served on the same port
+        self.itl_s = itl_s
+        self.active: set[str] = set()
+        self.handoffs: dict[str, asyncio.Future] = {}
+        self._ids = itertools.count()
+
+    async def Generate(self, request, context):
+        s, prompt = request.sampling, list(request.prompt_token_ids)
+        self.active.add(request.req_id)
+        try:
+            start = 0
+            if not request.prefill_locally:
+                hid = f"{request.req_id}#{next(self._ids)}"
+                fut = asyncio.get_running_loop().create_future()
+                self.handoffs[hid] = fut
+                yield worker_pb2.DecodeEvent(
+                    kv_target=worker_pb2.KVTarget(
+                        handoff_id=hid,
+                        decode_kv_address=self.address,
+                        block_ids=list(range(-(-len(prompt) // BLOCK_SIZE))),
+                        block_size=BLOCK_SIZE,
+                        transport="grpc",
+                    )
+                )
+                try:
+                    first = await asyncio.wait_for(fut, HANDOFF_TIMEOUT_S)
+                finally:
+                    self.handoffs.pop(hid, None)
+                if finish_reason(0, first, s):
+                    return  # finished at token 0: the prefill's answer was the whole output
+                start = 1
+            for i in itertools.count(start):
+                if self.itl_s:
+                    await asyncio.sleep(self.itl_s)
+                tok = output_token(prompt, i)
+                reason = finish_reason(i, tok, s)
+                ev = worker_pb2.TokenEvent(
+                    token_ids=[tok], finish_reason=reason, num_prompt_tokens=len(prompt)
+                )
+                if reason == common_pb2.FINISH_REASON_STOP:
+                    ev.stop_token_id = tok
+                yield worker_pb2.DecodeEvent(tokens=ev)
+                if reason:
+                    return
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "KV push did not arrive")
+        finally:
+            self.active.discard(request.req_id)
+
+    async def Push(self, request_iterator, context):
+        async for chunk in request_iterator:
+            if chunk.last:
+                fut = self.handoffs.get(chunk.handoff_id)
+                if fut is None or fut.done():
+                    return worker_pb2.KVPushResult(ok=False, error="unknown handoff")
+                fut.set_result(chunk.first_token_id)
+        return worker_pb2.KVPushResult(ok=True)
+
+    async def Abort(self, request, context):
+        return worker_pb2.AbortResponse(found=request.req_id in self.active)
+
+    async def Stats(self, request, context):
+        return worker_pb2.WorkerStats(
+            num_running=len(self.active),
+            num_free_blocks=NUM_BLOCKS,
+            num_total_blocks=NUM_BLOCKS,
+            num_active_handoffs=len(self.handoffs),
+            block_size=BLOCK_SIZE,
+        )
+
+
+class FakePrefill(worker_pb2_grpc.PrefillServicer):
+    def __init__(self):
+        self.active: set[str] = set()
+        self.channels: dict[str, grpc.aio.Channel] = {}  # decode KV address -> channel
+
+    def _kv_stub(self, address: str) -> worker_pb2_grpc.KVTransferStub:
+        if address not in self.channels:
+            self.channels[address] = grpc.aio.insecure_channel(address)
+        return worker_pb2_grpc.KVTransferStub(self.channels[address])
+
+    async def Prefill(self, request, context):
+        t0 = time.monotonic()
+        self.active.add(request.req_id)
+        try:
+            tok = output_token(list(request.prompt_token_ids), 0)
+            target = request.kv_target
+            chunk = worker_pb2.KVChunk(
+                handoff_id=target.handoff_id, num_blocks=0, last=True, first_token_id=tok
+            )
+            result = await self._kv_stub(target.decode_kv_address).Push(iter([chunk]))
+            if not result.ok:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV push: {result.error}")
+            ms = (time.monotonic() - t0) * 1000
+            return worker_pb2.PrefillResponse(
+                token_id=tok,
+                finish_reason=finish_reason(0, tok, request.sampling),
+                prefill_ms=0.0,
+                kv_transfer_ms=ms,
+            )
+        finally:
+            self.active.discard(request.req_id)
+
+    async def Abort(self, request, context):
+        return worker_pb2.AbortResponse(found=request.req_id in self.active)
+
+    async def Stats(self, request, context):
+        return worker_pb2.WorkerStats(num_running=len(self.active), block_size=BLOCK_SIZE)
+
+    async def KVEvents(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake prefill keeps no KV cache")
+
+    async def close(self) -> None:
+        for ch in self.channels.values():
+            await ch.close()
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """config -> grpc.aio.server -> servicer + health -> start -> signals -> stop(grace)."""
+    server = grpc.aio.server()
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {args.host}:{args.port}")
+    address = f"{args.host}:{port}"
+    prefill = None
+    if args.role == "decode":
+        decode = FakeDecode(address, args.itl_ms / 1000)
+        worker_pb2_grpc.add_DecodeServicer_to_server(decode, server)
+        worker_pb2_grpc.add_KVTransferServicer_to_server(decode, server)
+        services = ["Decode", "KVTransfer"]
+    else:
+        prefill = FakePrefill()
+        worker_pb2_grpc.add_PrefillServicer_to_server(prefill, server)
+        services = ["Prefill"]
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await server.start()
+    for name in ["", *(f"tandem.v1.{s}" for s in services)]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.warning("event=fake_worker_ready role=%s address=%s", args.role, address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1.0)
+    if prefill is not None:
+        await prefill.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m tandem.benchmark.fake_worker", description=__doc__)
+    p.add_argument("--role", choices=["decode", "prefill"], required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--itl-ms", type=float, default=0.0, help="decode: delay before each token")
+    p.add_argument("--log-level", default="warning")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(args))
+    else:
+        uvloop.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

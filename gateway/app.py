@@ -1,17 +1,19 @@
 """The OpenAI-compatible HTTP API over the router's gRPC API (FastAPI).
 
-parse     body size -> JSON -> pydantic model (errors name the offending field)
-translate OpenAI request -> GenerateRequest (gateway.translate)
+guard     auth, body size, admission slot (gateway.middleware)
+parse     JSON -> pydantic model (errors name the offending field)
+translate limits (gateway.limits), OpenAI request -> GenerateRequest (gateway.translate)
 call      Router.Generate; gRPC status -> OpenAI error object (gateway.errors)
 respond   JSON, or SSE `data: {json}\\n\\n` ... `data: [DONE]\\n\\n`
-cancel    client gone -> the gRPC call is cancelled -> the router aborts every worker
+cancel    client gone (at any point, first token or not) -> the gRPC calls are cancelled
+          -> the router aborts the request on every worker
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -21,33 +23,78 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gateway import openai_format as fmt
+from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.errors import APIError, bad_request, from_grpc
 from gateway.metrics import GatewayMetrics
+from gateway.middleware import Guard
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.translate import chat_to_proto, completion_to_protos
 from protos import router_pb2, router_pb2_grpc
 
+log = logging.getLogger("tandem.gateway")
 
-async def parse_body(request: Request, model_cls, max_bytes: int):
-    body = await request.body()
-    if len(body) > max_bytes:
-        raise APIError(413, f"request body exceeds {max_bytes} bytes")
+
+# Gateway -> router channel: reconnect quickly after a router restart (gRPC's default
+# backoff grows to 120 s, during which every call would fail), and notice a dead peer with
+# keepalive pings (at most 2 per call without data, so the router never sees ping abuse).
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the response was complete."""
+
+
+async def parse_body(request: Request, model_cls):
+    """The JSON body as model_cls; pydantic's parser bounds nesting depth and number size."""
     try:
-        obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"malformed JSON body: {e}") from None
-    if not isinstance(obj, dict):
-        raise bad_request("the request body must be a JSON object")
+        body = await request.body()  # the Guard's receive stops it past max_body_bytes
+    except ClientDisconnect:
+        raise ClientGone from None
     try:
-        return model_cls.model_validate(obj)
+        return model_cls.model_validate_json(body)
     except ValidationError as e:
-        err = e.errors()[0]
+        err = e.errors(include_url=False)[0]
         loc = [str(x) for x in err["loc"]]
-        param = loc[0] if loc else None
-        raise bad_request(f"{'.'.join(loc) or 'body'}: {err['msg']}", param) from None
+        if err["type"] == "json_invalid":
+            raise bad_request(f"malformed JSON body: {err['msg']}") from None
+        if not loc:
+            raise bad_request("the request body must be a JSON object") from None
+        raise bad_request(f"{'.'.join(loc)}: {err['msg']}", loc[0]) from None
+
+
+async def _until_disconnected(request: Request) -> None:
+    # Once the body is read, the server's receive() only returns at disconnect (or when the
+    # response is complete).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_gone(request: Request, aw):
+    """await aw, or cancel it and raise ClientGone if the client disconnects first."""
+    task = asyncio.ensure_future(aw)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
 
 
 async def merged(stub, reqs, timeout):
@@ -84,38 +131,40 @@ async def merged(stub, reqs, timeout):
 
 def create_app(config: GatewayConfig) -> FastAPI:
     metrics = GatewayMetrics()
+    admission = Admission(
+        config.max_concurrent_requests, config.max_queued_requests, config.queue_timeout_s
+    )
+    metrics.watch(admission)
     state: dict = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        channel = grpc.aio.insecure_channel(
-            config.router, options=[("grpc.max_receive_message_length", 64 << 20)]
-        )
+        channel = grpc.aio.insecure_channel(config.router, options=CHANNEL_OPTIONS)
         state["stub"] = router_pb2_grpc.RouterStub(channel)
         yield
         await channel.close()
 
     app = FastAPI(title="tandem", lifespan=lifespan, docs_url=None, redoc_url=None)
-    expected_auth = f"Bearer {config.api_key}".encode()
-
-    @app.middleware("http")
-    async def auth_and_metrics(request: Request, call_next):
-        path = request.url.path
-        if config.api_key and path != "/health":
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected_auth):  # constant time
-                resp = APIError(
-                    401, "Incorrect or missing API key.", code="invalid_api_key"
-                ).response()
-                metrics.http.labels(path, "401").inc()
-                return resp
-        response = await call_next(request)
-        metrics.http.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(Guard, config=config, metrics=metrics, admission=admission)
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
+        metrics.refused.labels(exc.reason).inc()
         return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        # unknown routes and methods get OpenAI error objects too
+        return await api_error(request, APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request, exc: ClientGone):
+        return Response(status_code=499)  # nobody reads it; logs and metrics do
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        log.exception("event=internal_error path=%s", request.url.path)
+        return APIError(500, "internal error", "internal_error", reason="error").response()
 
     @app.get("/health")
     async def health():
@@ -128,7 +177,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         try:
-            resp = await state["stub"].ListModels(router_pb2.ListModelsRequest(), timeout=10)
+            resp = await state["stub"].ListModels(
+                router_pb2.ListModelsRequest(), timeout=config.router_timeout_s
+            )
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e) from None
         data = [
@@ -161,13 +212,17 @@ def create_app(config: GatewayConfig) -> FastAPI:
         stream = merged(state["stub"], reqs, config.request_timeout_s)
         # The first chunk arrives before any HTTP status is sent, so refusals (bad params,
         # context length, overload) become proper error responses rather than SSE events.
+        # Until then nothing reads from the client, so watch for it leaving: a disconnect
+        # cancels the calls and the router aborts the request on every worker.
         try:
-            first = await anext(stream)
-        except grpc.aio.AioRpcError as e:
+            first = await unless_gone(request, anext(stream))
+        except BaseException as e:
             await stream.aclose()
-            raise from_grpc(e) from None
-        except StopAsyncIteration:
-            raise APIError(500, "empty response from router", "internal_error") from None
+            if isinstance(e, grpc.aio.AioRpcError):
+                raise from_grpc(e) from None
+            if isinstance(e, StopAsyncIteration):
+                raise APIError(500, "empty response from router", "internal_error") from None
+            raise
         metrics.running.inc()
         metrics.ttft.labels(model).observe(time.monotonic() - t0)
         n = body.n
@@ -214,19 +269,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
             async for i, c in chunks():
                 builder.add(i, c)
 
-        task = asyncio.create_task(collect())
         try:
-            # Non-streaming: nothing is written until the end, so watch for the client
-            # leaving and cancel the call (and the work on every server) if it does.
-            while not task.done():
-                await asyncio.wait([task], timeout=0.5)
-                if not task.done() and await request.is_disconnected():
-                    task.cancel()
-            await task
+            # Non-streaming: nothing is written until the end, so the client leaving is
+            # noticed by watching for the disconnect, which cancels the calls.
+            await unless_gone(request, collect())
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e) from None
-        except asyncio.CancelledError:
-            return Response(status_code=499)
         finally:
             await stream.aclose()
             finish()
@@ -234,12 +282,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await parse_body(request, ChatCompletionRequest, config.max_body_bytes)
+        body = await parse_body(request, ChatCompletionRequest)
         return await run(request, body, [chat_to_proto(body, config)], "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await parse_body(request, CompletionRequest, config.max_body_bytes)
+        body = await parse_body(request, CompletionRequest)
         return await run(request, body, completion_to_protos(body, config), "completion")
 
     return app

@@ -31,3 +31,20 @@ class GatewayMetrics:
             "tandem:http_requests", "HTTP requests by route and status.", ["route", "status"],
             registry=r,
         )  # fmt: skip
+        self.refused = Counter(
+            "tandem:gateway_refused_requests",
+            "Requests refused, by reason (unauthorized, body_too_large, limit, invalid_request, "
+            "not_found, context, queue_full, queue_timeout, router_overloaded, "
+            "router_unavailable, timeout).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.admitted = Gauge(
+            "tandem:gateway_requests_admitted", "Generation requests holding a slot.", registry=r
+        )
+        self.queued = Gauge(
+            "tandem:gateway_requests_queued", "Generation requests waiting for a slot.", registry=r
+        )
+
+    def watch(self, admission) -> None:
+        self.admitted.set_function(lambda: admission.num_running)
+        self.queued.set_function(lambda: admission.num_waiting)

@@ -1,8 +1,13 @@
-"""OpenAI request bodies (pydantic), with bounds.
+"""OpenAI request bodies (pydantic), with type-level bounds.
 
-Only fields the gateway maps to the router API exist: everything is built explicitly from
-these models, so a client cannot reach internal fields (unknown keys are ignored, as OpenAI
-and vLLM do).
+Only fields the gateway maps to the router API are typed: every GenerateRequest is built
+explicitly from these models (gateway.translate), so a client cannot reach internal fields
+such as the router's request_id. Unknown top-level keys are kept in `model_extra` so that
+gateway.limits can refuse the ones that would change the output, or all of them
+(--reject-unknown-fields); by default the rest are ignored, as vLLM does.
+
+Integers that end up in int32 protobuf fields are bounded here, so an out-of-range value is
+a 400 naming the field rather than a protobuf error.
 """
 
 from __future__ import annotations
@@ -11,6 +16,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+INT32_MAX = 2**31 - 1
+Int32 = Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
+Count = Annotated[int, Field(ge=1, le=INT32_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 StopField = str | list[str] | None
 
 
@@ -38,15 +47,17 @@ class ChatMessage(_Base):
         return self.content or ""
 
 
-class SamplingFields(_Base):
+class SamplingFields(BaseModel):
     """Fields shared by chat and completions (OpenAI's plus vLLM's extra sampling params)."""
 
+    model_config = ConfigDict(extra="allow")
+
     model: str | None = None
-    n: int = Field(1, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
+    n: Count = 1
+    max_tokens: Count | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -54,11 +65,11 @@ class SamplingFields(_Base):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: StopField = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[TokenId] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: str | None = None
@@ -67,7 +78,7 @@ class SamplingFields(_Base):
     @classmethod
     def _token_keys(cls, v):
         for k in v or {}:
-            if not k.lstrip("-").isdigit():
+            if not (k.isascii() and k.isdigit() and int(k) <= INT32_MAX):
                 raise ValueError("logit_bias keys must be token ids")
         return v
 
@@ -79,19 +90,19 @@ class SamplingFields(_Base):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
     add_generation_prompt: bool = True
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
     suffix: str | None = None
 
     def prompts(self) -> list[str | list[int]]:

@@ -20,6 +20,17 @@ from gateway.config import GatewayConfig
 log = logging.getLogger("tandem.gateway")
 
 
+def _flag_group(parser, flags, title: str, description: str):
+    """One flag per GatewayConfig field, defaulting to the field's default."""
+    group, defaults = parser.add_argument_group(title, description), GatewayConfig()
+    for name, kind, text in flags:
+        group.add_argument(
+            "--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
+            help=f"{text} (%(default)s)",
+        )  # fmt: skip
+    return group
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -27,25 +38,63 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--api-key",
         default=os.environ.get("TANDEM_API_KEY", ""),
-        help="require `Authorization: Bearer KEY` (env TANDEM_API_KEY)",
+        help="require `Authorization: Bearer KEY` on every route but /health "
+        "(default: env TANDEM_API_KEY; empty: no auth)",
     )
     parser.add_argument("--served-model-name", default="", help="model name clients use")
-    parser.add_argument("--max-n", type=int, default=16)
-    parser.add_argument("--max-body-bytes", type=int, default=4 << 20)
     parser.add_argument("--timeout-graceful-shutdown", type=float, default=5.0)
     parser.add_argument("--log-level", default="warning")
+
+    lim = _flag_group(
+        parser, _LIMIT_FLAGS, "request limits",
+        "checked before anything reaches the router; 400 (413 for the body) with the field "
+        "in `param`",
+    )  # fmt: skip
+    lim.add_argument(
+        "--reject-unknown-fields",
+        action="store_true",
+        help="400 for body fields the gateway does not know (default: ignore them, as vLLM)",
+    )
+    _flag_group(
+        parser, _OVERLOAD_FLAGS, "overload and deadlines",
+        "past the running bound requests wait in a FIFO queue; past the queue bound or the "
+        "wait timeout they get 429 with Retry-After",
+    )  # fmt: skip
     return parser
 
 
+_LIMIT_FLAGS = [
+    ("max_body_bytes", int, "largest HTTP request body in bytes"),
+    ("max_n", int, "largest `n` (choices per prompt)"),
+    ("max_prompts", int, "most prompts in one completions request"),
+    ("max_tokens_limit", int, "largest max_tokens / max_completion_tokens"),
+    ("max_stop_sequences", int, "most stop strings"),
+    ("max_stop_len", int, "longest stop string, in characters"),
+    ("max_stop_token_ids", int, "most stop_token_ids"),
+    ("max_logprobs", int, "largest completions `logprobs` / chat `top_logprobs`"),
+    ("max_prompt_chars", int, "longest prompt (or chat, summed) in characters, before tokenizing"),
+    ("max_messages", int, "most chat messages"),
+    ("max_logit_bias", int, "most logit_bias entries"),
+]
+_OVERLOAD_FLAGS = [
+    ("max_concurrent_requests", int, "generation requests in flight"),
+    ("max_queued_requests", int, "requests waiting for a slot (0: refuse at once)"),
+    ("queue_timeout_s", float, "longest wait for a slot in seconds"),
+    ("request_timeout_s", float, "deadline of one generation call to the router, in seconds"),
+    ("router_timeout_s", float, "deadline of other router calls, in seconds"),
+]
+
+
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    names = [n for n, _, _ in _LIMIT_FLAGS + _OVERLOAD_FLAGS]
     return GatewayConfig(
         router=args.router,
         host=args.host,
         port=args.port,
         api_key=args.api_key,
         served_model_name=args.served_model_name,
-        max_n=args.max_n,
-        max_body_bytes=args.max_body_bytes,
+        reject_unknown_fields=args.reject_unknown_fields,
+        **{n: getattr(args, n) for n in names},
     )
 
 

@@ -3,21 +3,9 @@
 from __future__ import annotations
 
 from gateway.config import GatewayConfig
-from gateway.errors import bad_request
+from gateway.limits import check_chat, check_completion
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from protos import common_pb2, router_pb2
-
-
-def _check_bounds(r: SamplingFields, max_tokens: int | None, cfg: GatewayConfig) -> None:
-    if r.n > cfg.max_n:
-        raise bad_request(f"n must be at most {cfg.max_n}", "n")
-    if max_tokens is not None and max_tokens > cfg.max_tokens_limit:
-        raise bad_request(f"max_tokens must be at most {cfg.max_tokens_limit}", "max_tokens")
-    stops = r.stop_list()
-    if len(stops) > cfg.max_stop_sequences:
-        raise bad_request(f"at most {cfg.max_stop_sequences} stop sequences", "stop")
-    if any(not s or len(s) > cfg.max_stop_len for s in stops):
-        raise bad_request(f"stop sequences must have 1..{cfg.max_stop_len} characters", "stop")
 
 
 def _sampling(r: SamplingFields, max_tokens, logprobs: bool, top_logprobs: int):
@@ -53,10 +41,8 @@ def _common(r: SamplingFields, sampling) -> dict:
 
 
 def chat_to_proto(r: ChatCompletionRequest, cfg: GatewayConfig) -> router_pb2.GenerateRequest:
+    check_chat(r, cfg)
     max_tokens = r.max_completion_tokens or r.max_tokens
-    _check_bounds(r, max_tokens, cfg)
-    if r.top_logprobs and not r.logprobs:
-        raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
     messages = []
     for m in r.messages:
         pm = router_pb2.ChatMessage(role=m.role, content=m.text())
@@ -75,12 +61,8 @@ def completion_to_protos(
     r: CompletionRequest, cfg: GatewayConfig
 ) -> list[router_pb2.GenerateRequest]:
     """One GenerateRequest per prompt (a batch of prompts fans out in the gateway)."""
-    _check_bounds(r, r.max_tokens, cfg)
-    if r.suffix:
-        raise bad_request("suffix is not supported", "suffix")
+    check_completion(r, cfg)
     prompts = r.prompts()
-    if not prompts or len(prompts) > cfg.max_prompts:
-        raise bad_request(f"prompt must hold 1..{cfg.max_prompts} prompts", "prompt")
     # OpenAI's legacy default is 16 tokens for completions.
     max_tokens = r.max_tokens if r.max_tokens is not None else 16
     lp = r.logprobs is not None

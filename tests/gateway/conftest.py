@@ -58,3 +58,17 @@ def stack(model_dir, script):
     gw_key.close()
     lt.run(st.stop())
     lt.close()
+
+
+@pytest.fixture(scope="module")
+def make_gateway():
+    """Start in-process gateways with any config; all are closed at the module's end."""
+    started: list[GatewayThread] = []
+
+    def make(config: GatewayConfig) -> str:
+        started.append(GatewayThread(config))
+        return started[-1].url
+
+    yield make
+    for gw in started:
+        gw.close()

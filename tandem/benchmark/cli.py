@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from tandem.benchmark.client import Endpoint
@@ -85,6 +86,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--num-warmups", type=int, default=1, help="unmeasured requests sent first (all at once)"
     )
+    g.add_argument(
+        "--start-at", type=float, default=None, metavar="UNIX_TIME",
+        help="begin the measured run at this wall-clock time (several client processes)",
+    )  # fmt: skip
 
     g = p.add_argument_group("results")
     g.add_argument(
@@ -192,10 +197,12 @@ async def benchmark(args: argparse.Namespace) -> dict:
     )
     await warm_up(endpoint, warmups, load)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    run = await run_requests(endpoint, requests, load)
+    run = await run_requests(endpoint, requests, load, args.start_at)
     summary = summarize(run.records, percentiles, slos, run.max_concurrency_reached)
+    summary["client_cpu_s"] = run.client_cpu_s
     return {
         "date": started,
+        "t0_unix": run.t0_unix,
         "settings": _settings(args, model, str(tokenizer)),
         "summary": summary,
         "requests": [_record_json(r) for r in run.records],
@@ -203,9 +210,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
 
 
 def _record_json(r) -> dict:
-    from dataclasses import asdict
-
-    d = asdict(r)
+    d = {f.name: getattr(r, f.name) for f in fields(r)}  # asdict() would deep-copy every list
     d["tpot"] = r.tpot()
     return d
 

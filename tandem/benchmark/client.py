@@ -38,7 +38,10 @@ class Endpoint:
         return self.base_url + path
 
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        h = {"Accept-Encoding": "identity"}  # the stream is read raw (aiter_raw)
+        if self.api_key:
+            h["Authorization"] = f"Bearer {self.api_key}"
+        return h
 
     def payload(self, req: SampleRequest) -> dict:
         body: dict = {
@@ -80,7 +83,7 @@ class _StreamState:
         if data == b"[DONE]":
             self.done = True
             return
-        obj = json.loads(data)
+        obj = json.loads(data.decode())  # str: json skips sniffing the encoding
         r = self.record
         if "error" in obj:
             err = obj["error"]
@@ -126,7 +129,7 @@ async def stream_request(
                 record.error = f"HTTP {resp.status_code}: {body[:500]}"
                 return record
             buf = b""
-            async for data in resp.aiter_bytes():
+            async for data in resp.aiter_raw():  # identity: no decoder needed
                 now = time.perf_counter()
                 *events, buf = (buf + data).split(b"\n\n")
                 for event in events:

@@ -162,6 +162,9 @@ def format_summary(
     row("Output token throughput (tok/s):", summary["output_throughput"])
     row("Total token throughput (tok/s):", summary["total_token_throughput"])
     row("Mean tokens per chunk:", summary["mean_tokens_per_chunk"])
+    if summary.get("client_cpu_s") and summary["duration_s"]:
+        # near 1: this client, not the server, may be what limits the run
+        row("Client CPU (share of one core):", summary["client_cpu_s"] / summary["duration_s"])
     if summary["output_len_mismatches"]:
         row("Outputs shorter/longer than max_tokens:", summary["output_len_mismatches"], "<10")
     for name in metrics:

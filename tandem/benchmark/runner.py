@@ -11,6 +11,7 @@ cap        at most max_concurrency requests in flight; a request's send time is 
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import time
 from collections.abc import Sequence
@@ -46,6 +47,8 @@ class LoadConfig:
 class RunResult:
     records: list[RequestRecord]
     max_concurrency_reached: int
+    t0_unix: float  # wall clock at send_time 0 (to merge the runs of several client processes)
+    client_cpu_s: float  # CPU this process spent during the run (near duration: client-bound)
 
 
 def arrival_times(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> np.ndarray:
@@ -98,8 +101,12 @@ async def warm_up(endpoint: Endpoint, requests: Sequence[SampleRequest], load: L
 
 
 async def run_requests(
-    endpoint: Endpoint, requests: Sequence[SampleRequest], load: LoadConfig
+    endpoint: Endpoint,
+    requests: Sequence[SampleRequest],
+    load: LoadConfig,
+    start_at: float | None = None,
 ) -> RunResult:
+    """Send every request at its arrival time; start_at: wall-clock time to begin at."""
     arrivals = arrival_times(len(requests), load.request_rate, load.burstiness, load.seed)
     records = [RequestRecord(i, r.prompt_len, r.output_len) for i, r in enumerate(requests)]
     cap = load.max_concurrency or len(requests)
@@ -124,7 +131,13 @@ async def run_requests(
                     bar.update(1)
 
     async with http_client(load, max(1, min(cap, len(requests)))) as client:
-        t0 = time.perf_counter()
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+        # The run allocates millions of small objects (one JSON dict per chunk); keep the
+        # collector from re-walking everything built before it (dataset, tokenizer vocab).
+        gc.collect()
+        gc.freeze()
+        t0, t0_unix, cpu0 = time.perf_counter(), time.time(), time.process_time()
         tasks = []
         for i, due in enumerate(arrivals):
             delay = t0 + due - time.perf_counter()
@@ -138,4 +151,5 @@ async def run_requests(
                 t.cancel()
             if bar is not None:
                 bar.close()
-    return RunResult(records, peak)
+            gc.unfreeze()
+    return RunResult(records, peak, t0_unix, time.process_time() - cpu0)

@@ -8,7 +8,8 @@ ITL    gap between successive content chunks, pooled over requests. A chunk may 
        divided among its tokens, so ITL is per chunk and TPOT is per token.
 TPOT   (E2EL - TTFT) / (output tokens - 1) per request, output tokens from the usage chunk;
        requests with one output token have no TPOT (and count as TPOT 0 for goodput)
-goodput  requests per second meeting every given SLO (ttft, tpot, e2el in ms)
+goodput  requests per second meeting every given SLO (ttft, tpot, e2el in ms); the fraction
+       of requests meeting them is the SLO attainment
 throughput  tokens / (first send -> last finish) of the measured requests
 """
 
@@ -112,6 +113,8 @@ def summarize(
         total_input_tokens=input_tokens,
         total_output_tokens=output_tokens,
         cached_tokens=sum(r.cached_tokens for r in ok),
+        # prompt tokens the server reports as served from its prefix cache (usage details)
+        prefix_cache_hit_rate=sum(r.cached_tokens for r in ok) / max(1, input_tokens),
         request_throughput=rate(len(ok)),
         output_throughput=rate(output_tokens),
         total_token_throughput=rate(input_tokens + output_tokens),
@@ -123,6 +126,8 @@ def summarize(
         good = sum(is_good(r, slos) for r in ok)
         out["goodput_slos_ms"] = dict(slos)
         out["good_requests"] = good
+        # DistServe-style check: SLO attainment >= 0.9 means the p90 of each metric is in SLO
+        out["slo_attainment"] = good / len(ok) if ok else 0.0
         out["request_goodput"] = rate(good)
     values = {
         "ttft": [r.ttft for r in ok],
@@ -159,9 +164,12 @@ def format_summary(
     row("Request throughput (req/s):", summary["request_throughput"])
     if "request_goodput" in summary:
         row("Request goodput (req/s):", summary["request_goodput"])
+        row("SLO attainment (fraction of requests):", summary["slo_attainment"])
     row("Output token throughput (tok/s):", summary["output_throughput"])
     row("Total token throughput (tok/s):", summary["total_token_throughput"])
     row("Mean tokens per chunk:", summary["mean_tokens_per_chunk"])
+    if summary["cached_tokens"]:
+        row("Prefix cache hit rate (prompt tokens):", summary["prefix_cache_hit_rate"])
     if summary.get("client_cpu_s") and summary["duration_s"]:
         # near 1: this client, not the server, may be what limits the run
         row("Client CPU (share of one core):", summary["client_cpu_s"] / summary["duration_s"])

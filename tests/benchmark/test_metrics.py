@@ -43,6 +43,7 @@ def test_tpot_ttft_e2el_and_pooled_itl():
     assert s["total_token_throughput"] == pytest.approx(26 / 0.85)
     assert s["request_throughput"] == pytest.approx(2 / 0.85)
     assert s["mean_tokens_per_chunk"] == pytest.approx(1.0)
+    assert s["prefix_cache_hit_rate"] == 0.0
 
 
 def test_percentiles_are_numpy_linear():
@@ -54,6 +55,15 @@ def test_percentiles_are_numpy_linear():
     assert s["median_ttft_ms"] == pytest.approx(50.5)
     # one output token: no TPOT at all (and no ITL)
     assert s["mean_tpot_ms"] == 0.0 and s["mean_itl_ms"] == 0.0
+
+
+def test_prefix_cache_hit_rate_from_usage():
+    a, b = record(0, 0.0, 0.1, [0.01], 2, prompt=100), record(1, 0.0, 0.1, [0.01], 2, prompt=300)
+    a.cached_tokens, b.cached_tokens = 0, 288
+    s = summarize([a, b])
+    assert s["cached_tokens"] == 288
+    assert s["prefix_cache_hit_rate"] == pytest.approx(288 / 400)
+    assert "Prefix cache hit rate" in format_summary(s, [99])
 
 
 def test_failed_requests_are_counted_not_measured():
@@ -76,7 +86,7 @@ def test_goodput_needs_every_slo():
         True, False, False, True,
     ]  # fmt: skip
     s = summarize([fast, slow_first, slow_tokens, single], slos=slos)
-    assert s["good_requests"] == 2
+    assert s["good_requests"] == 2 and s["slo_attainment"] == 0.5
     assert s["request_goodput"] == pytest.approx(2 / s["duration_s"])
     assert "Request goodput" in format_summary(s, [50, 99])
 

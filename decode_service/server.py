@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from decode_service.servicer import DecodeServicer
-from decode_service.worker_common import add_engine_args, configure_logging, serve
+from decode_service.worker_common import WorkerParts, add_engine_args, run_worker
 from kvtransfer.grpc_transport import KVTransferServicer
 from kvtransfer.ledger import HandoffLedger
 from protos import worker_pb2, worker_pb2_grpc
@@ -24,22 +23,26 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-async def _register(args, server, engine, address):
+async def _register(args, server, engine, address) -> WorkerParts:
     ledger = HandoffLedger(args.kv_lease_seconds)
     worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine, ledger, address), server)
     worker_pb2_grpc.add_KVTransferServicer_to_server(
         KVTransferServicer(ledger, engine.engine.runner.kv_cache), server
     )
 
-    async def cleanup():
+    async def close() -> None:
         return None
 
-    return cleanup
+    return WorkerParts(
+        role=worker_pb2.WORKER_ROLE_DECODE,
+        num_active_handoffs=lambda: ledger.num_active,
+        close=close,
+        kv_address=address,  # KVTransfer shares the Decode port
+    )
 
 
 def run(args: argparse.Namespace) -> None:
-    configure_logging(args.log_level)
-    asyncio.run(serve(args, SERVICES, lambda s, e, a: _register(args, s, e, a)))
+    run_worker(args, SERVICES, lambda s, e, a: _register(args, s, e, a))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,8 @@
-"""What prefill and decode servers share: engine flags, stats, and the gRPC server lifecycle."""
+"""What prefill and decode servers share: engine flags, and the gRPC server lifecycle.
+
+config -> engine -> grpc.aio.server -> servicers + health + reflection -> start -> SERVING
+-> register with the router (--router) -> SIGTERM -> drain (decode_service/drain.py) -> stop
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,27 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from decode_service.drain import QUIET_S, QUIET_STATIC_S, InFlightRpcs, wait_idle
+from decode_service.registration import RegistryClient
+from decode_service.worker_load import LoadSampler, WorkerMetrics
+from decode_service.worker_load import worker_stats as worker_stats  # the servicers' import
 from kvtransfer.grpc_transport import CHANNEL_OPTIONS
 from protos import worker_pb2
-from tandem.async_engine import AsyncEngine
+from tandem.async_engine import AsyncEngine, EngineDeadError
 from tandem.config import EngineConfig
 from tandem.engine import LLMEngine
+from tandem.loader.default_model import DEFAULT_MODEL_NAME
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tandem.worker")
 
 
 def add_engine_args(p: argparse.ArgumentParser, default_port: int) -> None:
@@ -27,7 +39,28 @@ def add_engine_args(p: argparse.ArgumentParser, default_port: int) -> None:
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=default_port)
-    p.add_argument("--advertise-host", default=None, help="host others use to reach this server")
+    p.add_argument(
+        "--advertise-host",
+        default=None,
+        help="host the router and peers use to reach this server (default: --host; for a"
+        " wildcard --host, this machine's address)",
+    )
+    p.add_argument(
+        "--served-model-name", default="", help="model name told to the router and in metrics"
+    )
+    p.add_argument(
+        "--router",
+        default="",
+        metavar="HOST:PORT",
+        help="register with this router once serving, heartbeat, deregister on SIGTERM",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM waits for in-flight requests before stopping anyway",
+    )
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus HTTP port (0: off)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument(
@@ -70,46 +103,47 @@ def configure_logging(level: str) -> None:
     )
 
 
-async def worker_stats(engine: AsyncEngine, num_active_handoffs: int = 0) -> worker_pb2.WorkerStats:
-    def collect():
-        s = engine.engine.stats()
-        in_flight = sum(
-            r.num_tokens - r.num_computed_tokens for r in engine.engine.scheduler.waiting
-        ) + sum(
-            max(0, r.num_prompt_tokens - r.num_computed_tokens)
-            for r in engine.engine.scheduler.running
-        )
-        return s, in_flight
+@dataclass
+class WorkerParts:
+    """What a role (prefill / decode) adds to the shared server lifecycle."""
 
-    s, in_flight = await engine.call(collect)
-    return worker_pb2.WorkerStats(
-        num_running=s.num_running,
-        num_waiting=s.num_waiting,
-        num_free_blocks=s.num_free_blocks,
-        num_total_blocks=s.num_total_blocks,
-        num_cached_blocks=s.num_cached_blocks,
-        prefix_cache_hits=s.prefix_cache_hits,
-        prefix_cache_queries=s.prefix_cache_queries,
-        num_active_handoffs=num_active_handoffs,
-        block_size=engine.engine.cfg.block_size,
-        in_flight_prompt_tokens=in_flight,
-    )
+    role: int  # worker_pb2.WORKER_ROLE_PREFILL or WORKER_ROLE_DECODE
+    num_active_handoffs: Callable[[], int]  # decode: open ledger entries; prefill: KV pushes
+    close: Callable[[], Awaitable[None]]  # runs after the gRPC server stopped
+    kv_address: str = ""  # decode: host:port of its KVTransfer service
+
+
+def advertised_host(args: argparse.Namespace) -> str:
+    if args.advertise_host:
+        return args.advertise_host
+    if args.host in ("", "0.0.0.0", "::", "[::]"):
+        # listening everywhere: tell peers this machine's own address (a container's or
+        # pod's IP), never the wildcard
+        return socket.gethostbyname(socket.gethostname())
+    return args.host
+
+
+def served_model_name(args: argparse.Namespace, engine: LLMEngine) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    return DEFAULT_MODEL_NAME if args.model is None else engine.model_dir.name
 
 
 async def serve(
     args: argparse.Namespace,
     service_names: list[str],
-    register: Callable[
-        [grpc.aio.Server, AsyncEngine, str], Awaitable[Callable[[], Awaitable[None]]]
-    ],
-) -> None:
-    """config -> engine -> grpc.aio.server -> servicers + health + reflection -> start ->
-    signal handlers -> stop(grace) -> shutdown."""
+    register: Callable[[grpc.aio.Server, AsyncEngine, str], Awaitable[WorkerParts]],
+) -> int:
+    """Run one worker until SIGTERM (drained) or a refused registration; the exit code."""
     engine = AsyncEngine(LLMEngine(engine_config_from_args(args)))
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    model_name = served_model_name(args, engine.engine)
+    in_flight = InFlightRpcs()
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[in_flight])
     port = server.add_insecure_port(f"{args.host}:{args.port}")
-    address = f"{args.advertise_host or args.host}:{port}"
-    cleanup = await register(server, engine, address)
+    if port == 0:
+        raise OSError(f"cannot bind {args.host}:{args.port}")
+    address = f"{advertised_host(args)}:{port}"
+    parts = await register(server, engine, address)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -118,18 +152,85 @@ async def serve(
     await server.start()
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    print(
-        f"{service_names[0].rsplit('.', 1)[-1].lower()} server listening on {address}", flush=True
-    )
+    role_name = service_names[0].rsplit(".", 1)[-1].lower()
+    print(f"{role_name} server listening on {address}", flush=True)
 
-    stop = asyncio.Event()
+    metrics = None
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        metrics = WorkerMetrics(model_name)
+        start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
+    load = LoadSampler(engine, parts.num_active_handoffs, metrics)
+    await load.refresh()
+    load.start()
+    registry = None
+    if args.router:
+        cfg = engine.engine.cfg
+        info = worker_pb2.WorkerInfo(
+            role=parts.role,
+            address=address,
+            kv_address=parts.kv_address,
+            model=model_name,
+            block_size=cfg.block_size,
+            num_blocks=engine.engine.block_manager.num_blocks,
+            max_num_seqs=cfg.max_num_seqs,
+        )
+        registry = RegistryClient(args.router, info, lambda: load.latest)
+        registry.start()
+
+    stop, force = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down address=%s", address)
+        loop.add_signal_handler(sig, lambda: force.set() if stop.is_set() else stop.set())
+    waits = [asyncio.ensure_future(stop.wait())]
+    if registry is not None:
+        waits.append(asyncio.ensure_future(registry.refused.wait()))
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    exit_code = 0 if stop.is_set() else 1
+
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(grace=5)
-    await cleanup()
+    if exit_code == 0:
+        await _drain(args, address, engine, in_flight, parts, registry, force)
+    await server.stop(grace=1.0)  # work is done; this only ends KVEvents / health streams
+    await parts.close()
+    await load.close()
+    if registry is not None:
+        await registry.close()
     engine.shutdown()
+    return exit_code
+
+
+async def _drain(args, address, engine, in_flight, parts, registry, force) -> None:
+    async def engine_requests() -> int:
+        try:
+            s = await engine.call(engine.engine.stats)
+        except EngineDeadError:
+            return 0  # nothing can finish; do not wait for it
+        return s.num_running + s.num_waiting
+
+    async def busy() -> int:
+        return in_flight.count + await engine_requests() + parts.num_active_handoffs()
+
+    t0 = time.monotonic()
+    log.warning(
+        "event=drain_start address=%s rpcs=%d engine_requests=%d handoffs=%d timeout_s=%.0f",
+        address, in_flight.count, await engine_requests(), parts.num_active_handoffs(),
+        args.drain_timeout,
+    )  # fmt: skip
+    deregistered = registry is not None and await registry.deregister()
+    quiet = QUIET_S if deregistered else QUIET_STATIC_S
+    remaining = await wait_idle(busy, args.drain_timeout, quiet, force)
+    log.warning(
+        "event=drain_done address=%s waited_s=%.2f remaining=%d deregistered=%s",
+        address, time.monotonic() - t0, remaining, deregistered,
+    )  # fmt: skip
+
+
+def run_worker(args, service_names, register) -> None:
+    """The `tandem prefill|decode` entry point; exits with serve's code."""
+    configure_logging(args.log_level)
+    raise SystemExit(asyncio.run(serve(args, service_names, register)))

@@ -24,6 +24,7 @@ from router.metrics import RouterMetrics
 from router.policies import POLICIES
 from router.servicer import RegistryServicer, RouterServicer
 from router.tokenizer import RouterTokenizer
+from router.workers import MISSED_HEARTBEATS, MembershipCollector
 
 log = logging.getLogger("tandem.router")
 
@@ -31,6 +32,13 @@ SERVICE_NAMES = (
     router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
     worker_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
 )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -44,6 +52,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--prefill", action="append", default=[], metavar="HOST:PORT")
     parser.add_argument("--decode", action="append", default=[], metavar="HOST:PORT")
     parser.add_argument("--max-num-requests", type=int, default=1024)
+    parser.add_argument(
+        "--heartbeat-interval-ms",
+        type=_positive_int,
+        default=1000,
+        help="heartbeat period told to self-registered workers; one silent for "
+        f"{MISSED_HEARTBEATS} periods is dropped",
+    )
     parser.add_argument("--log-level", default="warning")
     return parser
 
@@ -60,6 +75,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         prefill_addresses=tuple(args.prefill),
         decode_addresses=tuple(args.decode),
         max_num_requests=args.max_num_requests,
+        heartbeat_interval_ms=args.heartbeat_interval_ms,
     )
 
 
@@ -80,6 +96,7 @@ async def start_router(config: RouterConfig, metrics: RouterMetrics | None = Non
     tokenizer = RouterTokenizer(config.model)
     metrics = metrics or RouterMetrics(config.served_model_name or Path(config.model).name)
     engine = RouterEngine(config, tokenizer, metrics)
+    metrics.registry.register(MembershipCollector(engine.pool, metrics.model_name))
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 64 << 20),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import grpc
 
@@ -103,12 +104,13 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
 
     def __init__(self, engine: RouterEngine):
         self.engine = engine
+        # Names a worker may give for the router's model: the served name, the --model path,
+        # or that path's directory name (a worker started with the same --model).
+        cfg = engine.config
+        self.model_names = {engine.model_name, cfg.model, Path(cfg.model).name}
 
     async def Register(self, request, context):
-        if request.model and request.model not in (
-            self.engine.model_name,
-            self.engine.config.model,
-        ):
+        if request.model and request.model not in self.model_names:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"worker serves {request.model!r}, router serves {self.engine.model_name!r}",
@@ -118,7 +120,7 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
         pool = self.engine.pool
         for w in list(pool.workers.values()):  # a restarted worker replaces its old entry
             if w.address == request.address and w.role == request.role:
-                await pool.remove(w.worker_id)
+                await pool.remove(w.worker_id, "re-registered")
         w = pool.add(
             Role(request.role),
             request.address,
@@ -127,6 +129,10 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
             block_size=request.block_size,
         )
         w.reported.num_total_blocks = w.reported.num_free_blocks = request.num_blocks
+        log.warning(
+            "event=worker_registered id=%s role=%s address=%s num_blocks=%d",
+            w.worker_id, w.role.name, w.address, request.num_blocks,
+        )  # fmt: skip
         return worker_pb2.RegisterResponse(
             worker_id=w.worker_id, heartbeat_interval_ms=pool.heartbeat_interval_ms
         )
@@ -150,8 +156,14 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
         return worker_pb2.HeartbeatResponse(known=True)
 
     async def Deregister(self, request, context):
+        # Takes effect before the answer: no routing decision after this returns picks the
+        # worker. Requests already dispatched there run to completion; the pool drops the
+        # entry once nothing of ours runs there.
         w = self.engine.pool.workers.get(request.worker_id)
-        if w is not None:
-            w.draining = True  # no new requests; running streams finish
-            log.info("event=worker_draining id=%s", w.worker_id)
+        if w is not None and not w.draining:
+            w.draining = True
+            log.warning(
+                "event=worker_draining id=%s address=%s source=deregister active=%d",
+                w.worker_id, w.address, w.active,
+            )  # fmt: skip
         return worker_pb2.DeregisterResponse()

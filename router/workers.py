@@ -1,5 +1,14 @@
 """The worker pool: prefill and decode servers, static (flags) or self-registered.
 
+Membership of a worker:
+    static (--prefill/--decode)     added at start, never removed
+    self-registered (Registry)      Register -> Heartbeat ... -> removed after
+                                    MISSED_HEARTBEATS intervals without one
+    draining                        Deregister, or grpc health NOT_SERVING: no new work;
+                                    a self-registered worker leaves once the router has
+                                    nothing running there, a static one serves again when
+                                    its health is SERVING again (restarted)
+
 Per worker the router keeps two kinds of load: what the worker reported (Stats polling or
 heartbeats, slightly stale) and what the router itself dispatched and has not seen answered
 (exact, updated at dispatch time). Routing uses the second first, so a burst of requests
@@ -16,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.core import GaugeMetricFamily
 
 from protos import worker_pb2, worker_pb2_grpc
 from router.prefix_index import WorkerBlocks
@@ -24,6 +35,7 @@ log = logging.getLogger("tandem.router.workers")
 
 DEFAULT_BLOCK_SIZE = 16  # until the worker tells (Stats.block_size / WorkerInfo.block_size)
 APPROX_CAPACITY = 65536  # blocks remembered per worker without KV events
+MISSED_HEARTBEATS = 3  # a self-registered worker silent this many intervals is dropped
 
 
 class Role(enum.IntEnum):
@@ -64,6 +76,17 @@ class WorkerHandle:
 
     def prefill_load(self) -> int:
         return self.inflight_prompt_tokens
+
+    @property
+    def idle(self) -> bool:
+        """Nothing this router dispatched is still running there."""
+        return self.active == 0 and self.inflight_prompt_tokens == 0
+
+    @property
+    def state(self) -> str:
+        if self.draining:
+            return "draining"
+        return "serving" if self.healthy else "unhealthy"
 
     def apply_kv_events(self, batch: worker_pb2.KVEventBatch) -> None:
         if not self.exact_events:
@@ -110,11 +133,21 @@ class WorkerPool:
             self._watch(w)
         return w
 
-    async def remove(self, wid: str) -> None:
+    async def remove(self, wid: str, reason: str) -> None:
         w = self.workers.pop(wid, None)
         if w is not None:
-            log.info("event=worker_removed id=%s address=%s", wid, w.address)
+            log.warning(
+                "event=worker_removed id=%s role=%s address=%s reason=%s",
+                wid, w.role.name, w.address, reason,
+            )  # fmt: skip
             await w.channel.close()
+
+    def membership(self) -> dict[tuple[str, str], int]:
+        """(role, state) -> number of workers, every combination present."""
+        counts = {(r.name.lower(), s): 0 for r in Role for s in WORKER_STATES}
+        for w in list(self.workers.values()):
+            counts[(w.role.name.lower(), w.state)] += 1
+        return counts
 
     def candidates(self, role: Role, exclude=()) -> list[WorkerHandle]:
         ws = [w for w in self.workers.values() if w.role == role and not w.draining]
@@ -161,34 +194,60 @@ class WorkerPool:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for wid in list(self.workers):
-            await self.remove(wid)
+        workers, self.workers = list(self.workers.values()), {}
+        for w in workers:
+            await w.channel.close()
 
     async def _poll_loop(self, w: WorkerHandle) -> None:
+        health_stub = health_pb2_grpc.HealthStub(w.channel)
+        has_stats = True
         while w.worker_id in self.workers:
-            try:
-                s = await w.stub.Stats(worker_pb2.StatsRequest(), timeout=2.0)
-                w.reported = ReportedLoad(
-                    s.num_running,
-                    s.num_waiting,
-                    s.num_free_blocks,
-                    s.num_total_blocks,
-                    s.in_flight_prompt_tokens,
-                    s.prefix_cache_hits,
-                    s.prefix_cache_queries,
-                )
-                if s.block_size > 0:
-                    w.block_size = s.block_size
-                if not w.healthy:
-                    log.info("event=worker_healthy id=%s", w.worker_id)
-                w.healthy = True
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    return  # no Stats: route on the router's own dispatch counts only
-                if w.healthy:
-                    log.warning("event=worker_unhealthy id=%s code=%s", w.worker_id, e.code().name)
-                w.healthy = False
+            await self._check_health(w, health_stub)
+            if has_stats:
+                has_stats = await self._poll_stats(w)
             await asyncio.sleep(self.stats_interval_s)
+
+    async def _poll_stats(self, w: WorkerHandle) -> bool:
+        """One Stats poll; False when the worker has no Stats (route on dispatch counts)."""
+        try:
+            s = await w.stub.Stats(worker_pb2.StatsRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return False
+            if w.healthy:
+                log.warning("event=worker_unhealthy id=%s code=%s", w.worker_id, e.code().name)
+            w.healthy = False
+            return True
+        w.reported = ReportedLoad(
+            s.num_running,
+            s.num_waiting,
+            s.num_free_blocks,
+            s.num_total_blocks,
+            s.in_flight_prompt_tokens,
+            s.prefix_cache_hits,
+            s.prefix_cache_queries,
+        )
+        if s.block_size > 0:
+            w.block_size = s.block_size
+        if not w.healthy:
+            log.info("event=worker_healthy id=%s", w.worker_id)
+        w.healthy = True
+        return True
+
+    async def _check_health(self, w: WorkerHandle, stub) -> None:
+        # A draining worker says NOT_SERVING before it deregisters; a static worker can only
+        # tell this way.
+        try:
+            resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            return  # unreachable: Stats marks it unhealthy
+        serving = resp.status == health_pb2.HealthCheckResponse.SERVING
+        if not serving and not w.draining:
+            w.draining = True
+            log.warning("event=worker_draining id=%s source=health", w.worker_id)
+        elif serving and w.draining and w.static:
+            w.draining = False  # restarted at the same address
+            log.warning("event=worker_serving id=%s source=health", w.worker_id)
 
     async def _events_loop(self, w: WorkerHandle) -> None:
         while w.worker_id in self.workers:
@@ -202,14 +261,38 @@ class WorkerPool:
             await asyncio.sleep(1.0)
 
     async def _expire_loop(self) -> None:
-        # Self-registered workers that missed three heartbeats leave the pool.
-        limit = 3 * self.heartbeat_interval_ms / 1000
+        interval_s = self.heartbeat_interval_ms / 1000
+        limit = MISSED_HEARTBEATS * interval_s
         while True:
-            await asyncio.sleep(self.heartbeat_interval_ms / 1000)
+            await asyncio.sleep(interval_s / 2)
             now = time.monotonic()
             for w in list(self.workers.values()):
-                if w.draining and w.active == 0 and w.inflight_prompt_tokens == 0:
-                    await self.remove(w.worker_id)  # drained: nothing of ours runs there
-                elif not w.static and now - w.last_seen > limit:
-                    log.warning("event=worker_expired id=%s", w.worker_id)
-                    await self.remove(w.worker_id)
+                if w.static:
+                    continue
+                if w.draining and w.idle:
+                    await self.remove(w.worker_id, "drained")
+                elif now - w.last_seen > limit:
+                    # A draining worker heartbeats until it exits, so this also catches one
+                    # that died mid-drain (its streams fail over to other workers).
+                    await self.remove(w.worker_id, "heartbeat_timeout")
+
+
+WORKER_STATES = ("serving", "unhealthy", "draining")
+
+
+class MembershipCollector:
+    """`tandem:workers{role,state}`, computed from the pool at scrape time."""
+
+    def __init__(self, pool: WorkerPool, model_name: str) -> None:
+        self.pool = pool
+        self.model_name = model_name
+
+    def collect(self):
+        g = GaugeMetricFamily(
+            "tandem:workers",
+            "Workers in the router's pool by role and state.",
+            labels=["model_name", "role", "state"],
+        )
+        for (role, state), n in self.pool.membership().items():
+            g.add_metric([self.model_name, role, state], n)
+        yield g

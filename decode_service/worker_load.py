@@ -1,0 +1,111 @@
+"""A worker's load: one snapshot refreshed between engine steps, read by heartbeats and
+exported as Prometheus gauges on --metrics-port.
+
+Gauge names follow vLLM's where the meaning is the same (autoscalers and dashboards built
+for vLLM work; the Kubernetes HPA examples scale on them), `tandem:` for the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from protos import worker_pb2
+from tandem.async_engine import AsyncEngine, EngineDeadError
+
+log = logging.getLogger("tandem.worker.load")
+
+SAMPLE_PERIOD_S = 0.5
+
+
+async def worker_stats(engine: AsyncEngine, num_active_handoffs: int = 0) -> worker_pb2.WorkerStats:
+    def collect():
+        s = engine.engine.stats()
+        in_flight = sum(
+            r.num_tokens - r.num_computed_tokens for r in engine.engine.scheduler.waiting
+        ) + sum(
+            max(0, r.num_prompt_tokens - r.num_computed_tokens)
+            for r in engine.engine.scheduler.running
+        )
+        return s, in_flight
+
+    s, in_flight = await engine.call(collect)
+    return worker_pb2.WorkerStats(
+        num_running=s.num_running,
+        num_waiting=s.num_waiting,
+        num_free_blocks=s.num_free_blocks,
+        num_total_blocks=s.num_total_blocks,
+        num_cached_blocks=s.num_cached_blocks,
+        prefix_cache_hits=s.prefix_cache_hits,
+        prefix_cache_queries=s.prefix_cache_queries,
+        num_active_handoffs=num_active_handoffs,
+        block_size=engine.engine.cfg.block_size,
+        in_flight_prompt_tokens=in_flight,
+    )
+
+
+class WorkerMetrics:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+
+        def gauge(name: str, doc: str):
+            return Gauge(name, doc, ["model_name"], registry=self.registry).labels(model_name)
+
+        self.running = gauge("vllm:num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge(
+            "vllm:kv_cache_usage_perc", "Fraction of KV blocks in use or reserved (1 = full)."
+        )
+        self.handoffs = gauge(
+            "tandem:num_active_handoffs",
+            "KV handoffs in progress (decode: reserved or receiving; prefill: KV pushes).",
+        )
+
+    def update(self, s: worker_pb2.WorkerStats) -> None:
+        self.running.set(s.num_running)
+        self.waiting.set(s.num_waiting)
+        used = s.num_total_blocks - s.num_free_blocks
+        self.kv_usage.set(used / s.num_total_blocks if s.num_total_blocks else 0.0)
+        self.handoffs.set(s.num_active_handoffs)
+
+
+class LoadSampler:
+    """Keeps `latest` fresh. Readers never wait on the engine (a long step only ages it)."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        num_active_handoffs: Callable[[], int],
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.engine = engine
+        self.num_active_handoffs = num_active_handoffs
+        self.metrics = metrics
+        self.latest = worker_pb2.WorkerStats()
+        self._task: asyncio.Task | None = None
+
+    async def refresh(self) -> worker_pb2.WorkerStats:
+        self.latest = await worker_stats(self.engine, self.num_active_handoffs())
+        if self.metrics is not None:
+            self.metrics.update(self.latest)
+        return self.latest
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_PERIOD_S)
+            try:
+                await self.refresh()
+            except EngineDeadError:
+                log.error("event=engine_dead; load sampling stopped")
+                return
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

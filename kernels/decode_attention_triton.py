@@ -194,7 +194,8 @@ def paged_decode_attention_triton(
         return out
     group = num_q_heads // num_kv_heads
     max_ctx = block_tables.shape[1] * block_size
-    block_n, num_warps, num_stages = config or (_BLOCK_N, 4, 4)
+    # fp32 K/V tiles are twice as large: two stages fit in shared memory, four do not
+    block_n, num_warps, num_stages = config or (_BLOCK_N, 4, 4 if q.element_size() <= 2 else 2)
     if split_len is None:
         split_len = choose_split_len(batch, num_kv_heads, max_ctx, q.device, block_n)
     assert split_len % block_n == 0

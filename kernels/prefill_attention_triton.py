@@ -148,10 +148,15 @@ def _prefill_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=qd_mask)
 
 
-def _tile_config(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Tuned on an H100 by bench/kernels_bench.py."""
+def _tile_config(
+    head_dim: int, device: torch.device, itemsize: int = 2
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Tuned on an H100 by bench/kernels_bench.py
+    for 2-byte dtypes; fp32 tiles are smaller so the pipeline stages fit in shared memory."""
     if device.type != "cuda":
         return 16, 16, 4, 1  # the interpreter: small tiles keep the CPU tests quick
+    if itemsize > 2:
+        return (64, 32, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
     if head_dim <= 64:
         return 128, 64, 4, 3
     if head_dim <= 128:
@@ -189,7 +194,9 @@ def paged_prefill_attention_triton(
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_query_len == 0:
         return out
-    block_m, block_n, num_warps, num_stages = config or _tile_config(head_dim, q.device)
+    block_m, block_n, num_warps, num_stages = config or _tile_config(
+        head_dim, q.device, q.element_size()
+    )
     has_window = sliding_window is not None
     grid = (num_q_heads, triton.cdiv(max_query_len, block_m), batch)
     _prefill_kernel[grid](

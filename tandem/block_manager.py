@@ -83,9 +83,13 @@ class BlockManager:
         """Register the blocks whose tokens are all computed, so later requests can share them."""
         if not self.enable_prefix_caching:
             return
-        self._extend_hashes(req)
         num_full = min(req.num_computed_tokens // self.block_size, len(req.block_table))
-        for i in range(num_full):
+        start = req.num_registered_blocks
+        if num_full <= start:
+            return  # nothing newly full: O(1) on most decode steps
+        self._extend_hashes(req)
+        req.num_registered_blocks = num_full
+        for i in range(start, num_full):
             block = self.blocks[req.block_table[i]]
             if block.hash is not None:
                 continue
@@ -130,6 +134,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_queue[block_id] = None
         req.block_table = []
+        req.num_registered_blocks = 0
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -59,6 +59,7 @@ class Request:
     num_cached_tokens: int = 0  # prefix-cache hit at (last) admission
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks, in order
+    num_registered_blocks: int = 0  # block_table[:n] already offered to the prefix cache
     logprobs: list[Logprob] = field(default_factory=list)
     num_preemptions: int = 0
     # set by a prefill-only worker: keep the blocks after finishing until released

@@ -36,6 +36,7 @@ class Scheduler:
         self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
     ) -> None:
         self.bm = block_manager
+        self.block_size = block_manager.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -72,6 +73,11 @@ class Scheduler:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if num_new <= 0:
+                i += 1
+                continue
+            if num_new == 1 and req.num_computed_tokens < len(req.block_table) * self.block_size:
+                chunks.append(ScheduledChunk(req, 1))  # a decode step with room in its block
+                budget -= 1
                 i += 1
                 continue
             while not self.bm.can_allocate(req, num_new):

@@ -1,4 +1,4 @@
-"""`tandem serve | gateway | router | prefill | decode`.
+"""`tandem serve | gateway | router | prefill | decode | bench | compose`.
 
 Imports stay lazy: `tandem router` and `tandem gateway` must never load torch.
 """
@@ -63,7 +63,6 @@ _ENGINE_FLAGS = [
     "kernel_backend",
     "block_size",
     "num_blocks",
-    "gpu_memory_utilization",
     "max_num_seqs",
     "max_num_batched_tokens",
     "max_model_len",
@@ -71,10 +70,27 @@ _ENGINE_FLAGS = [
 ]
 
 
+def _memory_shares(args: argparse.Namespace) -> dict[str, float | None]:
+    """--gpu-memory-utilization per role. Aggregated: the decode servers take the default (0.9)
+    each. Disaggregated on GPUs they share: each server's fraction of the GPU, prefill servers
+    0.3 and decode servers 0.6 in all unless set (prefill KV only lives until it is pushed)."""
+    decode, prefill = args.gpu_memory_utilization, args.prefill_gpu_memory_utilization
+    if args.prefill == 0 or args.device == "cpu":
+        return {"decode": decode, "prefill": prefill}
+    return {
+        "decode": decode if decode is not None else round(0.6 / args.decode, 3),
+        "prefill": prefill if prefill is not None else round(0.3 / args.prefill, 3),
+    }
+
+
 def _serve(args: argparse.Namespace) -> None:
     """Start gateway + router + prefill x N + decode x M on this host; Ctrl-C stops them all."""
     from tandem.loader.default_model import DEFAULT_MODEL_NAME, resolve_model_dir
 
+    if args.mode == "aggregated":
+        args.prefill = 0
+    elif args.mode == "disaggregated" and args.prefill == 0:
+        raise SystemExit("--mode disaggregated needs --prefill >= 1")
     model_dir = resolve_model_dir(args.model)  # converts the default GGUF once, here
     served = args.served_model_name or (
         DEFAULT_MODEL_NAME if args.model is None else model_dir.name
@@ -90,6 +106,7 @@ def _serve(args: argparse.Namespace) -> None:
         engine_flags.append("--no-enable-prefix-caching")
     common = ["--model", str(model_dir), "--log-level", args.log_level]
 
+    shares = _memory_shares(args)
     procs: list[subprocess.Popen] = []
     try:
         workers = []
@@ -97,6 +114,8 @@ def _serve(args: argparse.Namespace) -> None:
             for _ in range(count):
                 port = _free_port(host)
                 cmd = [*py, role, "--host", host, "--port", str(port), *common, *engine_flags]
+                if shares[role] is not None:
+                    cmd += ["--gpu-memory-utilization", str(shares[role])]
                 procs.append(subprocess.Popen(cmd))
                 workers.append((role, f"{host}:{port}", procs[-1]))
         for _, address, proc in workers:
@@ -166,6 +185,26 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--decode", type=int, default=1, help="decode servers")
     p.add_argument(
+        "--mode",
+        choices=["aggregated", "disaggregated"],
+        default=None,
+        help="aggregated: decode servers prefill locally (same as --prefill 0); "
+        "disaggregated: --prefill servers prefill and push KV to the decode servers",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of the GPU each decode server may use (default 0.9 aggregated, "
+        "0.6 shared among the decode servers when prefill servers share the GPU)",
+    )
+    p.add_argument(
+        "--prefill-gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of the GPU each prefill server may use (default 0.3 shared among them)",
+    )
+    p.add_argument(
         "--routing-policy", default="prefix", choices=["prefix", "least_load", "round_robin"]
     )
     p.add_argument("--served-model-name", default=None)
@@ -174,11 +213,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="warning")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     for name in _ENGINE_FLAGS:
-        kind = (
-            str
-            if name in ("dtype", "device", "load_format", "kernel_backend")
-            else (float if name == "gpu_memory_utilization" else int)
-        )
+        kind = str if name in ("dtype", "device", "load_format", "kernel_backend") else int
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
 
 
@@ -191,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         ("router", "public gRPC router (see `tandem router --help`)"),
         ("prefill", "prefill server (see `tandem prefill --help`)"),
         ("decode", "decode server (see `tandem decode --help`)"),
+        ("bench", "serving benchmark against a running gateway (see `tandem bench --help`)"),
+        ("compose", "write a compose override: N prefill / M decode servers on their own GPUs"),
     ):
         sub.add_parser(name, help=text, add_help=False)
     argv = sys.argv[1:] if argv is None else argv
@@ -212,6 +249,14 @@ def main(argv: list[str] | None = None) -> None:
         from decode_service.server import main as decode_main
 
         return decode_main(argv[1:])
+    if command == "bench":
+        from tandem.benchmark import main as bench_main
+
+        sys.exit(bench_main(argv[1:]))
+    if command == "compose":
+        from tandem.compose import main as compose_main
+
+        return compose_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "serve":
         _serve(args)

@@ -103,17 +103,29 @@ class ModelRunner:
         )
 
     def _blocks_from_memory(self, cfg: EngineConfig) -> int:
+        """KV blocks from this process's share of the GPU: gpu_memory_utilization is the
+        fraction of the whole GPU this process may use (weights + activations + KV), as in
+        vLLM V1, so a prefill and a decode server can share one GPU with, say, 0.3 and 0.6.
+        The free memory caps it, less a margin for the CUDA context and graphs."""
         if self.device.type != "cuda":
             return max(16, int(cfg.cpu_kv_cache_gib * 2**30) // self.block_bytes)
         torch.cuda.synchronize()
-        free, total = torch.cuda.mem_get_info(self.device)
         peak = self._profile_activation_bytes(cfg.max_num_batched_tokens)
-        budget = total * cfg.gpu_memory_utilization - (total - free) - peak
+        free, total = torch.cuda.mem_get_info(self.device)
+        ours = torch.cuda.memory_reserved(self.device)
+        budget = min(total * cfg.gpu_memory_utilization - ours - peak, free - peak - (1 << 30))
         if budget < self.block_bytes * 16:
             raise RuntimeError(
-                f"not enough GPU memory for the KV cache (budget {budget / 2**30:.2f} GiB); "
-                "raise --gpu-memory-utilization or lower --max-num-batched-tokens"
+                f"not enough GPU memory for the KV cache (budget {budget / 2**30:.2f} GiB, "
+                f"{free / 2**30:.1f} GiB free); raise --gpu-memory-utilization or lower "
+                "--max-num-batched-tokens"
             )
+        log.info(
+            "event=kv_budget gib=%.2f weights_and_reserved_gib=%.2f activation_peak_gib=%.2f",
+            budget / 2**30,
+            ours / 2**30,
+            peak / 2**30,
+        )
         return int(budget // self.block_bytes)
 
     @torch.inference_mode()
@@ -317,7 +329,6 @@ class DecodeGraphs:
         r, bs = self.runner, self.runner.block_size
         n = len(chunks)
         b = next(s for s in self.sizes if s >= n)
-        nb = r.max_blocks_per_seq
         h64 = self._host64.numpy()
         h32 = self._host32.numpy()
         mb = self.max_batch_size

@@ -15,15 +15,14 @@ the router notices NOT_SERVING at its next health poll, so its quiet period is l
 from __future__ import annotations
 
 import asyncio
-import logging
+import contextlib
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 
 from protos import worker_pb2
-
-log = logging.getLogger("tandem.worker.drain")
 
 QUIET_S = 0.3  # after a confirmed Deregister
 QUIET_STATIC_S = 1.5  # no Deregister: covers the router's health poll (0.5 s) and a margin
@@ -60,7 +59,9 @@ class InFlightRpcs(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(self._stream(handler.unary_stream), **kw)
+            behavior = handler.unary_stream
+            counted = self._stream(behavior) if inspect.isasyncgenfunction(behavior) else None
+            return grpc.unary_stream_rpc_method_handler(counted or self._unary(behavior), **kw)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary), **kw)
         if handler.stream_unary is not None:
@@ -81,8 +82,11 @@ class InFlightRpcs(grpc.aio.ServerInterceptor):
         async def counted(request, context):
             self.count += 1
             try:
-                async for response in behavior(request, context):
-                    yield response
+                # aclosing: the servicer's own cleanup (abort, free blocks) runs before the
+                # count drops, also when the call is cancelled between two messages
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
             finally:
                 self.count -= 1
 

@@ -12,7 +12,7 @@ from protos import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from router.convert import chunk_to_proto, generate_input_from_proto
 from router.engine import RouterEngine
 from router.types import ErrorKind, GenerateInput, RequestError
-from router.workers import ReportedLoad, Role
+from router.workers import CLOSE_LINGER_S, ReportedLoad, Role
 
 log = logging.getLogger("tandem.router.servicer")
 
@@ -120,7 +120,7 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
         pool = self.engine.pool
         for w in list(pool.workers.values()):  # a restarted worker replaces its old entry
             if w.address == request.address and w.role == request.role:
-                await pool.remove(w.worker_id, "re-registered")
+                await pool.remove(w.worker_id, "re-registered", CLOSE_LINGER_S)
         w = pool.add(
             Role(request.role),
             request.address,

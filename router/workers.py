@@ -36,6 +36,7 @@ log = logging.getLogger("tandem.router.workers")
 DEFAULT_BLOCK_SIZE = 16  # until the worker tells (Stats.block_size / WorkerInfo.block_size)
 APPROX_CAPACITY = 65536  # blocks remembered per worker without KV events
 MISSED_HEARTBEATS = 3  # a self-registered worker silent this many intervals is dropped
+CLOSE_LINGER_S = 30.0  # a drained or replaced worker's channel outlives its removal this long
 
 
 class Role(enum.IntEnum):
@@ -105,7 +106,8 @@ class WorkerPool:
         self.stats_interval_s = stats_interval_s
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self._ids = itertools.count()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._started = False
         self._decode_rr = itertools.count()
 
     # -- membership -----------------------------------------------------------------------
@@ -129,17 +131,25 @@ class WorkerPool:
             w.block_size = block_size
         self.workers[wid] = w
         log.info("event=worker_added id=%s role=%s address=%s", wid, role.name, address)
-        if self._tasks:  # already started: watch the newcomer too
+        if self._started:  # watch the newcomer too
             self._watch(w)
         return w
 
-    async def remove(self, wid: str, reason: str) -> None:
+    async def remove(self, wid: str, reason: str, linger_s: float = 0.0) -> None:
+        """Forget a worker. linger_s > 0 keeps its channel open that long, so calls decided
+        just before (a prefill picked from an earlier candidate list, a late Abort) reach the
+        worker or fail with a status code the router retries; 0 closes it now, cancelling
+        whatever still runs there (a silent worker: those requests fail over)."""
         w = self.workers.pop(wid, None)
-        if w is not None:
-            log.warning(
-                "event=worker_removed id=%s role=%s address=%s reason=%s",
-                wid, w.role.name, w.address, reason,
-            )  # fmt: skip
+        if w is None:
+            return
+        log.warning(
+            "event=worker_removed id=%s role=%s address=%s reason=%s",
+            wid, w.role.name, w.address, reason,
+        )  # fmt: skip
+        if linger_s > 0 and self._started:
+            self._spawn(_close_later(w.channel, linger_s))
+        else:
             await w.channel.close()
 
     def membership(self) -> dict[tuple[str, str], int]:
@@ -180,20 +190,27 @@ class WorkerPool:
     # -- background: stats polling, KV events, heartbeat expiry -----------------------------
 
     def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._expire_loop()))
+        self._started = True
+        self._spawn(self._expire_loop())
         for w in list(self.workers.values()):
             self._watch(w)
 
     def _watch(self, w: WorkerHandle) -> None:
-        self._tasks.append(asyncio.create_task(self._poll_loop(w)))
+        self._spawn(self._poll_loop(w))
         if w.role == Role.PREFILL:
-            self._tasks.append(asyncio.create_task(self._events_loop(w)))
+            self._spawn(self._events_loop(w))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        for t in self._tasks:
+        self._started = False
+        tasks = list(self._tasks)
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
         workers, self.workers = list(self.workers.values()), {}
         for w in workers:
             await w.channel.close()
@@ -270,11 +287,18 @@ class WorkerPool:
                 if w.static:
                     continue
                 if w.draining and w.idle:
-                    await self.remove(w.worker_id, "drained")
+                    await self.remove(w.worker_id, "drained", CLOSE_LINGER_S)
                 elif now - w.last_seen > limit:
                     # A draining worker heartbeats until it exits, so this also catches one
                     # that died mid-drain (its streams fail over to other workers).
                     await self.remove(w.worker_id, "heartbeat_timeout")
+
+
+async def _close_later(channel: grpc.aio.Channel, linger_s: float) -> None:
+    try:
+        await asyncio.sleep(linger_s)
+    finally:  # also when the pool closes first
+        await channel.close()
 
 
 WORKER_STATES = ("serving", "unhealthy", "draining")

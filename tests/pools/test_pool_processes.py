@@ -33,17 +33,19 @@ PROMPTS = [
 ]
 
 
-def _decode_stats(address: str) -> worker_pb2.WorkerStats:
+def _stats(role: str, address: str) -> worker_pb2.WorkerStats:
+    stub = worker_pb2_grpc.DecodeStub if role == "decode" else worker_pb2_grpc.PrefillStub
     with grpc.insecure_channel(address) as ch:
-        return worker_pb2_grpc.DecodeStub(ch).Stats(worker_pb2.StatsRequest(), timeout=2)
+        return stub(ch).Stats(worker_pb2.StatsRequest(), timeout=2)
 
 
 class ClientLoop:
     """`num_clients` threads, each streaming one request after another through the router."""
 
-    def __init__(self, router: str, num_clients: int, max_tokens: int) -> None:
+    def __init__(self, router: str, num_clients: int, max_tokens: int, filler: int = 0) -> None:
         self.router = router
         self.max_tokens = max_tokens
+        self.filler = " ".join(["tokens"] * filler)  # longer prompts: longer prefills
         self.finished: list[str] = []
         self.failures: list[str] = []
         self._stop = threading.Event()
@@ -65,7 +67,8 @@ class ClientLoop:
         with TandemClient(self.router, timeout=60) as client:
             k = 0
             while not self._stop.is_set():
-                prompt = f"{PROMPTS[(i + k) % len(PROMPTS)]} ({i}.{k})"
+                # the id first, so no two prompts share a cached prefix
+                prompt = f"({i}.{k}) {self.filler} {PROMPTS[(i + k) % len(PROMPTS)]}"
                 k += 1
                 try:
                     reason = None
@@ -121,7 +124,9 @@ def test_sigterm_drains_under_load_without_failing_requests(pool_stack, joined):
     routed_before = pool_stack.routed("decode", w.address)
     with ClientLoop(pool_stack.router, num_clients=3, max_tokens=24) as load:
         # SIGTERM while the server has requests of its own in flight
-        wait_until(lambda: _decode_stats(w.address).num_running > 0, 60, "a request on the server")
+        wait_until(
+            lambda: _stats("decode", w.address).num_running > 0, 60, "a request on the server"
+        )
         t0 = time.monotonic()
         w.proc.send_signal(signal.SIGTERM)
         rc = w.proc.wait(timeout=DRAIN_TIMEOUT_S + 10)
@@ -144,6 +149,32 @@ def test_sigterm_drains_under_load_without_failing_requests(pool_stack, joined):
     # the router dropped it once drained; the others serve on
     pool_stack.wait_members("decode", 2, timeout=5)
     assert pool_stack.members("decode", "draining") == 0
+
+
+def test_sigterm_drains_the_prefill_server_without_failing_requests(pool_stack, joined):
+    """The only prefill server drains: what it took finishes (prefill and KV push), later
+    requests are prefilled by the decode servers themselves."""
+    w = pool_stack.prefill
+    routed_before = pool_stack.routed("prefill", w.address)
+    with ClientLoop(pool_stack.router, num_clients=3, max_tokens=4, filler=150) as load:
+
+        def prefilling():
+            s = _stats("prefill", w.address)
+            return s.num_running + s.num_waiting > 0
+
+        wait_until(prefilling, 60, "a prefill on the server", interval=0.01)
+        w.proc.send_signal(signal.SIGTERM)
+        rc = w.proc.wait(timeout=DRAIN_TIMEOUT_S + 10)
+        num_before_exit = len(load.finished)
+        wait_until(lambda: len(load.finished) >= num_before_exit + 3, 60, "requests after drain")
+    assert rc == 0
+    assert load.failures == []
+    assert pool_stack.routed("prefill", w.address) > routed_before
+    log = w.log_text()
+    start = re.search(r"event=drain_start .*rpcs=(\d+) engine_requests=(\d+) handoffs=(\d+)", log)
+    assert start and sum(map(int, start.groups())) > 0, log
+    assert re.search(r"event=drain_done .*remaining=0 deregistered=True", log), log
+    pool_stack.wait_members("prefill", 0, timeout=5)
 
 
 def test_killed_server_leaves_pool_within_heartbeat_window(pool_stack, joined):

@@ -1,0 +1,173 @@
+"""GPU serving benchmarks through the real stack (gateway -> router -> workers), one device call.
+
+    PYTHONPATH=. python bench/gpu_serving.py w1 --out $OUT --peers .carry/hf_peers.py \
+        --ceilings .carry/gpu_ceilings.py --tokenizer-from .carry/smollm2-tokenizer
+    PYTHONPATH=. python bench/gpu_serving.py w2 --out $OUT --rates 2,8,16,32 ...
+
+w1: the ceilings, then `tandem serve` (aggregated) on dummy Llama-3.1-8B and `tandem bench` W1
+    (512 x 512 in / 256 out, all at once, ignore EOS), then HF transformers' peers
+    (../shared/tools/hf_peers.py) in the same call.
+w2: for each mode (aggregated, disaggregated on the one GPU), `tandem serve`, then W2 at each
+    Poisson rate (1024 in / 128 out), TTFT/TPOT/ITL/E2EL percentiles and goodput.
+Each step's JSON lands in --out; a summary line per step goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from dummy_model_dir import make_dummy_model_dir  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Serve:
+    """`tandem serve` as a child process; stops the whole process group on exit."""
+
+    def __init__(self, model_dir: Path, mode: str, log_path: Path, extra: list[str]) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "tandem.cli", "serve", str(model_dir), "--mode", mode]
+        cmd += ["--load-format", "dummy", "--port", str(self.port), *extra]
+        if mode == "disaggregated":
+            cmd += ["--prefill", "1"]
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tandem serve exited: see {log_path}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise TimeoutError("tandem serve did not come up")
+        self.startup_s = 600 - (deadline - time.monotonic())
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def bench(url: str, result: Path, args: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "tandem.benchmark", "--base-url", url, "--disable-tqdm"]
+    cmd += ["--result-file", str(result), *args]
+    subprocess.run(cmd, check=True)
+    return json.loads(result.read_text())
+
+
+def summary(res: dict) -> dict:
+    s = res.get("summary", res)
+    keys = [k for k in s if not isinstance(s[k], (list, dict))]
+    return {k: s[k] for k in keys}
+
+
+def measure_ceilings(path: str) -> dict:
+    spec = importlib.util.spec_from_file_location("gpu_ceilings", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.measure()
+
+
+def engine_flags(a) -> list[str]:
+    return [
+        "--max-num-seqs",
+        str(a.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(a.max_num_batched_tokens),
+        "--max-model-len",
+        str(a.max_model_len),
+    ]
+
+
+def run_w1(a, model_dir: Path, out: Path) -> None:
+    ceilings = measure_ceilings(a.ceilings)
+    print("CEILINGS", json.dumps(ceilings), flush=True)
+    (out / "ceilings.json").write_text(json.dumps(ceilings))
+    serve = Serve(model_dir, "aggregated", out / "serve-w1.log", engine_flags(a))
+    try:
+        w1_args = ["--dataset-name", "random", "--num-prompts", str(a.requests)]
+        w1_args += ["--random-input-len", "512", "--random-output-len", "256"]
+        w1_args += ["--request-rate", "inf", "--num-warmups", "8", "--seed", "1"]
+        res = bench(serve.url, out / "w1-aggregated.json", w1_args)
+        print("W1", json.dumps(summary(res)), f"startup_s={serve.startup_s:.0f}", flush=True)
+    finally:
+        serve.stop()
+    if a.peers:
+        peers = subprocess.run(
+            [sys.executable, a.peers, "--requests", str(a.requests), "--peers", a.peer_kinds],
+            capture_output=True,
+            text=True,
+        )
+        print(peers.stdout[-3000:], peers.stderr[-2000:], flush=True)
+        (out / "hf-peers.txt").write_text(peers.stdout + "\n" + peers.stderr[-5000:])
+
+
+def run_w2(a, model_dir: Path, out: Path) -> None:
+    rates = [float(r) for r in a.rates.split(",")]
+    for mode in a.modes.split(","):
+        serve = Serve(model_dir, mode, out / f"serve-w2-{mode}.log", engine_flags(a))
+        try:
+            for rate in rates:
+                n = max(32, int(rate * a.seconds_per_rate))
+                w2 = ["--dataset-name", "random", "--num-prompts", str(n)]
+                w2 += ["--random-input-len", "1024", "--random-output-len", "128"]
+                w2 += ["--request-rate", str(rate), "--num-warmups", "4", "--seed", "2"]
+                w2 += ["--goodput", "ttft:400", "tpot:40", "--percentiles", "50,90,99"]
+                w2 += ["--metadata", f"mode={mode}", f"rate={rate}"]
+                res = bench(serve.url, out / f"w2-{mode}-rate{rate:g}.json", w2)
+                print("W2", mode, rate, json.dumps(summary(res)), flush=True)
+        finally:
+            serve.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("phase", choices=["w1", "w2"])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--ceilings", default=".carry/gpu_ceilings.py")
+    ap.add_argument("--peers", default=None, help="path to hf_peers.py (w1)")
+    ap.add_argument("--peer-kinds", default="static,cb")
+    ap.add_argument("--config", type=Path, default=ROOT / "tandem" / "configs" / "llama-3.1-8b")
+    ap.add_argument("--tokenizer-from", type=Path, default=Path(".carry/smollm2-tokenizer"))
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--rates", default="2,8,16,32")
+    ap.add_argument("--modes", default="aggregated,disaggregated")
+    ap.add_argument("--seconds-per-rate", type=float, default=15.0)
+    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    model_dir = make_dummy_model_dir(a.config, a.tokenizer_from, Path("/tmp/tandem-dummy-model"))
+    (run_w1 if a.phase == "w1" else run_w2)(a, model_dir, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -166,20 +166,42 @@ async def serve(
     load.start()
     registry = None
     if args.router:
-        cfg = engine.engine.cfg
-        info = worker_pb2.WorkerInfo(
-            role=parts.role,
-            address=address,
-            kv_address=parts.kv_address,
-            model=model_name,
-            block_size=cfg.block_size,
-            num_blocks=engine.engine.block_manager.num_blocks,
-            max_num_seqs=cfg.max_num_seqs,
-        )
+        info = _worker_info(engine.engine, parts, address, model_name)
         registry = RegistryClient(args.router, info, lambda: load.latest)
         registry.start()
 
-    stop, force = asyncio.Event(), asyncio.Event()
+    force = asyncio.Event()  # a second signal: stop without waiting for in-flight work
+    exit_code = await _wait_for_stop(registry, force)
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if exit_code == 0:
+        await _drain(args, address, engine, in_flight, parts, registry, force)
+    # drained: this only ends KVEvents / health streams; after a drain that timed out it
+    # cuts what still runs (the router fails those requests over)
+    await server.stop(grace=1.0)
+    await parts.close()
+    await load.close()
+    if registry is not None:
+        await registry.close()
+    engine.shutdown()
+    return exit_code
+
+
+def _worker_info(engine: LLMEngine, parts: WorkerParts, address: str, model_name: str):
+    return worker_pb2.WorkerInfo(
+        role=parts.role,
+        address=address,
+        kv_address=parts.kv_address,
+        model=model_name,
+        block_size=engine.cfg.block_size,
+        num_blocks=engine.block_manager.num_blocks,
+        max_num_seqs=engine.cfg.max_num_seqs,
+    )
+
+
+async def _wait_for_stop(registry: RegistryClient | None, force: asyncio.Event) -> int:
+    """Until SIGTERM/SIGINT (0: drain) or the router refused this worker (1)."""
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: force.set() if stop.is_set() else stop.set())
@@ -189,19 +211,7 @@ async def serve(
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
         w.cancel()
-    exit_code = 0 if stop.is_set() else 1
-
-    for name in ["", *service_names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if exit_code == 0:
-        await _drain(args, address, engine, in_flight, parts, registry, force)
-    await server.stop(grace=1.0)  # work is done; this only ends KVEvents / health streams
-    await parts.close()
-    await load.close()
-    if registry is not None:
-        await registry.close()
-    engine.shutdown()
-    return exit_code
+    return 0 if stop.is_set() else 1
 
 
 async def _drain(args, address, engine, in_flight, parts, registry, force) -> None:
@@ -216,12 +226,12 @@ async def _drain(args, address, engine, in_flight, parts, registry, force) -> No
         return in_flight.count + await engine_requests() + parts.num_active_handoffs()
 
     t0 = time.monotonic()
+    deregistered = registry is not None and await registry.deregister()
     log.warning(
         "event=drain_start address=%s rpcs=%d engine_requests=%d handoffs=%d timeout_s=%.0f",
         address, in_flight.count, await engine_requests(), parts.num_active_handoffs(),
         args.drain_timeout,
     )  # fmt: skip
-    deregistered = registry is not None and await registry.deregister()
     quiet = QUIET_S if deregistered else QUIET_STATIC_S
     remaining = await wait_idle(busy, args.drain_timeout, quiet, force)
     log.warning(

@@ -1,4 +1,8 @@
-"""Request checks shared by every client of the router (the gateway checks again, for HTTP)."""
+"""Request checks shared by every client of the router (the gateway checks again, for HTTP).
+
+The bounds on sizes keep one gRPC request (up to 64 MiB) from costing unbounded tokenizer time
+or worker memory; they sit above the gateway's defaults, which are the tighter, tunable ones.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,11 @@ from router.types import ErrorKind, GenerateInput, RequestError
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_STOP_LEN = 1024  # characters per stop string
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # entries
+MAX_MESSAGES = 4096
+MAX_PROMPT_CHARS = 1 << 23  # prompt text, or a chat's summed message text, before tokenizing
 
 
 def _bad(param: str, message: str) -> RequestError:
@@ -22,13 +31,21 @@ def validate_input(gi: GenerateInput, max_n: int) -> None:
     if gi.messages is not None:
         if not gi.messages:
             raise _bad("messages", "messages must not be empty")
+        if len(gi.messages) > MAX_MESSAGES:
+            raise _bad("messages", f"at most {MAX_MESSAGES} messages")
         for i, m in enumerate(gi.messages):
             if not m.get("role"):
                 raise _bad(f"messages[{i}].role", "every message needs a role")
+        if sum(len(m.get("content") or "") for m in gi.messages) > MAX_PROMPT_CHARS:
+            raise _bad("messages", f"the messages hold more than {MAX_PROMPT_CHARS} characters")
+    if gi.text is not None and len(gi.text) > MAX_PROMPT_CHARS:
+        raise _bad("prompt", f"the prompt has more than {MAX_PROMPT_CHARS} characters")
     if not 1 <= gi.n <= max_n:
         raise _bad("n", f"n must be between 1 and {max_n}, got {gi.n}")
-    if len(gi.stop) > MAX_STOP_STRINGS or any(not s for s in gi.stop):
-        raise _bad("stop", f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+    if len(gi.stop) > MAX_STOP_STRINGS or any(not 0 < len(s) <= MAX_STOP_LEN for s in gi.stop):
+        raise _bad(
+            "stop", f"stop takes at most {MAX_STOP_STRINGS} strings of 1..{MAX_STOP_LEN} characters"
+        )
     s = gi.sampling
     checks = [
         ("temperature", math.isfinite(s.temperature) and s.temperature >= 0, ">= 0"),
@@ -47,6 +64,10 @@ def validate_input(gi: GenerateInput, max_n: int) -> None:
             raise _bad(name, f"{name} must be {rule}, got {getattr(s, name)}")
     if s.max_tokens is not None and s.min_tokens > s.max_tokens:
         raise _bad("min_tokens", "min_tokens must not exceed max_tokens")
+    if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise _bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
+    if len(s.logit_bias) > MAX_LOGIT_BIAS:
+        raise _bad("logit_bias", f"logit_bias takes at most {MAX_LOGIT_BIAS} entries")
     for v in s.logit_bias.values():
         if not -100 <= v <= 100:
             raise _bad("logit_bias", "logit_bias values must be in [-100, 100]")

@@ -12,7 +12,7 @@ import pytest
 from gateway.config import GatewayConfig
 from tandem.cli import _free_port, _wait_http_healthy
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,22 @@ from tandem.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_NUM_WAITING = 1024  # a server's waiting-queue bound (the router admits 1024)
+
 
 class EngineDeadError(RuntimeError):
     pass
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(
+        self, engine: LLMEngine, max_num_waiting: int | None = DEFAULT_MAX_NUM_WAITING
+    ) -> None:
+        """max_num_waiting bounds the engine's waiting queue: beyond it `generate` raises
+        EngineFullError (the servicers answer RESOURCE_EXHAUSTED; the router tries another
+        server or refuses with a retryable status)."""
         self.engine = engine
+        engine.max_num_waiting = max_num_waiting
         self._calls: queue.SimpleQueue[
             tuple[Callable, tuple, asyncio.Future, asyncio.AbstractEventLoop]
         ] = queue.SimpleQueue()
@@ -58,11 +66,19 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         hold_blocks: bool = False,
+        num_output_tokens: int = 0,
     ) -> AsyncIterator[StepOutput]:
         """Stream a request's outputs; leaving the loop early (or cancelling) aborts it."""
         q = self._open_stream(req_id)
         try:
-            await self.call(self.engine.add_request, req_id, prompt_token_ids, params, hold_blocks)
+            await self.call(
+                self.engine.add_request,
+                req_id,
+                prompt_token_ids,
+                params,
+                hold_blocks,
+                num_output_tokens,
+            )
         except BaseException:
             self._streams.pop(req_id, None)
             raise

@@ -46,6 +46,10 @@ class EngineStats:
     num_preemptions: int
 
 
+class EngineFullError(RuntimeError):
+    """The waiting queue is at its bound (max_num_waiting): refused, nothing was added."""
+
+
 class HandoffTarget(NamedTuple):
     block_ids: list[int]
     num_cached_tokens: int  # block-aligned prefix already in this pool (not to be sent)
@@ -70,11 +74,21 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}  # every request the engine holds, any state
         self.eos_token_ids = frozenset(self.model_cfg.eos_token_ids)
         self.num_preemptions = 0
+        # Admission bound on the waiting queue (servers set it; None: unbounded, the offline
+        # API). Preempted requests go back to the queue whatever its length.
+        self.max_num_waiting: int | None = None
 
     # -- receive ------------------------------------------------------------------------------
     def _new_request(
-        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        num_output_tokens: int = 0,
     ) -> Request:
+        """num_output_tokens: the last tokens of prompt_token_ids are earlier outputs of this
+        sequence (a migrated request); sampling continues at that output index, so seeds,
+        penalties, min_tokens and max_tokens count them."""
         if req_id in self.requests:
             raise ValueError(f"request id {req_id!r} is already in use")
         if not prompt_token_ids:
@@ -94,9 +108,12 @@ class LLMEngine:
             )
         if -(-len(prompt_token_ids) // self.cfg.block_size) > self.block_manager.num_blocks:
             raise ValueError("prompt needs more KV blocks than this worker's whole pool")
+        if not 0 <= num_output_tokens < len(prompt_token_ids):
+            raise ValueError("num_output_tokens must be in [0, prompt length)")
         req = Request(
             req_id=req_id,
-            prompt_token_ids=list(prompt_token_ids),
+            prompt_token_ids=list(prompt_token_ids[: len(prompt_token_ids) - num_output_tokens]),
+            token_ids=list(prompt_token_ids),
             params=params,
             eos_token_ids=self.eos_token_ids,
             max_total_tokens=self.max_model_len,
@@ -111,20 +128,27 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         hold_blocks: bool = False,
+        num_output_tokens: int = 0,
     ) -> Request:
-        req = self._new_request(req_id, prompt_token_ids, params)
+        if self.max_num_waiting is not None and len(self.scheduler.waiting) >= self.max_num_waiting:
+            raise EngineFullError(f"{len(self.scheduler.waiting)} requests are already waiting")
+        req = self._new_request(req_id, prompt_token_ids, params, num_output_tokens)
         req.hold_blocks = hold_blocks
         self.scheduler.add(req)
         return req
 
     def reserve(
-        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        num_output_tokens: int = 0,
     ) -> HandoffTarget | None:
         """Decode side: blocks for the whole prompt, reusing this pool's cached prefix.
 
         Returns None (nothing reserved) when the pool cannot hold the prompt now.
         """
-        req = self._new_request(req_id, prompt_token_ids, params)
+        req = self._new_request(req_id, prompt_token_ids, params, num_output_tokens)
         num_cached = self.block_manager.match_prefix(req)
         req.num_computed_tokens = num_cached
         if not self.block_manager.can_allocate(req, req.num_tokens - num_cached):
@@ -140,7 +164,9 @@ class LLMEngine:
         self, req_id: str, first_token_id: int, first_logprob: Logprob | None = None
     ) -> StepOutput | None:
         """Decode side: the prompt's KV is in the reserved blocks; join the running batch."""
-        req = self.requests[req_id]
+        req = self.requests.get(req_id)
+        if req is None:  # aborted (Abort RPC) just as its KV arrived: nothing to run
+            return StepOutput(req_id, [], [], "abort", 0)
         assert req.status == RequestStatus.RESERVED, req.status
         req.num_computed_tokens = req.num_tokens
         self.block_manager.cache_full_blocks(req)

@@ -36,6 +36,7 @@ class KVDest:
     address: str  # transport-specific address of the receiver
     block_ids: tuple[int, ...]  # decode-side blocks for the whole prompt
     first_block: int  # blocks before this one are already cached on the decode side
+    req_id: str = ""  # the worker request the KV belongs to (logs, fault hooks)
 
 
 class KVSlice(NamedTuple):

@@ -1,7 +1,10 @@
 """The `grpc` KV transport: KV slabs as raw bytes in a client stream of KVChunk messages.
 
 Works across hosts. Each chunk stays below the channel's message limit (plan_slices); only
-tensor bytes and their shape/dtype travel, never pickle.
+tensor bytes and their shape/dtype travel, never pickle. The handoff id also rides in the
+call's metadata, so the receiver ties the stream to its ledger entry before the first chunk:
+a sender that dies or is cancelled at any point fails the handoff at once, and a stalled
+stream fails after the ledger's stall_s, not after the lease.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import grpc
 import torch
 
 from decode_service.convert import logprob_from_proto, logprob_to_proto
+from kvtransfer import faults
 from kvtransfer.base import HandoffState, KVDest, KVSlice
 from kvtransfer.ledger import HandoffFailed, HandoffLedger
 from protos import worker_pb2, worker_pb2_grpc
@@ -22,9 +26,23 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 2**20  # channel/server limit; chunks aim at CHUNK_BYTES
 CHUNK_BYTES = 4 * 2**20
+HANDOFF_ID_KEY = "tandem-handoff-id"  # call metadata: KVTarget.handoff_id of the stream
+# HTTP/2 keepalive: a peer that stops answering pings (SIGSTOP, host gone, cable pulled: no
+# TCP reset) fails every call on the connection within ~15 s, busy or idle, so streams and
+# handoffs to it end instead of hanging. A live process answers pings from gRPC's own I/O
+# even while its engine is busy. Servers must accept pings this often (the last two).
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    *KEEPALIVE_OPTIONS,
 ]
 
 
@@ -54,6 +72,8 @@ class GrpcKVSender:
         first_token_id: int,
         first_logprob: Logprob | None,
     ) -> None:
+        stall = faults.stalls_kv_push(dest.req_id)
+
         async def chunks():
             for s in slices:
                 data = s.data.contiguous()
@@ -69,6 +89,8 @@ class GrpcKVSender:
                     shape=list(data.shape),
                     data=data.view(torch.uint8).numpy().tobytes(),
                 )
+            if stall:  # test-only: the data went out, the last chunk never follows
+                await faults.stall_forever(dest.handoff_id)
             last = worker_pb2.KVChunk(
                 handoff_id=dest.handoff_id, last=True, first_token_id=first_token_id
             )
@@ -77,7 +99,9 @@ class GrpcKVSender:
                 last.first_token_logprob.CopyFrom(lp)
             yield last
 
-        result = await self._stub(dest.address).Push(chunks(), timeout=self.timeout_s)
+        result = await self._stub(dest.address).Push(
+            chunks(), timeout=self.timeout_s, metadata=((HANDOFF_ID_KEY, dest.handoff_id),)
+        )
         if not result.ok:
             raise HandoffFailed(f"decode server refused the KV: {result.error}")
 
@@ -119,9 +143,22 @@ class KVTransferServicer(worker_pb2_grpc.KVTransferServicer):
         )
 
     async def Push(self, request_iterator, context):
-        handoff_id = ""
+        handoff_id = dict(context.invocation_metadata()).get(HANDOFF_ID_KEY, "")
         try:
-            async for chunk in request_iterator:
+            if handoff_id:  # a sender that names its handoff up front: stall deadline armed
+                self.ledger.receiving(self.ledger.get_active(handoff_id))
+            chunks = request_iterator.__aiter__()
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), timeout=self.ledger.stall_s)
+                except StopAsyncIteration:
+                    raise HandoffFailed("stream ended without the last chunk") from None
+                except asyncio.TimeoutError:
+                    raise HandoffFailed(
+                        f"KV stream stalled: no chunk for {self.ledger.stall_s:g}s"
+                    ) from None
+                if handoff_id and chunk.handoff_id != handoff_id:
+                    raise HandoffFailed("chunk handoff_id differs from the stream's")
                 handoff_id = chunk.handoff_id
                 h = self.ledger.get_active(handoff_id)
                 if chunk.last:
@@ -131,12 +168,14 @@ class KVTransferServicer(worker_pb2_grpc.KVTransferServicer):
                     self.ledger.complete(h, chunk.first_token_id, lp)
                     return worker_pb2.KVPushResult(ok=True)
                 self.ledger.receiving(h)
-                await asyncio.to_thread(self._store, h.block_ids, chunk)
+                h.store = asyncio.get_running_loop().run_in_executor(
+                    None, self._store, h.block_ids, chunk
+                )
+                await asyncio.shield(h.store)
         except (HandoffFailed, ValueError, RuntimeError) as e:
             self.ledger.fail(handoff_id, HandoffState.FAILED, str(e))
+            log.info("event=kv_receive_failed handoff=%s error=%s", handoff_id, e)
             return worker_pb2.KVPushResult(ok=False, error=str(e))
         except asyncio.CancelledError:
             self.ledger.fail(handoff_id, HandoffState.FAILED, "sender went away")
             raise
-        self.ledger.fail(handoff_id, HandoffState.FAILED, "stream ended without the last chunk")
-        return worker_pb2.KVPushResult(ok=False, error="stream ended without the last chunk")

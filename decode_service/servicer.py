@@ -5,6 +5,12 @@ A request's life on a decode server:
     Generate(remote prefill)    -> reserve blocks -> send KVTarget -> wait for the KV push
                                 -> commit (join the running batch) -> stream tokens 1..
     stream cancelled / error    -> engine.abort (idempotent) frees the blocks
+    Abort(req_id)               -> reclaims its open handoff (the waiting stream ends at once)
+                                   and aborts it in the engine; idempotent
+
+Status codes the router acts on: RESOURCE_EXHAUSTED (no blocks / queue full: try another
+server), ABORTED (the KV handoff failed: the sender's fault, retry with another prefill),
+INVALID_ARGUMENT (the request itself is bad).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from kvtransfer.base import HandoffState
 from kvtransfer.ledger import HandoffFailed, HandoffLedger
 from protos import worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine, EngineDeadError
-from tandem.engine import StepOutput
+from tandem.engine import EngineFullError, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +58,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         prompt = list(request.prompt_token_ids)
+        num_out = request.num_output_tokens
         try:
             if request.prefill_locally:
-                stream = self.engine.generate(req_id, prompt, params)
+                stream = self.engine.generate(req_id, prompt, params, num_output_tokens=num_out)
             else:
-                stream = self._remote_prefill(req_id, prompt, params, context)
+                stream = self._remote_prefill(req_id, prompt, params, num_out, context)
             async for item in stream:
                 if isinstance(item, worker_pb2.DecodeEvent):
                     yield item
@@ -64,13 +71,16 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                     yield _token_event(item, len(prompt))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineFullError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode queue full: {e}")
         except HandoffFailed as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            await context.abort(grpc.StatusCode.ABORTED, f"KV handoff failed: {e}")
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
 
-    async def _remote_prefill(self, req_id, prompt, params, context):
-        target = await self.engine.call(self.engine.engine.reserve, req_id, prompt, params)
+    async def _remote_prefill(self, req_id, prompt, params, num_out, context):
+        eng = self.engine.engine
+        target = await self.engine.call(eng.reserve, req_id, prompt, params, num_out)
         if target is None:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "no free KV blocks for this prompt right now"
@@ -85,7 +95,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                     decode_kv_address=self.kv_address,
                     block_ids=target.block_ids,
                     num_cached_tokens=target.num_cached_tokens,
-                    block_size=self.engine.engine.cfg.block_size,
+                    block_size=eng.cfg.block_size,
                     transport="grpc",
                 )
             )
@@ -95,13 +105,17 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 yield out
         finally:
             self.ledger.fail(handoff_id, HandoffState.RECLAIMED, "request ended")
-            self.ledger.close(handoff_id)
             if not committed:  # blocks still reserved: take them back (idempotent)
+                await self.ledger.settle(h)  # no chunk write may land after the free
                 await self.engine.abort(req_id)
+            self.ledger.close(handoff_id)
 
     async def Abort(self, request, context):
+        reclaimed = self.ledger.abort_request(request.req_id, "aborted by Abort RPC")
+        for h in reclaimed:
+            await self.ledger.settle(h)
         found = await self.engine.abort(request.req_id)
-        return worker_pb2.AbortResponse(found=found)
+        return worker_pb2.AbortResponse(found=found or bool(reclaimed))
 
     async def Stats(self, request, context):
         return await worker_stats(self.engine, self.ledger.num_active)

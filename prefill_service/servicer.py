@@ -5,6 +5,11 @@ A request's life on a prefill server:
                        -> first token sampled -> KV slabs copied out -> blocks released
                        -> PrefillResponse to the router (TTFT does not wait for the push)
                        -> background push of the slabs + first token to the decode server
+    Abort(req_id)      -> stops the compute, cancels the push (the decode side sees the
+                          stream cancelled and fails its handoff at once); idempotent
+
+The sender's half of the handoff ledger (kvtransfer/ledger.py) tracks each handoff from
+admission (RESERVED) through the push (RECEIVING) to COMPLETE / FAILED / RECLAIMED.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import grpc
 
 from decode_service.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
 from decode_service.worker_common import worker_stats
-from kvtransfer.base import KVDest, plan_slices
+from kvtransfer.base import HandoffState, KVDest, plan_slices
 from kvtransfer.grpc_transport import CHUNK_BYTES, GrpcKVSender
+from kvtransfer.ledger import Handoff, HandoffFailed, HandoffLedger
 from protos import worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine, EngineDeadError
+from tandem.engine import EngineFullError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         self.engine = engine
         self.sender = sender
         self.block_size = engine.engine.cfg.block_size
+        # sender side of each handoff; a push may take at most the sender's timeout
+        self.ledger = HandoffLedger(lease_s=sender.timeout_s)
         self._pushes: set[asyncio.Task] = set()
         self._subscribers: list[asyncio.Queue] = []
         engine.engine.block_manager.record_events = True
@@ -58,41 +67,60 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
 
     async def Prefill(self, request, context):
         req_id, prompt = request.req_id, list(request.prompt_token_ids)
+        num_out = request.num_output_tokens
         try:
             params = sampling_from_proto(request.sampling)
             self._validate(request)
-        except ValueError as e:
+            h = self.ledger.open(request.kv_target.handoff_id, req_id)
+        except (ValueError, HandoffFailed) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        # only the first token is sampled here; min_tokens still masks EOS at index 0
+        try:
+            return await self._prefill(request, context, h, prompt, params, num_out)
+        finally:
+            if h.state != HandoffState.RECEIVING:  # no push running: the handoff ends here
+                self.ledger.fail(h.handoff_id, HandoffState.FAILED, "prefill did not finish")
+                self.ledger.close(h.handoff_id)
+
+    async def _prefill(self, request, context, h: Handoff, prompt, params, num_out):
+        req_id = request.req_id
+        # Only output index num_out is sampled here; min_tokens still masks EOS at it.
         first_params = dataclasses.replace(
-            params, max_tokens=1, min_tokens=min(1, params.min_tokens)
+            params, max_tokens=num_out + 1, min_tokens=min(num_out + 1, params.min_tokens)
         )
         start = time.perf_counter()
         last = None
         try:
-            async for out in self.engine.generate(req_id, prompt, first_params, hold_blocks=True):
+            stream = self.engine.generate(
+                req_id, prompt, first_params, hold_blocks=True, num_output_tokens=num_out
+            )
+            async for out in stream:
                 last = out
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineFullError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill queue full: {e}")
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
-        if last is None or not last.new_token_ids:
+        t = request.kv_target
+        first_block = t.num_cached_tokens // self.block_size
+        slices = None
+        if last is not None and last.new_token_ids and not h.state.terminal:
+            slices = await self.engine.call(self._copy_out_and_release, req_id, first_block)
+        if slices is None:  # aborted (Abort RPC) during or right after the prefill
             await self.engine.call(self.engine.engine.release, req_id)
             await context.abort(grpc.StatusCode.CANCELLED, "request aborted during prefill")
         prefill_ms = (time.perf_counter() - start) * 1000
         token, logprob = last.new_token_ids[0], last.new_logprobs[0]
 
-        t = request.kv_target
-        first_block = t.num_cached_tokens // self.block_size
-        slices = await self.engine.call(self._copy_out_and_release, req_id, first_block)
-        dest = KVDest(t.handoff_id, t.decode_kv_address, tuple(t.block_ids), first_block)
-        task = asyncio.get_running_loop().create_task(self._push(dest, slices, token, logprob))
-        self._pushes.add(task)
-        task.add_done_callback(self._pushes.discard)
+        dest = KVDest(t.handoff_id, t.decode_kv_address, tuple(t.block_ids), first_block, req_id)
+        self.ledger.receiving(h)
+        h.task = asyncio.get_running_loop().create_task(self._push(h, dest, slices, token, logprob))
+        self._pushes.add(h.task)
+        h.task.add_done_callback(self._pushes.discard)
 
         if last.finish_reason == "stop":
             finish = "stop"
-        elif params.max_tokens == 1:
+        elif params.max_tokens is not None and num_out + 1 >= params.max_tokens:
             finish = "length"
         else:
             finish = None
@@ -108,25 +136,36 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         return resp
 
     def _copy_out_and_release(self, req_id: str, first_block: int):
-        """On the engine thread: snapshot the request's KV, then give its blocks back."""
+        """On the engine thread: snapshot the request's KV, then give its blocks back.
+        None when the request is gone (aborted after its last step)."""
         eng = self.engine.engine
-        req = eng.requests[req_id]
+        req = eng.requests.get(req_id)
+        if req is None:
+            return None
         try:
             return plan_slices(eng.runner.kv_cache, req.block_table, first_block, CHUNK_BYTES)
         finally:
             eng.release(req_id)
 
-    async def _push(self, dest, slices, token, logprob) -> None:
+    async def _push(self, h: Handoff, dest, slices, token, logprob) -> None:
         try:
             await self.sender.send(dest, slices, token, logprob)
-        except Exception as e:  # noqa: BLE001 - the decode side's lease reclaims the blocks
-            log.warning("kv push failed handoff=%s error=%s", dest.handoff_id, e)
+            self.ledger.complete(h)
+        except asyncio.CancelledError:  # Abort, or shutdown: the receiver sees the cancel
+            self.ledger.fail(h.handoff_id, HandoffState.RECLAIMED, "push cancelled")
+        except Exception as e:  # noqa: BLE001 - the receiver already failed its side
+            self.ledger.fail(h.handoff_id, HandoffState.FAILED, str(e))
+            log.warning("event=kv_push_failed handoff=%s error=%s", dest.handoff_id, e)
+        finally:
+            self.ledger.close(h.handoff_id)
 
     async def Abort(self, request, context):
-        return worker_pb2.AbortResponse(found=await self.engine.abort(request.req_id))
+        cancelled = self.ledger.abort_request(request.req_id, "aborted by Abort RPC")
+        found = await self.engine.abort(request.req_id)
+        return worker_pb2.AbortResponse(found=found or bool(cancelled))
 
     async def Stats(self, request, context):
-        return await worker_stats(self.engine)
+        return await worker_stats(self.engine, self.ledger.num_active)
 
     # -- prefix-index feed --------------------------------------------------------------------
     async def _pump_events(self) -> None:

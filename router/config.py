@@ -23,6 +23,15 @@ class RouterConfig:
     stats_interval_s: float = 0.5  # how often worker Stats are polled (load-aware routing)
     heartbeat_interval_ms: int = 1000  # told to self-registering workers
     worker_timeout_s: float = 600.0  # deadline for one Prefill call
+    # Fault tolerance (router/handoff.py): a choice restarts on other workers after a worker
+    # failure at most this many times (prefill retries and decode migrations together).
+    max_migrations: int = 3
+    # After the prefill server answered, the decode stream's first event (KV arrived, joined
+    # the batch) must come within this; else the handoff is abandoned and retried.
+    handoff_timeout_s: float = 30.0
+    # Longest silence on a decode stream once tokens flow; beyond it the server is presumed
+    # stuck and the choice migrates.
+    stream_idle_timeout_s: float = 60.0
     grace_s: float = 5.0  # graceful shutdown
     # Prefix-policy weight: a queued prompt token on a server costs this many uncached tokens.
     prefix_load_weight: float = 1.0
@@ -32,3 +41,7 @@ class RouterConfig:
             raise ValueError(f"unknown routing policy {self.routing_policy!r}")
         if self.max_num_requests < 1 or self.max_n < 1:
             raise ValueError("max_num_requests and max_n must be >= 1")
+        if self.max_migrations < 0:
+            raise ValueError("max_migrations must be >= 0")
+        if min(self.worker_timeout_s, self.handoff_timeout_s, self.stream_idle_timeout_s) <= 0:
+            raise ValueError("worker, handoff and stream-idle timeouts must be > 0")

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from router.config import RouterConfig
 from router.detokenizer import IncrementalDetokenizer
-from router.handoff import stream_choice
+from router.handoff import HandoffLimits, stream_choice
 from router.metrics import RouterMetrics
 from router.policies import make_policy
 from router.stop import StopStringMatcher
@@ -60,6 +60,7 @@ class RouterEngine:
         for addr in config.decode_addresses:
             self.pool.add(Role.DECODE, addr, static=True)
         self.policy = make_policy(config.routing_policy, load_weight=config.prefix_load_weight)
+        self.limits = HandoffLimits.from_config(config)
         self.running: dict[str, list[asyncio.Task]] = {}  # request_id -> choice tasks
 
     async def start(self) -> None:
@@ -198,9 +199,8 @@ class RouterEngine:
         first = True
         num_out = num_cached = 0
         stream = stream_choice(
-            self.pool, self.policy, req_id, prompt_ids, gi.sampling, timing, t_arrival,
-            self.config.worker_timeout_s,
-        )  # fmt: skip
+            self.pool, self.policy, req_id, prompt_ids, gi.sampling, timing, t_arrival, self.limits
+        )
         async with contextlib.aclosing(stream):
             async for batch in stream:
                 chunk = ChoiceChunk(index, list(batch.token_ids), logprobs=batch.logprobs)

@@ -3,17 +3,27 @@
 attempt:  choose decode ─ Decode.Generate ──> KVTarget (remote prefill only)
           choose prefill ─ Prefill.Prefill(kv_target) ──> token 0   (yielded at once)
           decode stream ──> tokens 1.. until a finish_reason
-failure:  a worker error before the choice finished starts a new attempt on other
-          workers with prompt + tokens already yielded (no token lost or repeated);
-          no prefill server left -> the decode server prefills locally.
-exit:     finished normally: nothing to clean. Closed early (stop string, client
-          cancel, error): cancel the decode stream and Abort(req_id) on both workers.
+failure:  a worker error before the choice finished starts a new attempt on other workers
+          with prompt + tokens already yielded, told to the workers as num_output_tokens
+          (no token lost or repeated, and seeded sampling continues at the right output
+          index); at most max_migrations new attempts; no prefill server left -> the decode
+          server prefills locally.
+blame:    Prefill RPC failed or timed out                -> that prefill server
+          decode answers ABORTED (its KV handoff failed),
+          or no decode event within handoff_timeout_s
+          after the prefill answered                      -> that prefill server (the KV
+                                                             never arrived); the decode
+                                                             server is tried again
+          decode stream error or silent for idle timeout  -> that decode server
+exit:     finished normally: nothing to clean. Closed early (stop string, client cancel,
+          error): cancel the decode stream and Abort(req_id) on both workers.
+deadlines: every call here has one (Prefill: prefill_timeout_s; each decode read: the
+          handoff, local-prefill or idle timeout; Abort: ABORT_TIMEOUT_S).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +39,7 @@ from router.workers import Role, WorkerHandle, WorkerPool
 
 log = logging.getLogger("tandem.router.handoff")
 
-MAX_ATTEMPTS = 3
+ABORT_TIMEOUT_S = 2.0
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -40,6 +50,21 @@ _RETRYABLE = {
     grpc.StatusCode.CANCELLED,
 }
 _background: set[asyncio.Task] = set()  # fire-and-forget aborts, kept alive until done
+
+
+class HandoffLimits(NamedTuple):
+    """Deadlines and the retry bound of one choice (from RouterConfig)."""
+
+    prefill_timeout_s: float  # one Prefill call; also a local prefill's first token
+    handoff_timeout_s: float  # prefill answered -> first decode event (KV arrived)
+    idle_timeout_s: float  # longest gap between decode events
+    max_migrations: int  # new attempts after worker failures
+
+    @classmethod
+    def from_config(cls, c) -> HandoffLimits:
+        return cls(
+            c.worker_timeout_s, c.handoff_timeout_s, c.stream_idle_timeout_s, c.max_migrations
+        )
 
 
 class WorkerTokens(NamedTuple):
@@ -60,7 +85,7 @@ class _WorkerFailed(Exception):
 def _fire_abort(worker: WorkerHandle, req_id: str) -> None:
     async def abort():
         try:
-            await worker.stub.Abort(worker_pb2.AbortRequest(req_id=req_id), timeout=2.0)
+            await worker.stub.Abort(worker_pb2.AbortRequest(req_id=req_id), timeout=ABORT_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
             log.debug(
                 "event=abort_failed worker=%s req_id=%s code=%s", worker.worker_id, req_id, e.code()
@@ -84,6 +109,23 @@ def _worker_error(e: grpc.aio.AioRpcError, worker: WorkerHandle) -> Exception:
     return RequestError(ErrorKind.INTERNAL, f"worker {worker.address}: {code.name} {e.details()}")
 
 
+async def _read(call, worker: WorkerHandle, timeout_s: float, waiting_for: str, blame=None):
+    """The next decode event within timeout_s. Failures blame `worker`, except ABORTED (a
+    failed KV handoff) and a timeout, which blame `blame` when given (the prefill server)."""
+    try:
+        return await asyncio.wait_for(call.read(), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        raise _WorkerFailed(
+            blame or worker,
+            f"no {waiting_for} within {timeout_s:g}s",
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        ) from None
+    except grpc.aio.AioRpcError as e:
+        if blame is not None and e.code() == grpc.StatusCode.ABORTED:
+            raise _WorkerFailed(blame, f"ABORTED: {e.details()}", e.code()) from e
+        raise _worker_error(e, worker) from e
+
+
 async def stream_choice(
     pool: WorkerPool,
     policy,
@@ -92,24 +134,20 @@ async def stream_choice(
     sampling: Sampling,
     timing: Timing,
     t_arrival: float,
-    prefill_timeout_s: float,
+    limits: HandoffLimits,
 ) -> AsyncIterator[WorkerTokens]:
     """Yields the choice's tokens across attempts; the last item has a finish_reason."""
     generated: list[int] = []
     bad: set[WorkerHandle] = set()
     last_error, all_full = "no worker available", True
-    for attempt in range(MAX_ATTEMPTS):
-        s = dataclasses.replace(sampling)
-        if generated:  # migration: continue where the failed decode server stopped
-            s.max_tokens = sampling.max_tokens - len(generated)
-            s.min_tokens = max(0, sampling.min_tokens - len(generated))
-        if attempt and pool.choose_decode(len(prompt_ids), exclude=bad) is None:
+    for attempt in range(limits.max_migrations + 1):
+        if attempt and pool.choose_decode(len(prompt_ids) + len(generated), exclude=bad) is None:
             break  # every decode server failed or is full
         attempt_id = req_id if attempt == 0 else f"{req_id}.{attempt}"
         try:
             async for batch in _attempt(
-                pool, policy, attempt_id, prompt_ids + generated, s, timing, t_arrival, bad,
-                prefill_timeout_s,
+                pool, policy, attempt_id, prompt_ids, generated, sampling, timing, t_arrival,
+                bad, limits,
             ):  # fmt: skip
                 generated.extend(batch.token_ids)
                 yield batch
@@ -119,8 +157,9 @@ async def stream_choice(
             last_error = str(e)
             all_full = all_full and e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             log.warning(
-                "event=worker_failed req_id=%s worker=%s attempt=%d detail=%s",
-                req_id, e.worker.address, attempt, e,
+                "event=worker_failed req_id=%s role=%s worker=%s attempt=%d tokens_sent=%d"
+                " detail=%s",
+                req_id, e.worker.role.name.lower(), e.worker.address, attempt, len(generated), e,
             )  # fmt: skip
     if all_full:  # every worker tried was out of KV blocks / slots: overload, not failure
         raise RequestError(ErrorKind.OVERLOADED, f"workers are full: {last_error}", retry_after=1)
@@ -134,13 +173,15 @@ async def _attempt(
     policy,
     req_id: str,
     prompt_ids: list[int],
+    generated: list[int],
     sampling: Sampling,
     timing: Timing,
     t_arrival: float,
     bad: set[WorkerHandle],
-    prefill_timeout_s: float,
+    limits: HandoffLimits,
 ) -> AsyncIterator[WorkerTokens]:
-    decode = pool.choose_decode(len(prompt_ids), exclude=bad)
+    token_ids = prompt_ids + generated  # a migrated attempt re-prefills what was sent
+    decode = pool.choose_decode(len(token_ids), exclude=bad)
     if decode is None:
         if pool.has_role(Role.DECODE):
             raise RequestError(ErrorKind.UNAVAILABLE, "every decode server failed", retry_after=1)
@@ -152,9 +193,10 @@ async def _attempt(
     call = decode.stub.Generate(
         worker_pb2.DecodeRequest(
             req_id=req_id,
-            prompt_token_ids=prompt_ids,
+            prompt_token_ids=token_ids,
             sampling=pb_sampling,
             prefill_locally=local,
+            num_output_tokens=len(generated),
         )
     )
     decode.active += 1
@@ -164,57 +206,30 @@ async def _attempt(
         if local:
             timing.queue_ms = (time.monotonic() - t_arrival) * 1000
             timing.prefill_worker = ""
+            # the first event carries the token sampled after the decode server's own prefill
+            first_wait = (limits.prefill_timeout_s, "token from a local prefill", None)
         else:
-            try:
-                ev = await call.read()
-            except grpc.aio.AioRpcError as e:
-                raise _worker_error(e, decode) from e
+            ev = await _read(call, decode, limits.idle_timeout_s, "KVTarget")
             if ev is grpc.aio.EOF or ev.WhichOneof("event") != "kv_target":
                 raise _WorkerFailed(decode, "decode stream did not start with a KVTarget")
-            prefill = policy.choose(prefills, prompt_ids)
-            timing.prefill_worker = prefill.address
-            if not prefill.exact_events:
-                prefill.blocks.store(hash_prompt_blocks(prompt_ids, prefill.block_size))
-            t_dispatch = time.monotonic()
-            timing.queue_ms = (t_dispatch - t_arrival) * 1000
-            prefill.inflight_prompt_tokens += len(prompt_ids)
-            try:
-                resp = await prefill.stub.Prefill(
-                    worker_pb2.PrefillRequest(
-                        req_id=req_id,
-                        prompt_token_ids=prompt_ids,
-                        sampling=pb_sampling,
-                        kv_target=ev.kv_target,
-                    ),
-                    timeout=prefill_timeout_s,
-                )
-            except grpc.aio.AioRpcError as e:
-                raise _worker_error(e, prefill) from e
-            finally:
-                prefill.inflight_prompt_tokens -= len(prompt_ids)
-            timing.prefill_ms = resp.prefill_ms
-            timing.kv_transfer_ms = resp.kv_transfer_ms
-            first = WorkerTokens(
-                [resp.token_id],
-                [logprob_from_proto(resp.logprob)] if resp.HasField("logprob") else [],
-                FinishReason(resp.finish_reason),
-                None,
-                resp.num_cached_tokens,
-            )
+            prefill = policy.choose(prefills, token_ids)
+            first = await _prefill(prefill, req_id, token_ids, generated, pb_sampling, ev, timing,
+                                   t_arrival, limits)  # fmt: skip
             finished = first.finish_reason != FinishReason.NONE
             yield first
             if finished:
                 _fire_abort(decode, req_id)  # decode knows too; Abort is idempotent
                 return
+            # The decode stream says nothing until the KV arrived and it sampled token 1.
+            first_wait = (limits.handoff_timeout_s, "KV handoff", prefill)
+        timeout_s, waiting_for, blame = first_wait
         while True:
-            try:
-                ev = await call.read()
-            except grpc.aio.AioRpcError as e:
-                raise _worker_error(e, decode) from e
+            ev = await _read(call, decode, timeout_s, waiting_for, blame)
             if ev is grpc.aio.EOF:
                 raise _WorkerFailed(decode, "decode stream ended before a finish_reason")
             if ev.WhichOneof("event") != "tokens":
                 continue
+            timeout_s, waiting_for, blame = limits.idle_timeout_s, "decode event", None
             t = ev.tokens
             if t.finish_reason == FinishReason.ERROR:
                 raise _WorkerFailed(decode, t.error or "decode reported an error")
@@ -237,3 +252,46 @@ async def _attempt(
             _fire_abort(decode, req_id)
             if prefill is not None:
                 _fire_abort(prefill, req_id)
+
+
+async def _prefill(
+    prefill: WorkerHandle,
+    req_id: str,
+    token_ids: list[int],
+    generated: list[int],
+    pb_sampling,
+    ev,
+    timing: Timing,
+    t_arrival: float,
+    limits: HandoffLimits,
+) -> WorkerTokens:
+    """Prefill.Prefill into the decode server's KVTarget; the sequence's next token."""
+    timing.prefill_worker = prefill.address
+    if not prefill.exact_events:
+        prefill.blocks.store(hash_prompt_blocks(token_ids, prefill.block_size))
+    timing.queue_ms = (time.monotonic() - t_arrival) * 1000
+    prefill.inflight_prompt_tokens += len(token_ids)
+    try:
+        resp = await prefill.stub.Prefill(
+            worker_pb2.PrefillRequest(
+                req_id=req_id,
+                prompt_token_ids=token_ids,
+                sampling=pb_sampling,
+                kv_target=ev.kv_target,
+                num_output_tokens=len(generated),
+            ),
+            timeout=limits.prefill_timeout_s,
+        )
+    except grpc.aio.AioRpcError as e:
+        raise _worker_error(e, prefill) from e
+    finally:
+        prefill.inflight_prompt_tokens -= len(token_ids)
+    timing.prefill_ms = resp.prefill_ms
+    timing.kv_transfer_ms = resp.kv_transfer_ms
+    return WorkerTokens(
+        [resp.token_id],
+        [logprob_from_proto(resp.logprob)] if resp.HasField("logprob") else [],
+        FinishReason(resp.finish_reason),
+        None,
+        resp.num_cached_tokens,
+    )

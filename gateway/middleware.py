@@ -2,7 +2,9 @@
 
 Per HTTP request, in order, each step refusing with an OpenAI error object:
     count      every response by route and status; refusals by reason
-    auth       `Authorization: Bearer KEY`, constant-time compare; /health is open
+    auth       `Authorization: Bearer KEY`, constant-time compare; only /health is open (load
+               balancers probe it); /metrics needs the key too, since it shows traffic and
+               model names (Prometheus sends it with `authorization: {credentials: KEY}`)
     body size  Content-Length over the limit -> 413 before a byte of the body is read;
                a body without one is counted as it streams in (413 past the limit)
     admission  generation routes take a slot (gateway.admission) or get 429 + Retry-After

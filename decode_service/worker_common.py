@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ from tandem.engine import LLMEngine
 from tandem.loader.default_model import DEFAULT_MODEL_NAME
 
 log = logging.getLogger("tandem.worker")
+
+
+GIL_SWITCH_INTERVAL_S = 0.0002
 
 
 def add_engine_args(p: argparse.ArgumentParser, default_port: int) -> None:
@@ -75,6 +79,13 @@ def add_engine_args(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument(
+        "--cuda-graph-max-batch-size",
+        type=int,
+        default=512,
+        help="largest decode batch captured as a CUDA graph (larger batches run eagerly)",
+    )
     p.add_argument("--log-level", default="warning")
 
 
@@ -93,6 +104,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+        cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
     )
 
 
@@ -135,6 +148,10 @@ async def serve(
     register: Callable[[grpc.aio.Server, AsyncEngine, str], Awaitable[WorkerParts]],
 ) -> int:
     """Run one worker until SIGTERM (drained) or a refused registration; the exit code."""
+    # The engine thread and the gRPC event loop share the GIL. Every torch call releases it,
+    # and with the default 5 ms switch interval the engine thread then waits for a busy
+    # event loop to hand it back, many times a step. A short interval bounds that wait.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     engine = AsyncEngine(LLMEngine(engine_config_from_args(args)))
     model_name = served_model_name(args, engine.engine)
     in_flight = InFlightRpcs()

@@ -117,6 +117,20 @@ class AsyncEngine:
         try:
             while True:
                 out = await q.get()
+                # a consumer that fell behind takes every queued step at once: one message
+                # downstream for several tokens, so a slow stream catches up instead of lagging
+                while not q.empty() and not isinstance(out, BaseException):
+                    nxt = q.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        out = nxt
+                        break
+                    out = StepOutput(
+                        out.req_id,
+                        out.new_token_ids + nxt.new_token_ids,
+                        out.new_logprobs + nxt.new_logprobs,
+                        nxt.finish_reason,
+                        nxt.num_cached_tokens,
+                    )
                 if isinstance(out, BaseException):
                     raise EngineDeadError(f"engine failed: {out!r}") from out
                 finished = out.finish_reason is not None
@@ -171,11 +185,21 @@ class AsyncEngine:
                 for q, loop in list(self._streams.values()):
                     loop.call_soon_threadsafe(q.put_nowait, e)
                 return
-            for out in outputs:
-                stream = self._streams.get(out.req_id)
-                if stream is not None:
-                    q, loop = stream
-                    loop.call_soon_threadsafe(q.put_nowait, out)
+            if outputs:
+                # one wake-up of each event loop per step, not one per request: at a batch
+                # of hundreds, per-token call_soon_threadsafe calls saturate the loop
+                by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+                for out in outputs:
+                    stream = self._streams.get(out.req_id)
+                    if stream is not None:
+                        by_loop.setdefault(stream[1], []).append((stream[0], out))
+                for loop, items in by_loop.items():
+                    loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, StepOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
 
 
 def _set_result(fut: asyncio.Future, result: Any) -> None:

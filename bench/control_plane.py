@@ -37,6 +37,7 @@ from tandem.benchmark.metrics import RequestRecord, summarize
 ROOT = Path(__file__).resolve().parent.parent
 _FRAME = re.compile(r"^(.*) \((?:.*/)?([^/]*?)(?::\d+)?\)$")  # "fn (/a/b.py:12)" -> fn, b.py
 # Where a sample's innermost frame lives (py-spy --native names the file of C frames too).
+_TANDEM = r"^(router|gateway|tandem|protos|decode_service|prefill_service|kvtransfer)/"
 _WAITING = re.compile(
     r"^(epoll_p?wait|e?poll|ppoll|select|pthread_cond_\w*wait|futex\w*|\w*nanosleep) "
 )
@@ -51,7 +52,7 @@ _AREAS = [
         "event loop",
         r"^(asyncio|uvloop)/|loop\.c|_asynciomodule|core\.c|loop-watcher|queue\.h|linux\.c",
     ),
-    ("tandem code", r"^(router|gateway|tandem|protos|decode_service)/"),
+    ("tandem code", _TANDEM),
     ("Python runtime", r"libpython|\.h$|\.c$|^<"),
 ]
 CLIENT_STARTUP_S = 6.0  # imports + dataset before the common start time
@@ -182,8 +183,11 @@ def top_functions(raw: Path, n: int = 15) -> dict:
             areas["waiting (epoll, futex)"] += c  # blocked in the kernel, not using CPU
         else:
             areas[next((a for a, rx in _AREAS if re.search(rx, leaf_file)), "other")] += c
-        for f in set(frames):
-            total_s[f] += c
+        # inclusive time of tandem's own functions (the outer frames would top any list)
+        for raw_f, f in set(zip(raw_frames, frames, strict=True)):
+            name, _, where = raw_f.rpartition(" (")
+            if re.search(_TANDEM, where) and name not in ("<module>", "main", "run"):
+                total_s[f] += c
 
     def pct(counter):
         return [[f, round(100 * c / max(samples, 1), 1)] for f, c in counter.most_common(n)]
@@ -192,7 +196,7 @@ def top_functions(raw: Path, n: int = 15) -> dict:
         "samples": samples,
         "self_pct_by_area": pct(areas),
         "self_pct": pct(self_s),
-        "total_pct": pct(total_s),
+        "tandem_code_total_pct": pct(total_s),
     }
 
 

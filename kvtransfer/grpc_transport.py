@@ -50,6 +50,26 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+class HandoffRefused(HandoffFailed):
+    """The receiver answered and said no (its handoff had already ended, bad chunk, ...)."""
+
+
+async def _data_chunk(handoff_id: str, s: KVSlice) -> worker_pb2.KVChunk:
+    data = s.data.contiguous()
+    if data.device.type != "cpu":
+        data = await asyncio.to_thread(data.cpu)
+    return worker_pb2.KVChunk(
+        handoff_id=handoff_id,
+        layer_start=s.layer_start,
+        layer_end=s.layer_end,
+        block_offset=s.block_offset,
+        num_blocks=data.shape[2],
+        dtype=_dtype_name(data.dtype),
+        shape=list(data.shape),
+        data=data.view(torch.uint8).numpy().tobytes(),
+    )
+
+
 class GrpcKVSender:
     """Prefill side: one channel per decode address, reused across handoffs."""
 
@@ -72,38 +92,30 @@ class GrpcKVSender:
         first_token_id: int,
         first_logprob: Logprob | None,
     ) -> None:
-        stall = faults.stalls_kv_push(dest.req_id)
-
-        async def chunks():
-            for s in slices:
-                data = s.data.contiguous()
-                if data.device.type != "cpu":
-                    data = await asyncio.to_thread(data.cpu)
-                yield worker_pb2.KVChunk(
-                    handoff_id=dest.handoff_id,
-                    layer_start=s.layer_start,
-                    layer_end=s.layer_end,
-                    block_offset=s.block_offset,
-                    num_blocks=data.shape[2],
-                    dtype=_dtype_name(data.dtype),
-                    shape=list(data.shape),
-                    data=data.view(torch.uint8).numpy().tobytes(),
-                )
-            if stall:  # test-only: the data went out, the last chunk never follows
-                await faults.stall_forever(dest.handoff_id)
-            last = worker_pb2.KVChunk(
-                handoff_id=dest.handoff_id, last=True, first_token_id=first_token_id
-            )
-            lp = logprob_to_proto(first_logprob)
-            if lp is not None:
-                last.first_token_logprob.CopyFrom(lp)
-            yield last
-
-        result = await self._stub(dest.address).Push(
-            chunks(), timeout=self.timeout_s, metadata=((HANDOFF_ID_KEY, dest.handoff_id),)
+        call = self._stub(dest.address).Push(
+            timeout=self.timeout_s, metadata=((HANDOFF_ID_KEY, dest.handoff_id),)
         )
+        try:
+            try:
+                for s in slices:
+                    await call.write(await _data_chunk(dest.handoff_id, s))
+                if faults.stalls_kv_push(dest.req_id):  # test-only: no last chunk
+                    await faults.stall_forever(dest.handoff_id)
+                last = worker_pb2.KVChunk(
+                    handoff_id=dest.handoff_id, last=True, first_token_id=first_token_id
+                )
+                lp = logprob_to_proto(first_logprob)
+                if lp is not None:
+                    last.first_token_logprob.CopyFrom(lp)
+                await call.write(last)
+                await call.done_writing()
+            except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                pass  # the receiver may have answered early (refused): `await call` says
+            result = await call  # raises when the call itself failed
+        finally:
+            call.cancel()  # no-op once finished; if we were cancelled, the receiver sees it
         if not result.ok:
-            raise HandoffFailed(f"decode server refused the KV: {result.error}")
+            raise HandoffRefused(f"decode server refused the KV: {result.error}")
 
     async def close(self) -> None:
         for ch in self._channels.values():

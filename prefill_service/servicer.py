@@ -24,7 +24,7 @@ import grpc
 from decode_service.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
 from decode_service.worker_common import worker_stats
 from kvtransfer.base import HandoffState, KVDest, plan_slices
-from kvtransfer.grpc_transport import CHUNK_BYTES, GrpcKVSender
+from kvtransfer.grpc_transport import CHUNK_BYTES, GrpcKVSender, HandoffRefused
 from kvtransfer.ledger import Handoff, HandoffFailed, HandoffLedger
 from protos import worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine, EngineDeadError
@@ -101,29 +101,41 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill queue full: {e}")
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
-        t = request.kv_target
-        first_block = t.num_cached_tokens // self.block_size
-        slices = None
-        if last is not None and last.new_token_ids and not h.state.terminal:
-            slices = await self.engine.call(self._copy_out_and_release, req_id, first_block)
-        if slices is None:  # aborted (Abort RPC) during or right after the prefill
+        if last is None or not last.new_token_ids or h.state.terminal:
+            # aborted (Abort RPC) during or right after the prefill
             await self.engine.call(self.engine.engine.release, req_id)
             await context.abort(grpc.StatusCode.CANCELLED, "request aborted during prefill")
         prefill_ms = (time.perf_counter() - start) * 1000
         token, logprob = last.new_token_ids[0], last.new_logprobs[0]
-
-        dest = KVDest(t.handoff_id, t.decode_kv_address, tuple(t.block_ids), first_block, req_id)
-        self.ledger.receiving(h)
-        h.task = asyncio.get_running_loop().create_task(self._push(h, dest, slices, token, logprob))
-        self._pushes.add(h.task)
-        h.task.add_done_callback(self._pushes.discard)
-
         if last.finish_reason == "stop":
             finish = "stop"
         elif params.max_tokens is not None and num_out + 1 >= params.max_tokens:
             finish = "length"
         else:
             finish = None
+
+        t = request.kv_target
+        first_block = t.num_cached_tokens // self.block_size
+        slices = None
+        if finish is None:  # the decode server continues: it needs the KV
+            slices = await self.engine.call(self._copy_out_and_release, req_id, first_block)
+        if slices is None:  # finished at this token (or aborted just now): nothing to push
+            await self.engine.call(self.engine.engine.release, req_id)
+            why = "sequence finished at its first token" if finish else "aborted"
+            self.ledger.fail(h.handoff_id, HandoffState.RECLAIMED, why)
+            if finish is None:
+                await context.abort(grpc.StatusCode.CANCELLED, "request aborted during prefill")
+        else:
+            dest = KVDest(
+                t.handoff_id, t.decode_kv_address, tuple(t.block_ids), first_block, req_id
+            )
+            self.ledger.receiving(h)
+            h.task = asyncio.get_running_loop().create_task(
+                self._push(h, dest, slices, token, logprob)
+            )
+            self._pushes.add(h.task)
+            h.task.add_done_callback(self._pushes.discard)
+
         resp = worker_pb2.PrefillResponse(
             token_id=token,
             finish_reason=finish_to_proto(finish),
@@ -153,6 +165,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             self.ledger.complete(h)
         except asyncio.CancelledError:  # Abort, or shutdown: the receiver sees the cancel
             self.ledger.fail(h.handoff_id, HandoffState.RECLAIMED, "push cancelled")
+        except HandoffRefused as e:  # its handoff already ended there (cancelled request)
+            self.ledger.fail(h.handoff_id, HandoffState.FAILED, str(e))
+            log.info("event=kv_push_refused handoff=%s error=%s", dest.handoff_id, e)
         except Exception as e:  # noqa: BLE001 - the receiver already failed its side
             self.ledger.fail(h.handoff_id, HandoffState.FAILED, str(e))
             log.warning("event=kv_push_failed handoff=%s error=%s", dest.handoff_id, e)

@@ -144,9 +144,13 @@ class RouterEngine:
                     else:
                         waiter = asyncio.ensure_future(queue.get())
                         live = [tasks[i] for i in pending]
-                        await asyncio.wait([waiter, *live], return_when=asyncio.FIRST_COMPLETED)
-                        if not waiter.done():
-                            waiter.cancel()
+                        try:
+                            await asyncio.wait([waiter, *live], return_when=asyncio.FIRST_COMPLETED)
+                        finally:  # also when the client went away during the wait
+                            got = waiter.done()
+                            if not got:
+                                waiter.cancel()
+                        if not got:
                             continue
                         chunk = waiter.result()
                 else:

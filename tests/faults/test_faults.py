@@ -47,18 +47,31 @@ class Result(NamedTuple):
     token_ids: list[int]
     text: str
     finish_reason: str | None
+    ttft_s: float  # what the client saw of the fault: a later first token ...
+    max_gap_s: float  # ... or a longer pause between two chunks
+
+    def same_output(self, other: Result) -> bool:
+        return self[:3] == other[:3]
 
 
 async def _generate(router: str, prompt, on_tokens=None, **kwargs) -> Result:
     ids, text, reason = [], "", None
+    t0 = last = time.monotonic()
+    ttft, max_gap = None, 0.0
     async with AsyncTandemClient(router, timeout=180) as client:
         async for ch in client.generate(prompt, **kwargs):
+            now = time.monotonic()
+            if ttft is None:
+                ttft = now - t0
+            else:
+                max_gap = max(max_gap, now - last)
+            last = now
             ids += ch.token_ids
             text += ch.text
             reason = ch.finish_reason or reason
             if on_tokens is not None:
                 on_tokens(len(ids))
-    return Result(ids, text, reason)
+    return Result(ids, text, reason, ttft or 0.0, max_gap)
 
 
 def _assert_no_leaks(stack: FaultStack) -> None:
@@ -177,13 +190,17 @@ def test_cancel_storm_leaves_every_block_free(stack):
 
 
 def test_stalled_kv_stream_hits_its_deadline_and_is_retried(stack):
-    prompt = _long_prompt("harbour", 12)  # several blocks: a multi-chunk push
+    prompt = _long_prompt("harbour", 12)  # 227 tokens, 15 blocks: three KV slabs
     kw = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
     t0 = time.monotonic()
     faulty = asyncio.run(_generate(stack.router, prompt, request_id=STALL_REQUEST_ID, **kw))
     elapsed = time.monotonic() - t0
     clean = asyncio.run(_generate(stack.router, prompt, **kw))
-    assert faulty == clean and faulty.finish_reason == "length"
+    print(
+        f"kv stall: request took {elapsed:.1f}s, longest pause {faulty.max_gap_s:.1f}s"
+        f" (no fault: {clean.max_gap_s:.2f}s)"
+    )
+    assert faulty.same_output(clean) and faulty.finish_reason == "length"
     assert elapsed < LEASE_S / 3, (
         f"took {elapsed:.1f}s: waited for the lease, not the stall deadline"
     )
@@ -228,6 +245,10 @@ def test_decode_killed_mid_stream_migrates_without_losing_tokens(stack, sampling
     kw = dict(max_tokens=40, ignore_eos=True, **sampling)
     faulty, dead = _kill_decode_mid_stream(stack, prompt, after=10, **kw)
     clean = asyncio.run(_generate(stack.router, prompt, **kw))
+    print(
+        f"decode kill ({list(sampling)}): longest pause {faulty.max_gap_s:.2f}s"
+        f" (no fault: {clean.max_gap_s:.2f}s)"
+    )
     assert faulty.token_ids == clean.token_ids
     assert faulty.text == clean.text and faulty.finish_reason == "length"
     assert "role=decode" in stack.log("router")
@@ -239,7 +260,7 @@ def test_decode_killed_mid_stream_migrates_without_losing_tokens(stack, sampling
 
 
 def test_prefill_killed_during_prefill_is_retried(stack):
-    prompt = _long_prompt("glacier", 110)  # ~2,500 tokens: about ten 256-token steps
+    prompt = _long_prompt("glacier", 110)  # 2,110 tokens: nine 256-token steps
 
     async def main():
         task = asyncio.create_task(
@@ -262,6 +283,7 @@ def test_prefill_killed_during_prefill_is_retried(stack):
     clean = asyncio.run(
         _generate(stack.router, prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
     )
-    assert faulty == clean and faulty.finish_reason == "length"
+    print(f"prefill kill: first token after {faulty.ttft_s:.1f}s (no fault: {clean.ttft_s:.1f}s)")
+    assert faulty.same_output(clean) and faulty.finish_reason == "length"
     assert f"worker={victim}" in stack.log("router")
     _assert_no_leaks(stack)

@@ -114,6 +114,7 @@ def _serve(args: argparse.Namespace) -> None:
             for _ in range(count):
                 port = _free_port(host)
                 cmd = [*py, role, "--host", host, "--port", str(port), *common, *engine_flags]
+                cmd += ["--served-model-name", served]  # the label of the workers' metrics
                 if shares[role] is not None:
                     cmd += ["--gpu-memory-utilization", str(shares[role])]
                 procs.append(subprocess.Popen(cmd))

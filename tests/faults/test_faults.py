@@ -283,7 +283,28 @@ def test_prefill_killed_during_prefill_is_retried(stack):
     clean = asyncio.run(
         _generate(stack.router, prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
     )
-    print(f"prefill kill: first token after {faulty.ttft_s:.1f}s (no fault: {clean.ttft_s:.1f}s)")
+    # the same length, not cached anywhere: what a cold prefill costs without the fault
+    cold = asyncio.run(
+        _generate(stack.router, _long_prompt("tundra", 110), max_tokens=1, temperature=0.0)
+    )
+    print(
+        f"prefill kill: first token after {faulty.ttft_s:.1f}s"
+        f" (no fault: {cold.ttft_s:.1f}s cold, {clean.ttft_s:.1f}s cached)"
+    )
     assert faulty.same_output(clean) and faulty.finish_reason == "length"
     assert f"worker={victim}" in stack.log("router")
+    _assert_no_leaks(stack)
+
+
+def test_no_prefill_server_left_the_decode_server_prefills_locally(stack):
+    """Runs after the prefill kill: with the last prefill server dead too, every choice
+    falls back to a local prefill on a decode server."""
+    prompt = "List three facts about octopuses."
+    kw = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
+    clean = asyncio.run(_generate(stack.router, prompt, **kw))
+    for a in stack.prefill:
+        if stack.procs[a].poll() is None:
+            stack.kill(a)
+    local = asyncio.run(_generate(stack.router, prompt, **kw))
+    assert local.same_output(clean) and local.finish_reason == "length"
     _assert_no_leaks(stack)

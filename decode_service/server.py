@@ -7,7 +7,7 @@ import argparse
 from decode_service.servicer import DecodeServicer
 from decode_service.worker_common import WorkerParts, add_engine_args, run_worker
 from kvtransfer.grpc_transport import KVTransferServicer
-from kvtransfer.ledger import HandoffLedger
+from kvtransfer.ledger import DEFAULT_STALL_S, HandoffLedger
 from protos import worker_pb2, worker_pb2_grpc
 
 SERVICES = [
@@ -21,10 +21,16 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-lease-seconds", type=float, default=60.0, help="reclaim reserved blocks after this"
     )
+    p.add_argument(
+        "--kv-stall-seconds",
+        type=float,
+        default=DEFAULT_STALL_S,
+        help="fail a KV handoff whose stream sends no chunk for this long",
+    )
 
 
 async def _register(args, server, engine, address) -> WorkerParts:
-    ledger = HandoffLedger(args.kv_lease_seconds)
+    ledger = HandoffLedger(args.kv_lease_seconds, args.kv_stall_seconds)
     worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine, ledger, address), server)
     worker_pb2_grpc.add_KVTransferServicer_to_server(
         KVTransferServicer(ledger, engine.engine.runner.kv_cache), server

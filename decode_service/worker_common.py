@@ -26,7 +26,7 @@ from decode_service.worker_load import LoadSampler, WorkerMetrics
 from decode_service.worker_load import worker_stats as worker_stats  # the servicers' import
 from kvtransfer.grpc_transport import CHANNEL_OPTIONS
 from protos import worker_pb2
-from tandem.async_engine import AsyncEngine, EngineDeadError
+from tandem.async_engine import DEFAULT_MAX_NUM_WAITING, AsyncEngine, EngineDeadError
 from tandem.config import EngineConfig
 from tandem.engine import LLMEngine
 from tandem.loader.default_model import DEFAULT_MODEL_NAME
@@ -85,6 +85,12 @@ def add_engine_args(p: argparse.ArgumentParser, default_port: int) -> None:
         type=int,
         default=512,
         help="largest decode batch captured as a CUDA graph (larger batches run eagerly)",
+    )
+    p.add_argument(
+        "--max-num-waiting",
+        type=int,
+        default=DEFAULT_MAX_NUM_WAITING,
+        help="waiting-queue bound; beyond it new requests get RESOURCE_EXHAUSTED",
     )
     p.add_argument("--log-level", default="warning")
 
@@ -152,7 +158,9 @@ async def serve(
     # and with the default 5 ms switch interval the engine thread then waits for a busy
     # event loop to hand it back, many times a step. A short interval bounds that wait.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    engine = AsyncEngine(LLMEngine(engine_config_from_args(args)))
+    engine = AsyncEngine(
+        LLMEngine(engine_config_from_args(args)), max_num_waiting=args.max_num_waiting
+    )
     model_name = served_model_name(args, engine.engine)
     in_flight = InFlightRpcs()
     server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[in_flight])

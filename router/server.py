@@ -59,6 +59,27 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="heartbeat period told to self-registered workers; one silent for "
         f"{MISSED_HEARTBEATS} periods is dropped",
     )
+    parser.add_argument(
+        "--max-migrations",
+        type=int,
+        default=3,
+        help="times one request may move to another decode server after a failure",
+    )
+    parser.add_argument(
+        "--worker-timeout", type=float, default=600.0, help="deadline of one Prefill call (s)"
+    )
+    parser.add_argument(
+        "--handoff-timeout",
+        type=float,
+        default=30.0,
+        help="seconds the decode stream may take to deliver its first event after the prefill answer",
+    )
+    parser.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a decode stream may stay silent before the router gives up on it",
+    )
     parser.add_argument("--log-level", default="warning")
     return parser
 
@@ -76,6 +97,10 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         decode_addresses=tuple(args.decode),
         max_num_requests=args.max_num_requests,
         heartbeat_interval_ms=args.heartbeat_interval_ms,
+        max_migrations=args.max_migrations,
+        worker_timeout_s=args.worker_timeout,
+        handoff_timeout_s=args.handoff_timeout,
+        stream_idle_timeout_s=args.stream_idle_timeout,
     )
 
 

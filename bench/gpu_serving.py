@@ -131,6 +131,7 @@ def run_w1(a, model_dir: Path, out: Path) -> None:
 
 def run_w2(a, model_dir: Path, out: Path) -> None:
     rates = [float(r) for r in a.rates.split(",")]
+    runs = []
     for mode in a.modes.split(","):
         serve = Serve(model_dir, mode, out / f"serve-w2-{mode}.log", engine_flags(a))
         try:
@@ -138,13 +139,20 @@ def run_w2(a, model_dir: Path, out: Path) -> None:
                 n = max(32, int(rate * a.seconds_per_rate))
                 w2 = ["--dataset-name", "random", "--num-prompts", str(n)]
                 w2 += ["--random-input-len", "1024", "--random-output-len", "128"]
-                w2 += ["--request-rate", str(rate), "--num-warmups", "4", "--seed", "2"]
+                # a seed per rate: the same server must not see the last run's prompts again
+                # (its prefix cache would serve them)
+                seed = str(100 + rates.index(rate))
+                w2 += ["--request-rate", str(rate), "--num-warmups", "4", "--seed", seed]
                 w2 += ["--goodput", "ttft:400", "tpot:40", "--percentiles", "50,90,99"]
                 w2 += ["--metadata", f"mode={mode}", f"rate={rate}"]
-                res = bench(serve.url, out / f"w2-{mode}-rate{rate:g}.json", w2)
+                path = out / f"w2-{mode}-rate{rate:g}.json"
+                res = bench(serve.url, path, w2)
+                path.unlink()  # all runs go into one file below
+                runs.append({"mode": mode, "rate": rate, "result": res})
                 print("W2", mode, rate, json.dumps(summary(res)), flush=True)
         finally:
             serve.stop()
+        (out / "w2.json").write_text(json.dumps(runs))
 
 
 def main() -> None:

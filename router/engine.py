@@ -64,6 +64,7 @@ class RouterEngine:
         self.running: dict[str, list[asyncio.Task]] = {}  # request_id -> choice tasks
 
     async def start(self) -> None:
+        await self.pool.first_poll()
         self.pool.start()
 
     async def close(self) -> None:

@@ -189,6 +189,15 @@ class WorkerPool:
 
     # -- background: stats polling, KV events, heartbeat expiry -----------------------------
 
+    async def first_poll(self, timeout_s: float = 2.0) -> None:
+        """One Stats round over the static workers, so the router knows their block sizes
+        (prefix hashes depend on it) before it routes anything; bounded, failures tolerated."""
+        workers = list(self.workers.values())
+        if workers:
+            await asyncio.wait(
+                [asyncio.ensure_future(self._poll_stats(w)) for w in workers], timeout=timeout_s
+            )
+
     def start(self) -> None:
         self._started = True
         self._spawn(self._expire_loop())
@@ -219,9 +228,9 @@ class WorkerPool:
         health_stub = health_pb2_grpc.HealthStub(w.channel)
         has_stats = True
         while w.worker_id in self.workers:
-            await self._check_health(w, health_stub)
-            if has_stats:
+            if has_stats:  # first: the block size is needed before prefix routing is right
                 has_stats = await self._poll_stats(w)
+            await self._check_health(w, health_stub)
             await asyncio.sleep(self.stats_interval_s)
 
     async def _poll_stats(self, w: WorkerHandle) -> bool:

@@ -114,6 +114,19 @@ def contiguous_kv(k_cache, v_cache, block_tables, seq_len: int):
     return k.contiguous(), v.contiguous()
 
 
+def chunk_kv(k_cache, v_cache, block_tables, batch):
+    """The chunks' own K/V [T, Hkv, D] as the model passes them: strided views into one
+    [T, Hq + 2 Hkv, D] buffer, like the fused qkv projection's output."""
+    ks, vs = [], []
+    for b, (p, n) in enumerate(batch):
+        ids = block_tables[b].long()
+        ks.append(k_cache[ids].flatten(0, 1)[p : p + n])
+        vs.append(v_cache[ids].flatten(0, 1)[p : p + n])
+    k, v = torch.cat(ks), torch.cat(vs)
+    wide = torch.cat([torch.empty(k.shape[0], HQ, D, dtype=DT, device=DEV), k, v], dim=1)
+    return wide[:, HQ : HQ + HKV], wide[:, HQ + HKV :]
+
+
 def sdpa_backends():
     from torch.nn.attention import SDPBackend
 
@@ -208,10 +221,16 @@ def check_correctness() -> dict:
     qsl = torch.tensor([0, *accumulate(n for _, n in batch)], dtype=torch.int32, device=DEV)
     q = torch.randn(int(qsl[-1]), HQ, D, dtype=DT, device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    k, v = chunk_kv(kc, vc, bt, batch)
     for window in (None, 1000):
-        o = paged_prefill_attention_triton(q, kc, vc, bt, qsl, sl, D**-0.5, window)
         ref = paged_prefill_attention_ref(q, kc, vc, bt, qsl, sl, D**-0.5, window)
+        o = paged_prefill_attention_triton(q, kc, vc, bt, qsl, sl, D**-0.5, window)
         out[f"prefill_window_{window}"] = rel_err(o, ref)
+        for load in (1, 2):  # the chunk read densely (the model's path), plain and through TMA
+            o = paged_prefill_attention_triton(
+                q, kc, vc, bt, qsl, sl, D**-0.5, window, k=k, v=v, new_kv_load=load
+            )
+            out[f"prefill_window_{window}_load{load}"] = rel_err(o, ref)
     return out
 
 
@@ -300,9 +319,11 @@ def prefill_case(name: str, batch: list[tuple[int, int]], matmul: float, sdpa: b
     scale = D**-0.5
     mql = max(q_lens)
 
+    k, v = chunk_kv(kc, vc, bt, batch)  # what the model passes: the chunk read densely
+
     def fn():
         return paged_prefill_attention_triton(
-            q, kc, vc, bt, qsl, sl, scale, max_query_len=mql, **kw
+            q, kc, vc, bt, qsl, sl, scale, max_query_len=mql, k=k, v=v, **kw
         )
 
     fn()
@@ -417,6 +438,37 @@ def elementwise(copy_gbps: float) -> list[dict]:
 # ---------------------------------------------------------------- sweeps
 
 
+PREFILL_SWEEP_CONFIGS = (
+    (128, 128, 8, 3),
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (128, 128, 8, 2),
+    (128, 64, 8, 4),
+    (64, 64, 4, 3),
+)
+
+
+def prefill_sweep(matmul: float) -> list[dict]:
+    """Tiles x where the chunk's keys come from (0 paged, 1 dense, 2 dense via TMA) x warp
+    specialisation of the key loop; a variant the compiler refuses is kept with its error."""
+    rows = []
+    for cfg in PREFILL_SWEEP_CONFIGS:
+        for load in (0, 1, 2):
+            for ws in (False, True):
+                for name in ("causal_1k_x8", "causal_4k_x2", "causal_8k_x1"):
+                    kw = dict(config=cfg, new_kv_load=load, warp_specialize=ws)
+                    try:
+                        row = prefill_case(name, PREFILL_CASES[name], matmul, False, **kw)
+                    except Exception as e:
+                        row = {"case": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    row.update(config=cfg, load=load, warp_specialize=ws)
+                    rows.append(row)
+                    print("sweep prefill", cfg, load, ws, name, row.get("TFLOPs"), flush=True)
+                    if "error" in row:
+                        break  # the other cases of this variant would fail the same way
+    return rows
+
+
 def sweep(copy_gbps: float, matmul: float) -> dict:
     res = {"decode": [], "prefill": []}
     base = dat.PROGRAMS_PER_SM
@@ -433,21 +485,7 @@ def sweep(copy_gbps: float, matmul: float) -> dict:
                 torch.cuda.empty_cache()
                 print("sweep decode", pps, cfg, batch, ctx, row.get("frac_copy"), flush=True)
     dat.PROGRAMS_PER_SM = base
-    for cfg in (
-        (128, 128, 8, 3),
-        (128, 64, 8, 3),
-        (64, 64, 4, 3),
-        (128, 128, 8, 2),
-        (128, 64, 4, 4),
-    ):
-        for name in ("causal_1k_x8", "causal_4k_x2", "extend_4k+512_x4"):
-            try:
-                row = prefill_case(name, PREFILL_CASES[name], matmul, False, config=cfg)
-                row.update(config=cfg)
-            except Exception as e:
-                row = {"case": name, "config": cfg, "error": str(e)[:200]}
-            res["prefill"].append(row)
-            print("sweep prefill", cfg, name, row.get("TFLOPs"), flush=True)
+    res["prefill"] = prefill_sweep(matmul)
     return res
 
 
@@ -455,6 +493,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument(
+        "--prefill-sweep-only",
+        action="store_true",
+        help="ceilings, correctness and the prefill sweep only (skips decode and elementwise)",
+    )
     args = ap.parse_args()
     t0 = time.time()
     report = {
@@ -467,6 +510,17 @@ def main() -> int:
     report["correctness"] = corr = check_correctness()
     print("CORRECTNESS", json.dumps(corr), flush=True)
     copy, mm = ceil["copy_GBps"], ceil["matmul_TFLOPs"]
+    if args.prefill_sweep_only:
+        report["prefill"] = [
+            prefill_case(name, batch, mm, sdpa=True) for name, batch in PREFILL_CASES.items()
+        ]
+        for row in report["prefill"]:
+            print("prefill", row["case"], row["TFLOPs"], row["sdpa_best"], row["vs_sdpa"])
+        report["prefill_sweep"] = prefill_sweep(mm)
+        report["wall_s"] = time.time() - t0
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        return 0
 
     report["decode"] = []
     for batch in (1, 8, 32, 128):

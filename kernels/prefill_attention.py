@@ -38,13 +38,16 @@ def paged_prefill_attention_ref(
     sliding_window: int | None = None,
     *,
     max_query_len: int | None = None,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] packed; query_start_loc [B+1] (cumulative q_lens); seq_lens [B] totals.
 
-    max_query_len (the longest chunk) is unused here; every backend accepts it so the model can
-    always pass it, and the Triton kernel then sizes its grid without a device->host sync.
+    max_query_len (the longest chunk) and k/v (the chunk's own K/V [T, Hkv, D], already in the
+    cache) are unused here; every backend accepts them so the model can always pass them: the
+    Triton kernel then sizes its grid without a device->host sync and reads the chunk densely.
     """
-    del max_query_len
+    del max_query_len, k, v
     from kernels.decode_attention import paged_decode_attention_ref
 
     out = torch.empty_like(q)

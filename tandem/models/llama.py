@@ -96,6 +96,8 @@ class Attention(nn.Module):
                 self.scale,
                 self.sliding_window,
                 max_query_len=meta.max_query_len,  # spares the Triton kernel a host sync
+                k=k,  # the chunk's own K/V, read densely instead of back through the cache
+                v=v,
             )
         return self.o_proj(out.view(num_tokens, self.q_size))
 

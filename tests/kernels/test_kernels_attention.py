@@ -114,6 +114,32 @@ def test_decode_padded_slot_writes_zeros(seed, device):
 EXTEND_BATCH = [(0, 23), (7, 9), (40, 17), (3, 0), (12, 1), (0, 1), (15, 20), (14, 5), (30, 34)]
 
 
+def chunk_kv(k_cache, v_cache, block_tables, batch):
+    """The new chunks' own K/V, dense [T, Hkv, D] (what the model passes next to the cache),
+    as one strided view of a wider buffer like the model's fused qkv output."""
+    from kernels.prefill_attention import gather_context
+
+    ks, vs = [], []
+    for b, (p, n) in enumerate(batch):
+        k, v = gather_context(k_cache, v_cache, block_tables[b], p + n)
+        ks.append(k[p:])
+        vs.append(v[p:])
+    k, v = torch.cat(ks), torch.cat(vs)
+    wide = torch.cat([torch.randn_like(k), k, v], dim=1)  # [T, 3*Hkv, D]
+    hkv = k.shape[1]
+    return wide[:, hkv : 2 * hkv], wide[:, 2 * hkv :]
+
+
+def poison_chunks(k_cache, v_cache, block_tables, batch):
+    """NaN over the cache slots of every chunk's own tokens."""
+    bs = k_cache.shape[1]
+    for b, (p, n) in enumerate(batch):
+        for pos in range(p, p + n):
+            blk = int(block_tables[b, pos // bs])
+            k_cache[blk, pos % bs] = float("nan")
+            v_cache[blk, pos % bs] = float("nan")
+
+
 def run_prefill(batch, block_size, group, head_dim, window, dtype, device, seed, **kwargs):
     from kernels.prefill_attention_triton import paged_prefill_attention_triton
 
@@ -129,14 +155,18 @@ def run_prefill(batch, block_size, group, head_dim, window, dtype, device, seed,
     q = torch.randn(int(qsl[-1]), hkv * group, head_dim, dtype=dtype, device=device)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     scale = head_dim**-0.5
-    out = paged_prefill_attention_triton(
-        q, k_cache, v_cache, block_tables, qsl, lens, scale, window, **kwargs
-    )
     ref = paged_prefill_attention_ref(
         q, k_cache, v_cache, block_tables, qsl, lens, scale, window,
         max_query_len=kwargs.get("max_query_len"),
     )  # fmt: skip
-    what = f"prefill bs={block_size} group={group} d={head_dim} window={window} {kwargs}"
+    if kwargs.pop("dense", False):
+        kwargs["k"], kwargs["v"] = chunk_kv(k_cache, v_cache, block_tables, batch)
+        poison_chunks(k_cache, v_cache, block_tables, batch)  # the kernel must not read them
+    out = paged_prefill_attention_triton(
+        q, k_cache, v_cache, block_tables, qsl, lens, scale, window, **kwargs
+    )
+    shown = {k: v for k, v in kwargs.items() if k not in ("k", "v")}
+    what = f"prefill bs={block_size} group={group} d={head_dim} window={window} {shown}"
     assert_rel_close(out, ref, seed, what)
 
 
@@ -170,6 +200,22 @@ def test_prefill_other_tiles_and_max_query_len(seed, device):
         max_query_len=40, config=(32, 16, 4, 1),
     )  # fmt: skip
     run_prefill(EXTEND_BATCH, 8, 3, 64, 9, torch.bfloat16, device, seed, config=(16, 32, 4, 1))
+
+
+@pytest.mark.parametrize(
+    "block_size, group, head_dim, dtype, config, load",
+    [
+        (16, 1, 64, torch.bfloat16, None, 1),  # DENSE with the default tiles
+        (4, 3, 32, torch.bfloat16, (32, 16, 4, 1), 1),  # the diagonal spans two key tiles
+        (8, 2, 32, torch.float16, (16, 32, 4, 1), 2),  # DENSE_TMA: key tile wider than rows
+        (16, 4, 48, torch.float32, None, 2),  # padded head dim: TMA falls back to DENSE
+    ],
+)
+def test_prefill_dense_chunk(seed, device, block_size, group, head_dim, dtype, config, load):
+    """The chunk's keys read from the model's dense K/V (strided like the fused qkv output),
+    the prefix from the cache; a cached prefix that ends inside a tile, and empty chunks."""
+    kw = dict(dense=True, new_kv_load=load, **({"config": config} if config else {}))
+    run_prefill(EXTEND_BATCH, block_size, group, head_dim, None, dtype, device, seed, **kw)
 
 
 @pytest.mark.gpu

@@ -10,16 +10,24 @@ one query head, and streams that sequence's keys through an online softmax. For 
            |  full tiles: every row sees them   | diagonal tiles: causal mask |
            ^ (sliding window: start at the first key the tile's first row sees)
 
-The full tiles run without a mask; only the diagonal ones pay for it. Keys are gathered
-through the block table token by token, so any power-of-two block size works:
+The full tiles run without a mask; only the diagonal ones pay for it. Cached keys are
+gathered through the block table token by token, so any power-of-two block size works:
 
     key t  ->  k_cache[block_tables[b, t // block_size], t % block_size, q_head // GROUP, :]
+
+When the model passes the chunk's own K/V (it has just computed them), the chunk's keys are read
+from those dense tensors instead (TMA tensor-descriptor loads on Hopper and newer), and only the
+cached prefix goes through the block table:
+
+    keys:  [ prefix: paged gather, all visible ][ chunk: dense rows, causal in chunk coords ]
 
 m blocks are launched last-first: the longest rows (most keys) start earliest, which evens the
 tail of the launch.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -256,10 +264,12 @@ def _prefill_kernel(
 
 
 def _tile_config(
-    head_dim: int, device: torch.device, itemsize: int = 2
+    head_dim: int, device: torch.device, itemsize: int = 2, max_query_len: int | None = None
 ) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Tuned on an H100 by bench/kernels_bench.py
-    for 2-byte dtypes; fp32 tiles are smaller so the pipeline stages fit in shared memory."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Tuned by bench/kernels_bench.py's prefill
+    sweep on an H200 for 2-byte dtypes (bench/results/kernels-prefill-sweep-h200-*.json):
+    128x128 tiles for long chunks, 64x64 for chunks of at most 1k tokens, where the larger
+    tiles leave SMs idle; fp32 tiles are smaller so the pipeline stages fit in shared memory."""
     if device.type != "cuda":
         return 16, 16, 4, 1  # the interpreter: small tiles keep the CPU tests quick
     if itemsize > 2:
@@ -267,6 +277,8 @@ def _tile_config(
     if head_dim <= 64:
         return 128, 64, 4, 3
     if head_dim <= 128:
+        if max_query_len is not None and max_query_len <= 1024:
+            return 64, 64, 4, 3
         return 128, 128, 8, 3
     return 64, 32, 4, 2
 
@@ -309,7 +321,7 @@ def paged_prefill_attention_triton(
     if max_query_len == 0:
         return out
     block_m, block_n, num_warps, num_stages = config or _tile_config(
-        head_dim, q.device, q.element_size()
+        head_dim, q.device, q.element_size(), max_query_len
     )
     has_window = sliding_window is not None
     dim_pad = triton.next_power_of_2(head_dim)
@@ -345,14 +357,30 @@ def paged_prefill_attention_triton(
 
 def _new_kv_load(k, v, has_window, head_dim, dim_pad, forced) -> int:
     """Where the chunk's own keys are read from: densely when the caller passed them (the
-    sliding-window path keeps one paged loop), through TMA only where asked for."""
+    sliding-window path keeps one paged loop), through TMA on Hopper and newer (measured on an
+    H200: 1.15x the strided dense loads at 4k/8k, which are 1.2x the paged gather)."""
     if k is None or v is None or has_window:
         return PAGED
-    if forced is not None:
-        if forced == DENSE_TMA and dim_pad != head_dim:
-            return DENSE  # a TMA box must span exactly one head
-        return forced
-    return DENSE
+    load = forced
+    if load is None:
+        load = DENSE_TMA if k.is_cuda and _has_tma(k.device) else DENSE
+    if load == DENSE_TMA and not _tma_ok(k, v, head_dim, dim_pad):
+        return DENSE
+    return load
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_ok(k: torch.Tensor, v: torch.Tensor, head_dim: int, dim_pad: int) -> bool:
+    """A TMA box must span exactly one head, and base and row stride be 16-byte aligned."""
+    if dim_pad != head_dim:
+        return False
+    return all(
+        x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0 for x in (k, v)
+    )
 
 
 def _rows_descriptor(x: torch.Tensor, block_n: int):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -42,9 +42,11 @@ class TLSConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TLSConfig:
-    cert_chain: bytes = b""  # PEM: this process's certificate (+ intermediates); empty: none
-    private_key: bytes = b""  # PEM: the key of cert_chain
-    root_certs: bytes = b""  # PEM CA bundle verifying peers; empty: the system's roots
+    # The PEM bytes stay out of repr: configs holding this one get logged, and a private key
+    # must never reach a log.
+    cert_chain: bytes = field(default=b"", repr=False)  # this process's certificate (+ chain)
+    private_key: bytes = field(default=b"", repr=False)  # the key of cert_chain
+    root_certs: bytes = field(default=b"", repr=False)  # CA bundle for peers; empty: system's
     require_client_cert: bool = False  # servers: refuse clients without a cert signed by it
     # Clients: the name checked in the server's certificate instead of the dialled host.
     # Workers register with their IP (a pod's, a container's); one shared DNS name in every

@@ -74,6 +74,14 @@ def test_a_ca_alone_is_a_client_config_not_a_server_one(certs):
         tls.check_server()
 
 
+def test_key_material_stays_out_of_repr(server_tls):
+    from router.config import RouterConfig
+
+    text = repr(RouterConfig(model="m", tls=server_tls))
+    assert "PRIVATE KEY" not in text and "CERTIFICATE" not in text
+    assert "require_client_cert=True" in text
+
+
 def test_plaintext_by_default():
     p = argparse.ArgumentParser()
     add_tls_args(p)

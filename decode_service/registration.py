@@ -21,6 +21,7 @@ from collections.abc import Callable
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
+from tandem.grpc_tls import PLAINTEXT, TLSConfig, aio_channel
 
 log = logging.getLogger("tandem.worker.registration")
 
@@ -40,6 +41,7 @@ class RegistryClient:
         router_address: str,
         info: worker_pb2.WorkerInfo,
         load: Callable[[], worker_pb2.WorkerStats],
+        tls: TLSConfig = PLAINTEXT,  # the worker's files, as client credentials
     ) -> None:
         self.router_address = router_address
         self.info = info
@@ -49,7 +51,7 @@ class RegistryClient:
         self.draining = False
         self.refused = asyncio.Event()
         self._backoff = FIRST_BACKOFF_S
-        self._channel = grpc.aio.insecure_channel(router_address)
+        self._channel = aio_channel(router_address, tls)
         self._stub = worker_pb2_grpc.RegistryStub(self._channel)
         self._task: asyncio.Task | None = None
 

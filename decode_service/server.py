@@ -9,6 +9,7 @@ from decode_service.worker_common import WorkerParts, add_engine_args, run_worke
 from kvtransfer.grpc_transport import KVTransferServicer
 from kvtransfer.ledger import DEFAULT_STALL_S, HandoffLedger
 from protos import worker_pb2, worker_pb2_grpc
+from tandem.grpc_tls import TLSConfig, tls_from_args
 
 SERVICES = [
     worker_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
@@ -47,11 +48,12 @@ async def _register(args, server, engine, address) -> WorkerParts:
     )
 
 
-def run(args: argparse.Namespace) -> None:
-    run_worker(args, SERVICES, lambda s, e, a: _register(args, s, e, a))
+def run(args: argparse.Namespace, tls: TLSConfig) -> None:
+    run_worker(args, tls, SERVICES, lambda s, e, a: _register(args, s, e, a))
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="tandem decode")
     add_cli_args(p)
-    run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    run(args, tls_from_args(args, p))

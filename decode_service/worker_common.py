@@ -29,6 +29,7 @@ from protos import worker_pb2
 from tandem.async_engine import DEFAULT_MAX_NUM_WAITING, AsyncEngine, EngineDeadError
 from tandem.config import EngineConfig
 from tandem.engine import LLMEngine
+from tandem.grpc_tls import TLSConfig, add_port, add_tls_args
 from tandem.loader.default_model import DEFAULT_MODEL_NAME
 
 log = logging.getLogger("tandem.worker")
@@ -93,6 +94,7 @@ def add_engine_args(p: argparse.ArgumentParser, default_port: int) -> None:
         help="waiting-queue bound; beyond it new requests get RESOURCE_EXHAUSTED",
     )
     p.add_argument("--log-level", default="warning")
+    add_tls_args(p)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -150,6 +152,7 @@ def served_model_name(args: argparse.Namespace, engine: LLMEngine) -> str:
 
 async def serve(
     args: argparse.Namespace,
+    tls: TLSConfig,  # its port, and its channel to --router
     service_names: list[str],
     register: Callable[[grpc.aio.Server, AsyncEngine, str], Awaitable[WorkerParts]],
 ) -> int:
@@ -164,9 +167,7 @@ async def serve(
     model_name = served_model_name(args, engine.engine)
     in_flight = InFlightRpcs()
     server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[in_flight])
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
-    if port == 0:
-        raise OSError(f"cannot bind {args.host}:{args.port}")
+    port = add_port(server, f"{args.host}:{args.port}", tls)
     address = f"{advertised_host(args)}:{port}"
     parts = await register(server, engine, address)
     health_servicer = health.aio.HealthServicer()
@@ -178,7 +179,7 @@ async def serve(
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     role_name = service_names[0].rsplit(".", 1)[-1].lower()
-    print(f"{role_name} server listening on {address}", flush=True)
+    print(f"{role_name} server listening on {address} (tls: {tls.mode})", flush=True)
 
     metrics = None
     if args.metrics_port:
@@ -192,7 +193,7 @@ async def serve(
     registry = None
     if args.router:
         info = _worker_info(engine.engine, parts, address, model_name)
-        registry = RegistryClient(args.router, info, lambda: load.latest)
+        registry = RegistryClient(args.router, info, lambda: load.latest, tls)
         registry.start()
 
     force = asyncio.Event()  # a second signal: stop without waiting for in-flight work
@@ -265,7 +266,7 @@ async def _drain(args, address, engine, in_flight, parts, registry, force) -> No
     )  # fmt: skip
 
 
-def run_worker(args, service_names, register) -> None:
+def run_worker(args, tls: TLSConfig, service_names, register) -> None:
     """The `tandem prefill|decode` entry point; exits with serve's code."""
     configure_logging(args.log_level)
-    raise SystemExit(asyncio.run(serve(args, service_names, register)))
+    raise SystemExit(asyncio.run(serve(args, tls, service_names, register)))

@@ -35,6 +35,7 @@ from gateway.middleware import Guard
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.translate import chat_to_proto, completion_to_protos
 from protos import router_pb2, router_pb2_grpc
+from tandem.grpc_tls import aio_channel
 
 log = logging.getLogger("tandem.gateway")
 
@@ -139,7 +140,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        channel = grpc.aio.insecure_channel(config.router, options=CHANNEL_OPTIONS)
+        channel = aio_channel(config.router, config.tls, CHANNEL_OPTIONS)
         state["stub"] = router_pb2_grpc.RouterStub(channel)
         yield
         await channel.close()

@@ -16,6 +16,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from tandem.grpc_tls import PLAINTEXT, TLSConfig, add_tls_args, tls_from_args
 
 log = logging.getLogger("tandem.gateway")
 
@@ -60,6 +61,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "past the running bound requests wait in a FIFO queue; past the queue bound or the "
         "wait timeout they get 429 with Retry-After",
     )  # fmt: skip
+    add_tls_args(parser)
     return parser
 
 
@@ -85,7 +87,7 @@ _OVERLOAD_FLAGS = [
 ]
 
 
-def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+def config_from_args(args: argparse.Namespace, tls: TLSConfig = PLAINTEXT) -> GatewayConfig:
     names = [n for n, _, _ in _LIMIT_FLAGS + _OVERLOAD_FLAGS]
     return GatewayConfig(
         router=args.router,
@@ -94,6 +96,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         reject_unknown_fields=args.reject_unknown_fields,
+        tls=tls,
         **{n: getattr(args, n) for n in names},
     )
 
@@ -134,21 +137,23 @@ def make_server(config: GatewayConfig, log_level: str = "warning", grace_s: floa
     return _Server(uv_config)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, tls: TLSConfig = PLAINTEXT) -> None:
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
-    config = config_from_args(args)
+    config = config_from_args(args, tls)
     log.warning(
-        "event=gateway_starting address=%s:%d router=%s", config.host, config.port, config.router
-    )
+        "event=gateway_starting address=%s:%d router=%s router_tls=%s",
+        config.host, config.port, config.router, tls.mode,
+    )  # fmt: skip
     make_server(config, args.log_level, args.timeout_graceful_shutdown).run()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = add_cli_args(argparse.ArgumentParser(prog="tandem gateway"))
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    run(args, tls_from_args(args, parser, server=False))
 
 
 if __name__ == "__main__":

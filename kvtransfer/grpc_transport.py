@@ -20,6 +20,7 @@ from kvtransfer import faults
 from kvtransfer.base import HandoffState, KVDest, KVSlice
 from kvtransfer.ledger import HandoffFailed, HandoffLedger
 from protos import worker_pb2, worker_pb2_grpc
+from tandem.grpc_tls import PLAINTEXT, TLSConfig, aio_channel
 from tandem.request import Logprob
 
 log = logging.getLogger(__name__)
@@ -73,16 +74,15 @@ async def _data_chunk(handoff_id: str, s: KVSlice) -> worker_pb2.KVChunk:
 class GrpcKVSender:
     """Prefill side: one channel per decode address, reused across handoffs."""
 
-    def __init__(self, timeout_s: float = 60.0) -> None:
+    def __init__(self, timeout_s: float = 60.0, tls: TLSConfig = PLAINTEXT) -> None:
         self.timeout_s = timeout_s
+        self.tls = tls  # the prefill server's files, as client credentials
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> worker_pb2_grpc.KVTransferStub:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=CHANNEL_OPTIONS
-            )
+            ch = self._channels[address] = aio_channel(address, self.tls, CHANNEL_OPTIONS)
         return worker_pb2_grpc.KVTransferStub(ch)
 
     async def send(

@@ -8,6 +8,7 @@ from decode_service.worker_common import WorkerParts, add_engine_args, run_worke
 from kvtransfer.grpc_transport import GrpcKVSender
 from prefill_service.servicer import PrefillServicer
 from protos import worker_pb2, worker_pb2_grpc
+from tandem.grpc_tls import TLSConfig, tls_from_args
 
 SERVICES = [worker_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name]
 
@@ -16,8 +17,8 @@ class CountingKVSender(GrpcKVSender):
     """Counts KV pushes in flight: a drain waits for them, and they are the prefill side's
     `tandem:num_active_handoffs`."""
 
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__(timeout_s)
+    def __init__(self, timeout_s: float, tls: TLSConfig) -> None:
+        super().__init__(timeout_s, tls)
         self.num_active = 0
 
     async def send(self, *args, **kwargs) -> None:
@@ -33,8 +34,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-push-timeout", type=float, default=60.0)
 
 
-async def _register(args, server, engine, address) -> WorkerParts:
-    sender = CountingKVSender(args.kv_push_timeout)
+async def _register(args, tls, server, engine, address) -> WorkerParts:
+    sender = CountingKVSender(args.kv_push_timeout, tls)
     servicer = PrefillServicer(engine, sender)
     worker_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
     return WorkerParts(
@@ -44,11 +45,12 @@ async def _register(args, server, engine, address) -> WorkerParts:
     )
 
 
-def run(args: argparse.Namespace) -> None:
-    run_worker(args, SERVICES, lambda s, e, a: _register(args, s, e, a))
+def run(args: argparse.Namespace, tls: TLSConfig) -> None:
+    run_worker(args, tls, SERVICES, lambda s, e, a: _register(args, tls, s, e, a))
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="tandem prefill")
     add_cli_args(p)
-    run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    run(args, tls_from_args(args, p))

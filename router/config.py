@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tandem.grpc_tls import PLAINTEXT, TLSConfig
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -35,6 +37,8 @@ class RouterConfig:
     grace_s: float = 5.0  # graceful shutdown
     # Prefix-policy weight: a queued prompt token on a server costs this many uncached tokens.
     prefix_load_weight: float = 1.0
+    # Its own port and its channels to the workers (tandem/grpc_tls.py); default plaintext.
+    tls: TLSConfig = PLAINTEXT
 
     def __post_init__(self):
         if self.routing_policy not in ("prefix", "least_load", "round_robin"):

@@ -54,7 +54,9 @@ class RouterEngine:
         self.model_name = config.served_model_name
         self.max_model_len = config.max_model_len or tokenizer.max_position_embeddings or 2048
         self.created = int(time.time())
-        self.pool = WorkerPool(config.stats_interval_s, config.heartbeat_interval_ms)
+        self.pool = WorkerPool(
+            config.stats_interval_s, config.heartbeat_interval_ms, tls=config.tls
+        )
         for addr in config.prefill_addresses:
             self.pool.add(Role.PREFILL, addr, static=True)
         for addr in config.decode_addresses:

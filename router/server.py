@@ -25,6 +25,7 @@ from router.policies import POLICIES
 from router.servicer import RegistryServicer, RouterServicer
 from router.tokenizer import RouterTokenizer
 from router.workers import MISSED_HEARTBEATS, MembershipCollector
+from tandem.grpc_tls import PLAINTEXT, TLSConfig, add_port, add_tls_args, tls_from_args
 
 log = logging.getLogger("tandem.router")
 
@@ -81,10 +82,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="seconds a decode stream may stay silent before the router gives up on it",
     )
     parser.add_argument("--log-level", default="warning")
+    add_tls_args(parser)
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> RouterConfig:
+def config_from_args(args: argparse.Namespace, tls: TLSConfig = PLAINTEXT) -> RouterConfig:
     return RouterConfig(
         model=args.model,
         served_model_name=args.served_model_name or Path(args.model).name,
@@ -101,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         worker_timeout_s=args.worker_timeout,
         handoff_timeout_s=args.handoff_timeout,
         stream_idle_timeout_s=args.stream_idle_timeout,
+        tls=tls,
     )
 
 
@@ -135,9 +138,7 @@ async def start_router(config: RouterConfig, metrics: RouterMetrics | None = Non
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
+    port = add_port(server, f"{config.host}:{config.port}", config.tls)
     await server.start()
     await engine.start()
     for name in ("", *SERVICE_NAMES):
@@ -153,9 +154,9 @@ async def serve(config: RouterConfig) -> None:
         start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
     running = await start_router(config, metrics)
     log.warning(
-        "event=router_ready address=%s:%d model=%s policy=%s prefill=%d decode=%d",
+        "event=router_ready address=%s:%d model=%s policy=%s prefill=%d decode=%d tls=%s",
         config.host, running.port, config.served_model_name, config.routing_policy,
-        len(config.prefill_addresses), len(config.decode_addresses),
+        len(config.prefill_addresses), len(config.decode_addresses), config.tls.mode,
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -173,9 +174,9 @@ def setup_logging(level: str) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, tls: TLSConfig = PLAINTEXT) -> None:
     setup_logging(args.log_level)
-    config = config_from_args(args)
+    config = config_from_args(args, tls)
     try:
         import uvloop
     except ImportError:
@@ -186,7 +187,8 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = add_cli_args(argparse.ArgumentParser(prog="tandem router"))
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    run(args, tls_from_args(args, parser))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from protos import worker_pb2, worker_pb2_grpc
 from router.prefix_index import WorkerBlocks
+from tandem.grpc_tls import PLAINTEXT, TLSConfig, aio_channel
 
 log = logging.getLogger("tandem.router.workers")
 
@@ -101,8 +102,14 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, stats_interval_s: float = 0.5, heartbeat_interval_ms: int = 1000):
+    def __init__(
+        self,
+        stats_interval_s: float = 0.5,
+        heartbeat_interval_ms: int = 1000,
+        tls: TLSConfig = PLAINTEXT,  # the router's files, as client credentials
+    ):
         self.workers: dict[str, WorkerHandle] = {}
+        self.tls = tls
         self.stats_interval_s = stats_interval_s
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self._ids = itertools.count()
@@ -113,8 +120,9 @@ class WorkerPool:
     # -- membership -----------------------------------------------------------------------
 
     def add(self, role: Role, address: str, static: bool, kv_address: str = "", block_size=0):
-        channel = grpc.aio.insecure_channel(
+        channel = aio_channel(
             address,
+            self.tls,
             options=[
                 ("grpc.max_receive_message_length", 64 << 20),
                 ("grpc.max_send_message_length", 64 << 20),

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+from tandem.grpc_tls import PLAINTEXT, TLSConfig, add_tls_args, channel, tls_argv, tls_from_args
+
 
 def _free_port(host: str) -> int:
     with socket.socket() as s:
@@ -20,12 +22,14 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _wait_grpc_healthy(address: str, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_grpc_healthy(
+    address: str, proc: subprocess.Popen, timeout: float, tls: TLSConfig = PLAINTEXT
+) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
+    with channel(address, tls) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -83,7 +87,7 @@ def _memory_shares(args: argparse.Namespace) -> dict[str, float | None]:
     }
 
 
-def _serve(args: argparse.Namespace) -> None:
+def _serve(args: argparse.Namespace, tls: TLSConfig) -> None:
     """Start gateway + router + prefill x N + decode x M on this host; Ctrl-C stops them all."""
     from tandem.loader.default_model import DEFAULT_MODEL_NAME, resolve_model_dir
 
@@ -104,7 +108,7 @@ def _serve(args: argparse.Namespace) -> None:
             engine_flags += [f"--{name.replace('_', '-')}", str(value)]
     if not args.enable_prefix_caching:
         engine_flags.append("--no-enable-prefix-caching")
-    common = ["--model", str(model_dir), "--log-level", args.log_level]
+    common = ["--model", str(model_dir), "--log-level", args.log_level, *tls_argv(args)]
 
     shares = _memory_shares(args)
     procs: list[subprocess.Popen] = []
@@ -120,7 +124,7 @@ def _serve(args: argparse.Namespace) -> None:
                 procs.append(subprocess.Popen(cmd))
                 workers.append((role, f"{host}:{port}", procs[-1]))
         for _, address, proc in workers:
-            _wait_grpc_healthy(address, proc, args.startup_timeout)
+            _wait_grpc_healthy(address, proc, args.startup_timeout, tls)
         router_port = args.router_port or _free_port(host)
         router_cmd = [*py, "router", "--host", host, "--port", str(router_port), *common]
         router_cmd += ["--served-model-name", served, "--routing-policy", args.routing_policy]
@@ -129,7 +133,7 @@ def _serve(args: argparse.Namespace) -> None:
         for role, address, _ in workers:
             router_cmd += [f"--{role}", address]
         procs.append(subprocess.Popen(router_cmd))
-        _wait_grpc_healthy(f"{host}:{router_port}", procs[-1], args.startup_timeout)
+        _wait_grpc_healthy(f"{host}:{router_port}", procs[-1], args.startup_timeout, tls)
         gw_cmd = [
             *py,
             "gateway",
@@ -140,7 +144,7 @@ def _serve(args: argparse.Namespace) -> None:
             "--router",
             f"{host}:{router_port}",
         ]
-        gw_cmd += ["--log-level", args.log_level]
+        gw_cmd += ["--log-level", args.log_level, *tls_argv(args)]
         if args.api_key:
             gw_cmd += ["--api-key", args.api_key]
         procs.append(subprocess.Popen(gw_cmd))
@@ -216,6 +220,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     for name in _ENGINE_FLAGS:
         kind = str if name in ("dtype", "device", "load_format", "kernel_backend") else int
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
+    add_tls_args(p)  # passed to every process it starts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         return compose_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "serve":
-        _serve(args)
+        _serve(args, tls_from_args(args, parser))
 
 
 if __name__ == "__main__":

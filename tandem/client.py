@@ -3,7 +3,7 @@
 Imports only grpc and the generated protos (no torch), so other services can use it:
 
     from tandem.client import TandemClient
-    with TandemClient("127.0.0.1:50051") as c:
+    with TandemClient("127.0.0.1:50051") as c:   # tls=TLSConfig.from_files(...) for TLS
         for chunk in c.generate("Hello", max_tokens=16):
             print(chunk.text, end="")
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos import common_pb2, router_pb2, router_pb2_grpc
+from tandem.grpc_tls import PLAINTEXT, TLSConfig, aio_channel, channel
 
 _FINISH = {1: "stop", 2: "length", 3: "abort", 4: "error"}
 _SAMPLING = {f.name for f in common_pb2.SamplingParams.DESCRIPTOR.fields}
@@ -134,8 +135,13 @@ class _Collector:
 
 
 class TandemClient:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None):
-        self.channel = grpc.insecure_channel(address)
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        timeout: float | None = None,
+        tls: TLSConfig = PLAINTEXT,  # TLSConfig.from_files(ca_certs=..., certfile=..., ...)
+    ):
+        self.channel = channel(address, tls)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.timeout = timeout
 
@@ -193,8 +199,13 @@ class TandemClient:
 
 
 class AsyncTandemClient:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None):
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        timeout: float | None = None,
+        tls: TLSConfig = PLAINTEXT,
+    ):
+        self.channel = aio_channel(address, tls)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.timeout = timeout
 

@@ -4,6 +4,8 @@ TARGET is a gRPC address (HOST:PORT), asked through the standard grpc.health.v1 
 http(s):// URL, which must answer 200. Exit 0 when healthy, 1 otherwise (1 is what Docker reads
 as "unhealthy"; it reserves 2), with the reason on stderr. Imports grpc only, never torch, so a
 probe costs a fraction of a second in a worker container that is busy loading a model.
+A gRPC probe takes the services' TLS flags (or their TANDEM_TLS_* environment, which a
+compose health check inherits from its container): it presents the same client certificate.
 """
 
 from __future__ import annotations
@@ -13,16 +15,27 @@ import sys
 import urllib.error
 import urllib.request
 
+from tandem.grpc_tls import (
+    PLAINTEXT,
+    TLSConfig,
+    TLSConfigError,
+    add_tls_args,
+    channel,
+    tls_from_args,
+)
+
 HEALTHY, UNHEALTHY = 0, 1
 
 
-def check_grpc(address: str, service: str, timeout: float) -> str | None:
+def check_grpc(
+    address: str, service: str, timeout: float, tls: TLSConfig = PLAINTEXT
+) -> str | None:
     """None when `address` reports SERVING for `service` ("" is the whole server), else why not."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+    with channel(address, tls) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
         try:
             resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as e:
@@ -52,11 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("target", help="HOST:PORT (gRPC health) or http(s)://HOST:PORT/health")
     p.add_argument("--service", default="", help='gRPC service name to ask about ("": the server)')
     p.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    add_tls_args(p)
     args = p.parse_args(argv)
     if args.target.startswith(("http://", "https://")):
         problem = check_http(args.target, args.timeout)
     else:
-        problem = check_grpc(args.target, args.service, args.timeout)
+        try:  # a bad file is "unhealthy" (1), not a usage error (2, which Docker reserves)
+            problem = check_grpc(
+                args.target, args.service, args.timeout, tls_from_args(args, server=False)
+            )
+        except TLSConfigError as e:
+            problem = str(e)
     if problem is not None:
         print(f"unhealthy target={args.target} reason={problem}", file=sys.stderr)
         return UNHEALTHY

@@ -15,7 +15,7 @@ import yaml
 from deploy_helpers import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
-KUSTOMIZATIONS = ["base", "overlays/autoscale"]
+KUSTOMIZATIONS = ["base", "overlays/autoscale", "overlays/tls"]
 # the oldest release whose schema has every field used (preStop `sleep`: 1.30) and the newest
 # schema kubernetes-validate bundles
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
@@ -99,6 +99,18 @@ def test_separate_deployments_and_services(rendered):
     assert deployments["tandem-router"]["spec"]["strategy"]["type"] == "Recreate"
 
 
+def grpc_probe_port(probe: dict) -> int:
+    """The port a probe asks grpc.health.v1: the kubelet's own (plaintext) or, under TLS,
+    `python -m tandem.healthcheck 127.0.0.1:PORT`, which reads the TANDEM_TLS_* settings."""
+    if "grpc" in probe:
+        return probe["grpc"]["port"]
+    command = probe["exec"]["command"]
+    assert command[:3] == ["python", "-m", "tandem.healthcheck"], command
+    host, port = command[3].rsplit(":", 1)
+    assert host == "127.0.0.1"
+    return int(port)
+
+
 def test_probes_are_grpc_health_for_grpc_servers_and_http_for_the_gateway(rendered):
     deployments = by_kind(rendered, "Deployment")
     for name, dep in deployments.items():
@@ -107,10 +119,10 @@ def test_probes_are_grpc_health_for_grpc_servers_and_http_for_the_gateway(render
             if name == "tandem-gateway":
                 assert c[probe]["httpGet"]["path"] == "/health"
             else:
-                assert c[probe]["grpc"]["port"] == int(flag(c, "port")), (name, probe)
+                assert grpc_probe_port(c[probe]) == int(flag(c, "port")), (name, probe)
     for name in WORKERS:
         startup = container(deployments[name])["startupProbe"]
-        assert startup["grpc"]["port"] == WORKERS[name]
+        assert grpc_probe_port(startup) == WORKERS[name]
         # model loading gets at least 5 minutes before liveness may restart the pod
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
 
@@ -176,3 +188,29 @@ def test_prometheus_adapter_rule_serves_the_metrics_the_hpas_use():
         hpa_metrics |= {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
     assert hpa_metrics <= served
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+
+
+def test_tls_overlay_gives_every_component_the_secret_and_the_settings(rendered):
+    (config,) = by_kind(rendered, "ConfigMap").values()
+    tls = {k: v for k, v in config["data"].items() if k.startswith("TANDEM_TLS_")}
+    deployments = by_kind(rendered, "Deployment")
+    if not tls:  # base and autoscale: plaintext, the kubelet's native grpc probes
+        for name in ("tandem-router", *WORKERS):
+            assert "grpc" in container(deployments[name])["readinessProbe"]
+        return
+    assert tls["TANDEM_TLS_REQUIRE_CLIENT_CERT"] == "1" and tls["TANDEM_TLS_SERVER_NAME"]
+    for name, dep in deployments.items():
+        spec = dep["spec"]["template"]["spec"]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "tls"]
+        assert volume["secret"]["secretName"] == "tandem-tls"
+        # the key is readable by the pod's group only, which the non-root user is in
+        assert volume["secret"]["defaultMode"] == 0o440
+        assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+        (mount,) = [m for m in container(dep)["volumeMounts"] if m["name"] == "tls"]
+        assert mount["readOnly"] is True
+        for key in ("CERTFILE", "KEYFILE", "CA_CERTS"):
+            assert tls[f"TANDEM_TLS_{key}"].startswith(mount["mountPath"] + "/"), (name, key)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if name != "tandem-gateway" and probe in container(dep):
+                # the exec probe starts python: more than the default 1 s timeout
+                assert container(dep)[probe]["timeoutSeconds"] >= 5

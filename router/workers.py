@@ -101,6 +101,23 @@ class WorkerHandle:
         self.blocks.store(batch.stored_block_hashes)
 
 
+# Router -> worker channels: a restarted worker is reached again within a second (gRPC's
+# default reconnect backoff grows to 120 s, and a static worker keeps its address), and a
+# vanished peer is noticed by keepalive pings even on an idle channel (workers accept pings
+# every 5 s: kvtransfer's server options).
+WORKER_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
 class WorkerPool:
     def __init__(
         self,
@@ -120,14 +137,7 @@ class WorkerPool:
     # -- membership -----------------------------------------------------------------------
 
     def add(self, role: Role, address: str, static: bool, kv_address: str = "", block_size=0):
-        channel = aio_channel(
-            address,
-            self.tls,
-            options=[
-                ("grpc.max_receive_message_length", 64 << 20),
-                ("grpc.max_send_message_length", 64 << 20),
-            ],
-        )
+        channel = aio_channel(address, self.tls, options=WORKER_CHANNEL_OPTIONS)
         stub = (
             worker_pb2_grpc.PrefillStub(channel)
             if role == Role.PREFILL

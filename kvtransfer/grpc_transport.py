@@ -46,7 +46,7 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -64,20 +64,21 @@ async def _data_chunk(handoff_id: str, s: KVSlice) -> worker_pb2.KVChunk:
         layer_end=s.layer_end,
         block_offset=s.block_offset,
         num_blocks=data.shape[2],
-        dtype=_dtype_name(data.dtype),
+        dtype=dtype_name(data.dtype),
         shape=list(data.shape),
         data=data.view(torch.uint8).numpy().tobytes(),
     )
 
 
 class GrpcKVSender:
-    """Prefill side: one channel per decode address, reused across handoffs."""
+    """Prefill side: one channel per decode address, reused across handoffs (and by the
+    same-host transports' control stream)."""
 
     def __init__(self, timeout_s: float = 60.0) -> None:
         self.timeout_s = timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _stub(self, address: str) -> worker_pb2_grpc.KVTransferStub:
+    def stub(self, address: str) -> worker_pb2_grpc.KVTransferStub:
         ch = self._channels.get(address)
         if ch is None:
             ch = self._channels[address] = grpc.aio.insecure_channel(
@@ -92,7 +93,7 @@ class GrpcKVSender:
         first_token_id: int,
         first_logprob: Logprob | None,
     ) -> None:
-        call = self._stub(dest.address).Push(
+        call = self.stub(dest.address).Push(
             timeout=self.timeout_s, metadata=((HANDOFF_ID_KEY, dest.handoff_id),)
         )
         try:
@@ -139,7 +140,7 @@ class KVTransferServicer(worker_pb2_grpc.KVTransferServicer):
             chunk.num_blocks,
             *cache.shape[3:],
         )
-        if shape != want or chunk.dtype != _dtype_name(cache.dtype):
+        if shape != want or chunk.dtype != dtype_name(cache.dtype):
             raise HandoffFailed(
                 f"chunk shape {shape}/{chunk.dtype} does not fit {want}/{cache.dtype}"
             )

@@ -12,35 +12,21 @@ from protos import worker_pb2, worker_pb2_grpc
 SERVICES = [worker_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name]
 
 
-class CountingKVSender(GrpcKVSender):
-    """Counts KV pushes in flight: a drain waits for them, and they are the prefill side's
-    `tandem:num_active_handoffs`."""
-
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__(timeout_s)
-        self.num_active = 0
-
-    async def send(self, *args, **kwargs) -> None:
-        self.num_active += 1
-        try:
-            await super().send(*args, **kwargs)
-        finally:
-            self.num_active -= 1
-
-
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p, default_port=50100)
     p.add_argument("--kv-push-timeout", type=float, default=60.0)
 
 
 async def _register(args, server, engine, address) -> WorkerParts:
-    sender = CountingKVSender(args.kv_push_timeout)
-    servicer = PrefillServicer(engine, sender)
+    servicer = PrefillServicer(engine, GrpcKVSender(args.kv_push_timeout), args.kv_transport)
     worker_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
     return WorkerParts(
         role=worker_pb2.WORKER_ROLE_PREFILL,
-        num_active_handoffs=lambda: sender.num_active,
+        # KV pushes in flight: a drain waits for them; the prefill side's
+        # tandem:num_active_handoffs
+        num_active_handoffs=lambda: servicer.num_pushes,
         close=servicer.close,
+        num_kv_handoffs=lambda: servicer.ledger.num_completed,
     )
 
 

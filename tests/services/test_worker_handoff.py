@@ -9,9 +9,11 @@ import contextlib
 import grpc
 import pytest
 
-from decode_service.servicer import DecodeServicer
+from decode_service.servicer import DecodeServicer, KVOffer
+from kvtransfer.direct_transport import SameHostKVTransferServicer, pool_to_proto
 from kvtransfer.grpc_transport import CHANNEL_OPTIONS, GrpcKVSender, KVTransferServicer
 from kvtransfer.ledger import HandoffLedger
+from kvtransfer.pool import ShmPoolFile
 from prefill_service.servicer import PrefillServicer
 from protos import common_pb2, worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine
@@ -43,8 +45,19 @@ def _reference(engine: LLMEngine, prompt: list[int], max_tokens: int) -> list[in
     return req.output_token_ids
 
 
+@pytest.fixture(scope="module")
+def shm_decode_engine():
+    """A decode engine whose KV pool lives in a /dev/shm pool file (the shm transport)."""
+    pool_file = ShmPoolFile()
+    engine = LLMEngine(
+        EngineConfig(num_blocks=256, max_num_batched_tokens=48, kv_cache_file=pool_file.path)
+    )
+    yield engine, pool_file
+    pool_file.close()
+
+
 @contextlib.asynccontextmanager
-async def _start(prefill_engine, decode_engine):
+async def _start(prefill_engine, decode_engine, pool_file: ShmPoolFile | None = None):
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     port = server.add_insecure_port("127.0.0.1:0")
     addr = f"127.0.0.1:{port}"
@@ -52,10 +65,16 @@ async def _start(prefill_engine, decode_engine):
     ledger = HandoffLedger(lease_s=5)
     prefill = PrefillServicer(p_async, GrpcKVSender(timeout_s=10))
     worker_pb2_grpc.add_PrefillServicer_to_server(prefill, server)
-    worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(d_async, ledger, addr), server)
-    worker_pb2_grpc.add_KVTransferServicer_to_server(
-        KVTransferServicer(ledger, decode_engine.runner.kv_cache), server
-    )
+    kv_cache = decode_engine.runner.kv_cache
+    if pool_file is None:  # an older decode server: offers grpc only
+        offer, kv_servicer = KVOffer(), KVTransferServicer(ledger, kv_cache)
+    else:
+        export = pool_file.export(kv_cache)
+        offer = KVOffer(["shm", "grpc"], pool_to_proto(export))
+        kv_servicer = SameHostKVTransferServicer(ledger, kv_cache, offer.transports, export)
+    decode = DecodeServicer(d_async, ledger, addr, offer)
+    worker_pb2_grpc.add_DecodeServicer_to_server(decode, server)
+    worker_pb2_grpc.add_KVTransferServicer_to_server(kv_servicer, server)
     await server.start()
     channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
     try:
@@ -111,6 +130,35 @@ def test_remote_prefill_handoff_matches_local_generation(engines):
     # full blocks, less the one holding the last prompt token (always recomputed)
     assert target.num_cached_tokens == ((len(PROMPTS[1]) - 1) // 16) * 16
     assert stats.num_free_blocks == stats.num_total_blocks  # nothing leaked
+    assert dict(stats.num_kv_handoffs) == {"grpc": len(PROMPTS) + 1}
+    assert prefill_engine.block_manager.num_free_blocks == prefill_engine.block_manager.num_blocks
+
+
+def test_shm_handoff_matches_local_generation(engines, shm_decode_engine):
+    """Same handoffs, the KV written by the prefill servicer straight into the decode pool
+    file; Stats counts them by transport on both sides."""
+    prefill_engine, _ = engines
+    decode_engine, pool_file = shm_decode_engine
+    want = [_reference(prefill_engine, p, 12) for p in PROMPTS]
+    prefill_engine.block_manager.reset_prefix_cache()
+
+    async def main():
+        async with _start(prefill_engine, decode_engine, pool_file) as channel:
+            results = await asyncio.gather(
+                *(_handoff(channel, f"s{i}", p, 12) for i, p in enumerate(PROMPTS))
+            )
+            stats = [
+                await stub(channel).Stats(worker_pb2.StatsRequest())
+                for stub in (worker_pb2_grpc.DecodeStub, worker_pb2_grpc.PrefillStub)
+            ]
+        return results, stats
+
+    results, (decode_stats, prefill_stats) = asyncio.run(main())
+    assert [tokens for tokens, _ in results] == want
+    assert all(t.transports == ["shm", "grpc"] and t.pool.shm_path for _, t in results)
+    assert dict(decode_stats.num_kv_handoffs) == {"shm": len(PROMPTS)}
+    assert dict(prefill_stats.num_kv_handoffs) == {"shm": len(PROMPTS)}
+    assert decode_stats.num_free_blocks == decode_stats.num_total_blocks
     assert prefill_engine.block_manager.num_free_blocks == prefill_engine.block_manager.num_blocks
 
 

@@ -1,0 +1,346 @@
+"""Same-host KV transports (`shm`, `cuda_ipc`): the sender writes the prompt's KV straight into
+the decode server's pool; only metadata rides gRPC (KVTransfer.Write).
+
+One code path for both; they differ only in how the pool is opened (kvtransfer/pool.py).
+A handoff's KV is written in slabs (a layer range over all its blocks), each one gather from
+the sender's cache and scatter into the receiver's reserved block ids:
+
+    dst[l0:l1, :, dst_block_ids] = src[l0:l1, :, src_block_ids]
+
+Lockstep (why): the receiver may free its reserved blocks only when no write can land in
+them. The sender writes only after a grant and tells when the slab is done (on the GPU:
+after its side stream synchronized), so between a grant and the next message a write may be
+in flight (`Handoff.store` pending) and at any other time none is. A sender that is cancelled
+mid-slab still finishes that slab before its call ends; one that dies ends the call by dying.
+The one case this cannot cover: a sender frozen mid-slab (SIGSTOP) past the stall deadline
+and then resumed can land that one slab after the blocks were freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import torch
+
+from decode_service.convert import logprob_from_proto, logprob_to_proto
+from kvtransfer import faults
+from kvtransfer.base import HandoffState, KVDest
+from kvtransfer.grpc_transport import (
+    HANDOFF_ID_KEY,
+    GrpcKVSender,
+    HandoffRefused,
+    KVTransferServicer,
+    dtype_name,
+)
+from kvtransfer.ledger import HandoffFailed, HandoffLedger
+from kvtransfer.pool import CudaIpcFields, PoolExport, open_pool
+from kvtransfer.select import Endpoint
+from protos import worker_pb2
+from tandem.request import Logprob
+
+log = logging.getLogger(__name__)
+
+SLAB_BYTES = 128 * 2**20  # one slab's bytes (bounds the gather's temporary and a grant's span)
+
+
+# -- protobuf <-> PoolExport -------------------------------------------------------------------
+def pool_to_proto(p: PoolExport) -> worker_pb2.KVPoolExport:
+    msg = worker_pb2.KVPoolExport(
+        transport=p.transport,
+        pool_id=p.pool_id,
+        host_id=p.host_id,
+        shape=list(p.shape),
+        dtype=dtype_name(p.dtype),
+        shm_path=p.shm_path,
+        gpu_uuid=p.gpu_uuid,
+    )
+    if p.cuda is not None:
+        c = p.cuda
+        msg.cuda.CopyFrom(
+            worker_pb2.CudaIpcHandle(
+                handle=c.handle,
+                storage_size_bytes=c.storage_size_bytes,
+                storage_offset_bytes=c.storage_offset_bytes,
+                ref_counter_handle=c.ref_counter_handle,
+                ref_counter_offset=c.ref_counter_offset,
+                event_handle=c.event_handle,
+                event_sync_required=c.event_sync_required,
+            )
+        )
+    return msg
+
+
+def pool_from_proto(msg: worker_pb2.KVPoolExport) -> PoolExport:
+    dtype = getattr(torch, msg.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"KVPoolExport.dtype {msg.dtype!r} is not a torch dtype")
+    if len(msg.shape) != 6 or min(msg.shape) < 1:
+        raise ValueError(f"KVPoolExport.shape {list(msg.shape)} is not a KV pool shape")
+    cuda = None
+    if msg.HasField("cuda"):
+        c = msg.cuda
+        cuda = CudaIpcFields(
+            c.handle,
+            c.storage_size_bytes,
+            c.storage_offset_bytes,
+            c.ref_counter_handle,
+            c.ref_counter_offset,
+            c.event_handle,
+            c.event_sync_required,
+        )
+    return PoolExport(
+        msg.transport,
+        msg.pool_id,
+        msg.host_id,
+        tuple(msg.shape),
+        dtype,
+        msg.shm_path,
+        msg.gpu_uuid,
+        cuda,
+    )
+
+
+# -- the copy ---------------------------------------------------------------------------------
+def plan_layer_slabs(kv_cache: torch.Tensor, num_blocks: int, max_bytes: int) -> list[range]:
+    """Layer ranges whose KV over num_blocks blocks stays within max_bytes (>= 1 layer each)."""
+    per_layer = kv_cache[0, :, 0].numel() * kv_cache.element_size() * num_blocks
+    step = max(1, max_bytes // max(1, per_layer))
+    n = kv_cache.shape[0]
+    return [range(l0, min(n, l0 + step)) for l0 in range(0, n, step)]
+
+
+def check_pool_layout(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Same layers, block size, heads, head dim and dtype; block counts may differ."""
+    if (src.shape[:2], src.shape[3:], src.dtype) != (dst.shape[:2], dst.shape[3:], dst.dtype):
+        raise HandoffFailed(
+            f"KV layouts differ: this cache {tuple(src.shape)}/{src.dtype}, "
+            f"the decode pool {tuple(dst.shape)}/{dst.dtype}"
+        )
+
+
+class SlabWriter:
+    """Writes one handoff's slabs (on a worker thread). On CUDA each slab runs on a side stream
+    that first waits for the default stream (the prefill's forward), and is synchronized before
+    write() returns, so the receiver may read the blocks once told."""
+
+    def __init__(self, src, dst, src_block_ids, dst_block_ids, stream=None) -> None:
+        self.src, self.dst, self.stream = src, dst, stream
+        self.src_index = torch.tensor(src_block_ids, dtype=torch.long, device=src.device)
+        self.dst_index = torch.tensor(dst_block_ids, dtype=torch.long, device=dst.device)
+
+    def write(self, layers: range) -> None:
+        l0, l1 = layers.start, layers.stop
+        if self.stream is None:
+            self._copy(l0, l1)
+            return
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_stream(torch.cuda.default_stream(self.stream.device))
+            self._copy(l0, l1)
+        self.stream.synchronize()
+
+    def _copy(self, l0: int, l1: int) -> None:
+        gathered = self.src[l0:l1].index_select(2, self.src_index)
+        self.dst[l0:l1].index_copy_(2, self.dst_index, gathered.to(self.dst.device))
+
+
+async def _run_to_end(fut: asyncio.Future) -> None:
+    """Await a worker-thread write; if we are cancelled meanwhile, still wait for it to end
+    before the cancel goes on (the receiver frees the blocks once our call ends)."""
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait([fut])
+        raise
+
+
+# -- sender -----------------------------------------------------------------------------------
+class DirectKVSender:
+    """Prefill side: opens each decode server's pool once (cached by address and pool id;
+    dropped when the server goes away or shows a new pool) and writes handoffs into it."""
+
+    def __init__(
+        self, channels: GrpcKVSender, here: Endpoint, slab_bytes: int = SLAB_BYTES
+    ) -> None:
+        self.channels = channels
+        self.here = here
+        self.slab_bytes = slab_bytes
+        self._pools: dict[str, tuple[str, torch.Tensor]] = {}  # address -> (pool_id, pool)
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def pool(self, address: str, export: PoolExport) -> torch.Tensor:
+        cached = self._pools.get(address)
+        if cached is not None and cached[0] == export.pool_id:
+            return cached[1]
+        self.drop(address)  # a new pool at that address: the old server is gone
+        t = open_pool(export)
+        if tuple(t.shape) != export.shape:
+            raise HandoffFailed(f"opened pool {tuple(t.shape)} is not the exported {export.shape}")
+        self._pools[address] = (export.pool_id, t)
+        log.info("event=kv_pool_opened address=%s transport=%s", address, export.transport)
+        return t
+
+    def drop(self, address: str) -> None:
+        if self._pools.pop(address, None) is not None:
+            log.info("event=kv_pool_dropped address=%s", address)
+
+    @property
+    def num_open_pools(self) -> int:
+        return len(self._pools)
+
+    def _stream(self, device: torch.device):
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    async def send(
+        self,
+        dest: KVDest,
+        export: PoolExport,
+        src: torch.Tensor,
+        src_block_ids: list[int],
+        first_token_id: int,
+        first_logprob: Logprob | None,
+    ) -> None:
+        """Write src's blocks src_block_ids into dest.block_ids[dest.first_block:] of the
+        decode pool; returns once the receiver has completed the handoff."""
+        dst_block_ids = list(dest.block_ids[dest.first_block :])
+        if len(dst_block_ids) != len(src_block_ids):
+            raise HandoffFailed(f"{len(src_block_ids)} blocks for {len(dst_block_ids)} targets")
+        try:
+            dst = self.pool(dest.address, export)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise HandoffFailed(
+                f"cannot open the decode server's {export.transport} pool: {e}"
+            ) from e
+        check_pool_layout(src, dst)
+        if dst_block_ids and not 0 <= min(dst_block_ids) <= max(dst_block_ids) < dst.shape[2]:
+            raise HandoffFailed("target block ids are outside the decode pool")
+        writer = SlabWriter(src, dst, src_block_ids, dst_block_ids, self._stream(dst.device))
+        slabs = plan_layer_slabs(src, len(src_block_ids), self.slab_bytes)
+        hid = dest.handoff_id
+        call = self.channels.stub(dest.address).Write(
+            timeout=self.channels.timeout_s, metadata=((HANDOFF_ID_KEY, hid),)
+        )
+        try:
+            begin = worker_pb2.KVWriteBegin(
+                transport=export.transport, pool_id=export.pool_id, num_slabs=len(slabs)
+            )
+            await call.write(worker_pb2.KVWriteMessage(handoff_id=hid, begin=begin))
+            await _granted(call)
+            for i, layers in enumerate(slabs):
+                loop = asyncio.get_running_loop()
+                await _run_to_end(loop.run_in_executor(None, writer.write, layers))
+                await call.write(worker_pb2.KVWriteMessage(handoff_id=hid, written_slab=i))
+                await _granted(call)
+            if faults.stalls_kv_push(dest.req_id):  # test-only: every slab, no done
+                await faults.stall_forever(hid)
+            done = worker_pb2.KVWriteDone(first_token_id=first_token_id)
+            lp = logprob_to_proto(first_logprob)
+            if lp is not None:
+                done.first_token_logprob.CopyFrom(lp)
+            await call.write(worker_pb2.KVWriteMessage(handoff_id=hid, done=done))
+            await _granted(call)
+            await call.done_writing()
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                self.drop(dest.address)  # the server is gone: let its pool go
+            raise
+        finally:
+            call.cancel()  # no-op once finished; if we were cancelled, the receiver sees it
+
+    def close(self) -> None:
+        self._pools.clear()
+
+
+async def _granted(call) -> None:
+    reply = await call.read()
+    if reply is grpc.aio.EOF:
+        await call  # raises when the call failed
+        raise HandoffRefused("the decode server ended the KV write without an answer")
+    if not reply.ok:
+        raise HandoffRefused(f"decode server refused the KV: {reply.error}")
+
+
+# -- receiver ---------------------------------------------------------------------------------
+class SameHostKVTransferServicer(KVTransferServicer):
+    """Decode side: KVTransfer with Write for the same-host transports this server offers
+    (Push, the grpc transport, stays)."""
+
+    def __init__(
+        self,
+        ledger: HandoffLedger,
+        kv_cache: torch.Tensor,
+        offered: list[str],
+        export: PoolExport | None,
+    ) -> None:
+        super().__init__(ledger, kv_cache)
+        self.offered = offered
+        self.export = export
+
+    async def _next(self, messages) -> worker_pb2.KVWriteMessage:
+        try:
+            return await asyncio.wait_for(anext(messages), timeout=self.ledger.stall_s)
+        except StopAsyncIteration:
+            raise HandoffFailed("KV write stream ended before done") from None
+        except asyncio.TimeoutError:
+            raise HandoffFailed(
+                f"KV write stalled: no message for {self.ledger.stall_s:g}s"
+            ) from None
+
+    def _check_begin(self, msg: worker_pb2.KVWriteMessage) -> worker_pb2.KVWriteBegin:
+        if msg.WhichOneof("kind") != "begin":
+            raise HandoffFailed("KV write must start with begin")
+        b = msg.begin
+        if b.transport == "grpc" or b.transport not in self.offered or self.export is None:
+            raise HandoffFailed(f"transport {b.transport!r} is not offered here")
+        if b.pool_id != self.export.pool_id:
+            raise HandoffFailed("the sender opened another pool (a previous server's)")
+        if b.num_slabs < 1:
+            raise HandoffFailed("num_slabs must be >= 1")
+        return b
+
+    async def Write(self, request_iterator, context):
+        handoff_id = dict(context.invocation_metadata()).get(HANDOFF_ID_KEY, "")
+        messages = request_iterator.__aiter__()
+        h = None
+        try:
+            msg = await self._next(messages)
+            handoff_id = handoff_id or msg.handoff_id
+            begin = self._check_begin(msg)
+            h = self.ledger.get_active(handoff_id)
+            self.ledger.receiving(h)
+            for i in range(begin.num_slabs):
+                # granted: until the sender's next message a write into h's blocks may be
+                # in flight, so a reclaim waits (settle) before freeing them
+                h.store = asyncio.get_running_loop().create_future()
+                yield worker_pb2.KVWriteReply(ok=True)
+                msg = await self._next(messages)
+                h.store.set_result(None)
+                if msg.WhichOneof("kind") != "written_slab" or msg.written_slab != i:
+                    raise HandoffFailed(f"expected slab {i} written")
+                h = self.ledger.get_active(handoff_id)  # ended meanwhile: no further grant
+                self.ledger.receiving(h)
+            yield worker_pb2.KVWriteReply(ok=True)  # every slab in: nothing more may be written
+            msg = await self._next(messages)
+            if msg.WhichOneof("kind") != "done":
+                raise HandoffFailed("expected done after the last slab")
+            done = msg.done
+            lp = logprob_from_proto(done.first_token_logprob, done.HasField("first_token_logprob"))
+            self.ledger.complete(
+                self.ledger.get_active(handoff_id), done.first_token_id, lp, begin.transport
+            )
+            yield worker_pb2.KVWriteReply(ok=True)
+        except (HandoffFailed, ValueError, RuntimeError) as e:
+            self.ledger.fail(handoff_id, HandoffState.FAILED, str(e))
+            log.info("event=kv_write_failed handoff=%s error=%s", handoff_id, e)
+            yield worker_pb2.KVWriteReply(ok=False, error=str(e))
+        except asyncio.CancelledError:
+            self.ledger.fail(handoff_id, HandoffState.FAILED, "sender went away")
+            raise
+        finally:
+            if h is not None and h.store is not None and not h.store.done():
+                h.store.set_result(None)  # the call is over: the sender can write no more

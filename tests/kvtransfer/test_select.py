@@ -1,0 +1,96 @@
+"""Which KV transport a handoff takes: the decode server's offer against the sender's place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtransfer.pool import PoolExport, host_id
+from kvtransfer.select import Endpoint, choose_transport, offered_transports, reachable
+
+HOST, OTHER_HOST = "boot-a/ipc:[1]", "boot-b/ipc:[1]"
+GPU0, GPU1 = "GPU-0000", "GPU-1111"
+SHAPE = (2, 2, 8, 16, 1, 4)
+
+
+def _pool(transport: str, host: str = HOST, gpu: str = "") -> PoolExport:
+    return PoolExport(transport, "pool-1", host, SHAPE, torch.float32, gpu_uuid=gpu)
+
+
+CPU_HERE = Endpoint(HOST, "")
+GPU0_HERE = Endpoint(HOST, GPU0)
+
+
+@pytest.mark.parametrize(
+    ("flag", "device", "want"),
+    [
+        ("auto", "cpu", ["shm", "grpc"]),
+        ("auto", "cuda", ["cuda_ipc", "grpc"]),
+        ("grpc", "cuda", ["grpc"]),
+        ("shm", "cpu", ["shm"]),
+        ("cuda_ipc", "cuda", ["cuda_ipc"]),
+    ],
+)
+def test_decode_offers(flag, device, want):
+    assert offered_transports(flag, device) == want
+
+
+@pytest.mark.parametrize(
+    ("flag", "device"), [("shm", "cuda"), ("cuda_ipc", "cpu"), ("nccl", "cuda")]
+)
+def test_decode_refuses_a_forced_transport_its_pool_cannot_serve(flag, device):
+    with pytest.raises(ValueError, match="kv-transport"):
+        offered_transports(flag, device)
+
+
+@pytest.mark.parametrize(
+    ("here", "offered", "pool", "want"),
+    [
+        # same GPU of the same host: CUDA IPC
+        (GPU0_HERE, ["cuda_ipc", "grpc"], _pool("cuda_ipc", gpu=GPU0), "cuda_ipc"),
+        # another GPU of the same host: not CUDA IPC (nccl's place, not built): grpc
+        (GPU0_HERE, ["cuda_ipc", "grpc"], _pool("cuda_ipc", gpu=GPU1), "grpc"),
+        # same GPU UUID string but another host: grpc
+        (Endpoint(OTHER_HOST, GPU0), ["cuda_ipc", "grpc"], _pool("cuda_ipc", gpu=GPU0), "grpc"),
+        # both on CPU, same host: shm
+        (CPU_HERE, ["shm", "grpc"], _pool("shm"), "shm"),
+        # CPU decode, GPU prefill on the same host: grpc
+        (GPU0_HERE, ["shm", "grpc"], _pool("shm"), "grpc"),
+        # CPU, another host: grpc
+        (Endpoint(OTHER_HOST, ""), ["shm", "grpc"], _pool("shm"), "grpc"),
+        # an older decode server: only grpc, no pool
+        (CPU_HERE, [], None, "grpc"),
+        # offered shm but no pool to open: grpc
+        (CPU_HERE, ["shm", "grpc"], None, "grpc"),
+    ],
+)
+def test_auto_picks_the_best_reachable(here, offered, pool, want):
+    assert choose_transport("auto", here, offered, pool) == want
+
+
+def test_forced_transport_is_used_or_refused_with_the_reason():
+    assert choose_transport("grpc", CPU_HERE, ["shm", "grpc"], _pool("shm")) == "grpc"
+    assert choose_transport("shm", CPU_HERE, ["shm", "grpc"], _pool("shm")) == "shm"
+    with pytest.raises(ValueError, match="offers grpc"):
+        choose_transport("shm", CPU_HERE, ["grpc"], None)
+    with pytest.raises(ValueError, match="another host"):
+        choose_transport("shm", Endpoint(OTHER_HOST, ""), ["shm"], _pool("shm"))
+    with pytest.raises(ValueError, match="another GPU"):
+        choose_transport("cuda_ipc", GPU0_HERE, ["cuda_ipc"], _pool("cuda_ipc", gpu=GPU1))
+
+
+def test_decode_forced_to_shm_leaves_a_remote_sender_no_transport():
+    with pytest.raises(ValueError, match="no usable KV transport"):
+        choose_transport("auto", Endpoint(OTHER_HOST, ""), ["shm"], _pool("shm"))
+
+
+def test_reachable_explains_why_not():
+    assert reachable("grpc", CPU_HERE, None) == ""
+    assert "exports no shm pool" in reachable("shm", CPU_HERE, _pool("cuda_ipc", gpu=GPU0))
+
+
+def test_host_id_is_this_kernel_and_ipc_namespace():
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    hid = host_id()
+    assert hid.startswith(boot + "/ipc:[") and hid == host_id()

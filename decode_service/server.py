@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from decode_service.servicer import DecodeServicer, KVOffer
 from decode_service.worker_common import (
@@ -16,6 +17,8 @@ from kvtransfer.ledger import DEFAULT_STALL_S, HandoffLedger
 from kvtransfer.pool import ShmPoolFile, export_cuda_pool
 from kvtransfer.select import offered_transports
 from protos import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("tandem.decode")
 
 SERVICES = [
     worker_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
@@ -43,7 +46,13 @@ async def _register(args, server, engine, address, offered, shm) -> WorkerParts:
     if shm is not None:
         export = shm.export(kv_cache)
     elif "cuda_ipc" in offered:
-        export = export_cuda_pool(kv_cache)
+        try:
+            export = export_cuda_pool(kv_cache)
+        except RuntimeError as e:  # e.g. an allocator whose memory CUDA IPC cannot share
+            if args.kv_transport != "auto":
+                raise SystemExit(f"tandem decode: cannot export the KV pool: {e}") from e
+            log.warning("event=kv_pool_not_exported transport=cuda_ipc error=%s", e)
+            offered = [t for t in offered if t != "cuda_ipc"]
     offer = KVOffer(offered, pool_to_proto(export) if export else None)
     worker_pb2_grpc.add_DecodeServicer_to_server(
         DecodeServicer(engine, ledger, address, offer), server

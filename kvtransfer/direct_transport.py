@@ -7,13 +7,16 @@ the sender's cache and scatter into the receiver's reserved block ids:
 
     dst[l0:l1, :, dst_block_ids] = src[l0:l1, :, src_block_ids]
 
-Lockstep (why): the receiver may free its reserved blocks only when no write can land in
-them. The sender writes only after a grant and tells when the slab is done (on the GPU:
-after its side stream synchronized), so between a grant and the next message a write may be
-in flight (`Handoff.store` pending) and at any other time none is. A sender that is cancelled
-mid-slab still finishes that slab before its call ends; one that dies ends the call by dying.
-The one case this cannot cover: a sender frozen mid-slab (SIGSTOP) past the stall deadline
-and then resumed can land that one slab after the blocks were freed.
+Why the control stream (KVTransfer.Write): the receiver may free its reserved blocks only
+when no write can land in them. The sender writes only after the receiver's grant, and says
+`done` once every slab is written (on the GPU: after its side stream synchronized); between
+the two a write may be in flight (`Handoff.store` pending), at any other time none is. A
+handoff that ends meanwhile (abort, lease) gets an immediate stop; the sender finishes its
+current slab, ends its stream, and only then does the store resolve. A sender that is
+cancelled mid-slab still finishes that slab before its call ends; one that dies ends the
+call by dying. Two round trips per handoff, whatever the number of slabs. The one case this
+cannot cover: a sender frozen mid-slab (SIGSTOP) past the stall deadline and then resumed can
+land that one slab after the blocks were freed.
 """
 
 from __future__ import annotations
@@ -225,41 +228,47 @@ class DirectKVSender:
         call = self.channels.stub(dest.address).Write(
             timeout=self.channels.timeout_s, metadata=((HANDOFF_ID_KEY, hid),)
         )
+        answer = None
         try:
             begin = worker_pb2.KVWriteBegin(
                 transport=export.transport, pool_id=export.pool_id, num_slabs=len(slabs)
             )
             await call.write(worker_pb2.KVWriteMessage(handoff_id=hid, begin=begin))
-            await _granted(call)
+            await _granted(call.read())
+            answer = asyncio.ensure_future(call.read())  # a stop can come at any time
+            loop = asyncio.get_running_loop()
             for i, layers in enumerate(slabs):
-                loop = asyncio.get_running_loop()
+                if answer.done():
+                    break  # stopped: write nothing more
                 await _run_to_end(loop.run_in_executor(None, writer.write, layers))
                 await call.write(worker_pb2.KVWriteMessage(handoff_id=hid, written_slab=i))
-                await _granted(call)
-            if faults.stalls_kv_push(dest.req_id):  # test-only: every slab, no done
-                await faults.stall_forever(hid)
-            done = worker_pb2.KVWriteDone(first_token_id=first_token_id)
-            lp = logprob_to_proto(first_logprob)
-            if lp is not None:
-                done.first_token_logprob.CopyFrom(lp)
-            await call.write(worker_pb2.KVWriteMessage(handoff_id=hid, done=done))
-            await _granted(call)
-            await call.done_writing()
+            if not answer.done():
+                if faults.stalls_kv_push(dest.req_id):  # test-only: every slab, no done
+                    await faults.stall_forever(hid)
+                done = worker_pb2.KVWriteDone(first_token_id=first_token_id)
+                lp = logprob_to_proto(first_logprob)
+                if lp is not None:
+                    done.first_token_logprob.CopyFrom(lp)
+                await call.write(worker_pb2.KVWriteMessage(handoff_id=hid, done=done))
+            await call.done_writing()  # no write of ours is in flight any more
+            await _granted(answer)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 self.drop(dest.address)  # the server is gone: let its pool go
             raise
         finally:
+            if answer is not None and not answer.done():
+                answer.cancel()
             call.cancel()  # no-op once finished; if we were cancelled, the receiver sees it
 
     def close(self) -> None:
         self._pools.clear()
 
 
-async def _granted(call) -> None:
-    reply = await call.read()
+async def _granted(read) -> None:
+    """The receiver's answer (a pending call.read()) must be ok."""
+    reply = await read
     if reply is grpc.aio.EOF:
-        await call  # raises when the call failed
         raise HandoffRefused("the decode server ended the KV write without an answer")
     if not reply.ok:
         raise HandoffRefused(f"decode server refused the KV: {reply.error}")
@@ -281,16 +290,6 @@ class SameHostKVTransferServicer(KVTransferServicer):
         self.offered = offered
         self.export = export
 
-    async def _next(self, messages) -> worker_pb2.KVWriteMessage:
-        try:
-            return await asyncio.wait_for(anext(messages), timeout=self.ledger.stall_s)
-        except StopAsyncIteration:
-            raise HandoffFailed("KV write stream ended before done") from None
-        except asyncio.TimeoutError:
-            raise HandoffFailed(
-                f"KV write stalled: no message for {self.ledger.stall_s:g}s"
-            ) from None
-
     def _check_begin(self, msg: worker_pb2.KVWriteMessage) -> worker_pb2.KVWriteBegin:
         if msg.WhichOneof("kind") != "begin":
             raise HandoffFailed("KV write must start with begin")
@@ -305,35 +304,44 @@ class SameHostKVTransferServicer(KVTransferServicer):
 
     async def Write(self, request_iterator, context):
         handoff_id = dict(context.invocation_metadata()).get(HANDOFF_ID_KEY, "")
-        messages = request_iterator.__aiter__()
+        messages = _Messages(request_iterator, self.ledger.stall_s)
         h = None
         try:
-            msg = await self._next(messages)
+            msg = await messages.next()
             handoff_id = handoff_id or msg.handoff_id
             begin = self._check_begin(msg)
             h = self.ledger.get_active(handoff_id)
             self.ledger.receiving(h)
-            for i in range(begin.num_slabs):
-                # granted: until the sender's next message a write into h's blocks may be
-                # in flight, so a reclaim waits (settle) before freeing them
-                h.store = asyncio.get_running_loop().create_future()
-                yield worker_pb2.KVWriteReply(ok=True)
-                msg = await self._next(messages)
-                h.store.set_result(None)
-                if msg.WhichOneof("kind") != "written_slab" or msg.written_slab != i:
-                    raise HandoffFailed(f"expected slab {i} written")
-                h = self.ledger.get_active(handoff_id)  # ended meanwhile: no further grant
-                self.ledger.receiving(h)
-            yield worker_pb2.KVWriteReply(ok=True)  # every slab in: nothing more may be written
-            msg = await self._next(messages)
-            if msg.WhichOneof("kind") != "done":
-                raise HandoffFailed("expected done after the last slab")
-            done = msg.done
-            lp = logprob_from_proto(done.first_token_logprob, done.HasField("first_token_logprob"))
-            self.ledger.complete(
-                self.ledger.get_active(handoff_id), done.first_token_id, lp, begin.transport
-            )
+            # granted: until done (or the end of the sender's stream) a write into h's blocks
+            # may be in flight, so whoever frees them waits for this first (settle)
+            h.store = asyncio.get_running_loop().create_future()
             yield worker_pb2.KVWriteReply(ok=True)
+            stopped = False
+            next_slab = 0
+            while True:
+                msg = await messages.next(None if stopped else h.done)
+                if msg is None:  # the handoff ended under the sender: stop it
+                    stopped = True
+                    yield worker_pb2.KVWriteReply(ok=False, error=f"handoff {h.state.value}")
+                    continue
+                kind = msg.WhichOneof("kind")
+                if kind == "written_slab" and msg.written_slab == next_slab < begin.num_slabs:
+                    next_slab += 1
+                    self.ledger.receiving(h)  # progress (no-op once ended)
+                    continue
+                if kind != "done" or next_slab != begin.num_slabs:
+                    raise HandoffFailed(f"expected slab {next_slab} or done, got {kind}")
+                h.store.set_result(None)  # every slab written: nothing more will land
+                if not stopped:
+                    done = msg.done
+                    has_lp = done.HasField("first_token_logprob")
+                    lp = logprob_from_proto(done.first_token_logprob, has_lp)
+                    self.ledger.complete(
+                        self.ledger.get_active(handoff_id), done.first_token_id, lp,
+                        begin.transport,
+                    )  # fmt: skip
+                    yield worker_pb2.KVWriteReply(ok=True)
+                return
         except (HandoffFailed, ValueError, RuntimeError) as e:
             self.ledger.fail(handoff_id, HandoffState.FAILED, str(e))
             log.info("event=kv_write_failed handoff=%s error=%s", handoff_id, e)
@@ -342,5 +350,46 @@ class SameHostKVTransferServicer(KVTransferServicer):
             self.ledger.fail(handoff_id, HandoffState.FAILED, "sender went away")
             raise
         finally:
+            messages.close()
             if h is not None and h.store is not None and not h.store.done():
-                h.store.set_result(None)  # the call is over: the sender can write no more
+                h.store.set_result(None)  # the sender's stream is over: it writes no more
+
+
+class _Messages:
+    """The sender's messages, each within the stall deadline; or None when `ended` (an event)
+    is set first. One read stays pending across calls (an abandoned read would lose a
+    message)."""
+
+    def __init__(self, request_iterator, stall_s: float) -> None:
+        self._it = request_iterator.__aiter__()
+        self._stall_s = stall_s
+        self._read: asyncio.Future | None = None
+
+    async def next(self, ended: asyncio.Event | None = None):
+        if self._read is None:
+            self._read = asyncio.ensure_future(anext(self._it))
+        waits = {self._read}
+        ended_wait = None
+        if ended is not None:
+            ended_wait = asyncio.ensure_future(ended.wait())
+            waits.add(ended_wait)
+        try:
+            done, _ = await asyncio.wait(
+                waits, timeout=self._stall_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if ended_wait is not None:
+                ended_wait.cancel()
+        if self._read in done:
+            read, self._read = self._read, None
+            try:
+                return read.result()
+            except StopAsyncIteration:
+                raise HandoffFailed("KV write stream ended before done") from None
+        if ended_wait is not None and ended_wait in done:
+            return None
+        raise HandoffFailed(f"KV write stalled: no message for {self._stall_s:g}s")
+
+    def close(self) -> None:
+        if self._read is not None:
+            self._read.cancel()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 
+from kvtransfer.pool import sweep_stale_pool_files
 from protos import worker_pb2, worker_pb2_grpc
 from tandem.cli import _wait_grpc_healthy, _wait_http_healthy
 from tandem.client import TandemClient
@@ -156,3 +157,4 @@ class FaultStack:
                 p.kill()
         for p in self.procs.values():
             p.wait(timeout=30)
+        sweep_stale_pool_files()  # killed decode servers leave their shm KV pool files

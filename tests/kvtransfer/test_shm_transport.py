@@ -190,32 +190,38 @@ def _begin(handoff_id: str, pool_id: str, num_slabs: int = 2) -> worker_pb2.KVWr
     return worker_pb2.KVWriteMessage(handoff_id=handoff_id, begin=begin)
 
 
-def test_reclaim_waits_for_the_granted_slab_then_refuses(shm_dir):
-    """The receiver's side of the lockstep, driven by hand: a handoff reclaimed while a slab
-    is granted cannot settle (its blocks cannot be freed) until the sender says the slab is
-    written; then the sender is refused and writes nothing more."""
+def test_reclaim_stops_the_sender_and_waits_for_its_stream_to_end(shm_dir):
+    """The receiver's side of the protocol, driven by hand: a handoff reclaimed while the
+    writes are granted tells the sender to stop at once, but cannot settle (its blocks cannot
+    be freed) until the sender's stream ends: until then a slab write may still land."""
     rx = Receiver(shm_dir, torch.float32)
+
+    async def spin():
+        for _ in range(20):
+            await asyncio.sleep(0)
 
     async def main():
         async with rx.serving() as address:
             h = rx.ledger.open("g#0", "r", list(DEST_BLOCKS))
             channel, call = await _open_write(address, "g#0")
-            await call.write(_begin("g#0", rx.export.pool_id))
-            assert (await call.read()).ok  # slab 0 granted
+            await call.write(_begin("g#0", rx.export.pool_id, num_slabs=3))
+            assert (await call.read()).ok  # every slab granted
             assert h.state == HandoffState.RECEIVING
             assert [x.handoff_id for x in rx.ledger.abort_request("r")] == ["g#0"]
+            stop = await call.read()
             settle = asyncio.create_task(rx.ledger.settle(h))
-            for _ in range(20):
-                await asyncio.sleep(0)
+            await spin()
             assert not settle.done()  # a write may still be landing
             await call.write(worker_pb2.KVWriteMessage(handoff_id="g#0", written_slab=0))
-            reply = await call.read()
+            await spin()
+            assert not settle.done()  # slab 1 may be on its way
+            await call.done_writing()  # the sender stopped: nothing more can land
             await settle
             await channel.close()
-            return h, reply
+            return h, stop
 
-    h, reply = asyncio.run(main())
-    assert not reply.ok and "reclaimed" in reply.error
+    h, stop = asyncio.run(main())
+    assert not stop.ok and "reclaimed" in stop.error
     assert h.state == HandoffState.RECLAIMED
 
 

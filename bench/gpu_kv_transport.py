@@ -184,7 +184,8 @@ async def bandwidth(a, device: torch.device, result: dict, save) -> None:
     result["bandwidth"] = {"geometry": g, "block_bytes": block_bytes, "runs": []}
     rng = random.Random(7)
     try:
-        assert json.loads(await child.stdout.readline())["ready"]
+        if not await child.stdout.readline():
+            raise RuntimeError("the sender process did not start (its stderr is above)")
         for n_tokens in lengths:
             nb = -(-n_tokens // g["block_size"])
             nbytes = nb * block_bytes
@@ -211,7 +212,10 @@ async def bandwidth(a, device: torch.device, result: dict, save) -> None:
                     cmd = dict(handoff_id=hid, transport=transport, src=src_ids, dest=dst_ids)
                     child.stdin.write((json.dumps(cmd) + "\n").encode())
                     await child.stdin.drain()
-                    reply = json.loads(await child.stdout.readline())
+                    line = await child.stdout.readline()
+                    if not line:
+                        raise RuntimeError("the sender process died (its stderr is above)")
+                    reply = json.loads(line)
                     await ledger.wait(h)
                     ledger.close(hid)
                     sync(device)
@@ -279,10 +283,10 @@ def serving(a, result: dict, save, deadline: float) -> None:
     result["serving"] = []
     flags = ["--max-model-len", str(max(lengths) + 64), "--max-num-seqs", "16"]
     flags += ["--max-num-batched-tokens", str(max(lengths))]
-    for mode, transport in (
+    for mode, transport in (  # most wanted first: a tight budget drops the last
+        ("disaggregated", "cuda_ipc"),
         ("aggregated", None),
         ("disaggregated", "grpc"),
-        ("disaggregated", "cuda_ipc"),
     ):
         name = mode if transport is None else f"{mode}-{transport}"
         if time.monotonic() > deadline - a.serve_estimate_s:
@@ -327,7 +331,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--requests", type=int, default=3, help="measured requests per length")
     ap.add_argument("--no-serve", action="store_true", help="skip (b)")
-    ap.add_argument("--time-budget-s", type=float, default=450.0)
+    ap.add_argument("--time-budget-s", type=float, default=420.0)
     ap.add_argument("--serve-estimate-s", type=float, default=120.0, help="one config of (b)")
     ap.add_argument("--config", type=Path, default=ROOT / "tandem" / "configs" / "llama-3.1-8b")
     ap.add_argument("--tokenizer-from", type=Path, default=Path(".carry/smollm2-tokenizer"))
@@ -352,7 +356,12 @@ def main() -> None:
     def save() -> None:
         a.out.write_text(json.dumps(result, indent=1))
 
-    asyncio.run(bandwidth(a, device, result, save))
+    try:
+        asyncio.run(bandwidth(a, device, result, save))
+    except Exception as e:  # noqa: BLE001 - keep it in the JSON, still run (b)
+        result["bandwidth_error"] = repr(e)
+        print(f"BW failed: {e!r}", flush=True)
+    save()
     if a.no_serve:
         result["serving"] = "skipped (--no-serve)"
     elif not cuda:

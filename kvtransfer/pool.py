@@ -157,7 +157,11 @@ def export_cuda_pool(kv_cache: torch.Tensor, pool_id: str | None = None) -> Pool
     (_device, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync) = (
         kv_cache.untyped_storage()._share_cuda_()
     )
-    fields = CudaIpcFields(handle, size, offset, rc_handle, rc_offset, ev_handle or b"", ev_sync)
+    # every field is bytes / int / bool (_new_shared_cuda checks the types); the event handle
+    # is read only when ev_sync is set
+    fields = CudaIpcFields(
+        bytes(handle), size, offset, bytes(rc_handle), rc_offset, bytes(ev_handle or b""), ev_sync
+    )
     return PoolExport(
         "cuda_ipc",
         pool_id or uuid.uuid4().hex,
@@ -183,7 +187,7 @@ def open_cuda_pool(export: PoolExport) -> torch.Tensor:
         c.storage_offset_bytes,
         c.ref_counter_handle,
         c.ref_counter_offset,
-        c.event_handle or None,
+        c.event_handle,
         c.event_sync_required,
     )
     numel = 1

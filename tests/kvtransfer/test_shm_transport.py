@@ -27,7 +27,14 @@ from kvtransfer.grpc_transport import (
     HandoffRefused,
 )
 from kvtransfer.ledger import HandoffFailed, HandoffLedger
-from kvtransfer.pool import ShmPoolFile, host_id, map_shm_pool, sweep_stale_pool_files
+from kvtransfer.pool import (
+    ShmPoolFile,
+    export_cuda_pool,
+    gpu_uuid,
+    host_id,
+    map_shm_pool,
+    sweep_stale_pool_files,
+)
 from kvtransfer.select import Endpoint
 from protos import worker_pb2, worker_pb2_grpc
 
@@ -58,13 +65,21 @@ def shm_dir():
 
 
 class Receiver:
-    """A decode server's KV side: ledger, poisoned shm pool, KVTransfer on 127.0.0.1."""
+    """A decode server's KV side: ledger, poisoned pool (a shm file, or CUDA memory exported
+    through CUDA IPC), KVTransfer on 127.0.0.1."""
 
-    def __init__(self, directory: str, dtype: torch.dtype) -> None:
-        self.file = ShmPoolFile(directory)
-        self.pool = map_shm_pool(self.file.path, _shape(DECODE_BLOCKS), dtype)
-        self.pool.fill_(POISON)
-        self.export = self.file.export(self.pool)
+    def __init__(self, directory: str, dtype: torch.dtype, device: str = "cpu") -> None:
+        self.file = None
+        if device == "cpu":
+            self.file = ShmPoolFile(directory)
+            self.pool = map_shm_pool(self.file.path, _shape(DECODE_BLOCKS), dtype)
+            self.pool.fill_(POISON)
+            self.export = self.file.export(self.pool)
+            self.transport = "shm"
+        else:
+            self.pool = torch.full(_shape(DECODE_BLOCKS), POISON, dtype=dtype, device=device)
+            self.export = export_cuda_pool(self.pool)
+            self.transport = "cuda_ipc"
         self.ledger = HandoffLedger(lease_s=30, stall_s=10)
 
     @contextlib.asynccontextmanager
@@ -78,7 +93,8 @@ class Receiver:
             yield f"127.0.0.1:{port}"
         finally:
             await server.stop(None)
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
 
 
 def _assert_written_exactly(pool: torch.Tensor, src: torch.Tensor) -> None:
@@ -124,7 +140,7 @@ sys.path.insert(0, sys.argv[2])
 from kvtransfer.base import KVDest
 from kvtransfer.direct_transport import DirectKVSender, pool_from_proto
 from kvtransfer.grpc_transport import GrpcKVSender
-from kvtransfer.pool import host_id
+from kvtransfer.pool import gpu_uuid, host_id
 from kvtransfer.select import Endpoint
 from protos import worker_pb2
 from google.protobuf import json_format
@@ -132,10 +148,12 @@ from google.protobuf import json_format
 a = json.loads(sys.argv[1])
 export = pool_from_proto(json_format.Parse(a["pool"], worker_pb2.KVPoolExport()))
 g = torch.Generator().manual_seed(a["seed"])
-src = torch.randn(a["src_shape"], generator=g).to(export.dtype)
+device = torch.device(a["device"])
+src = torch.randn(a["src_shape"], generator=g).to(export.dtype).to(device)
 
 async def main():
-    sender = DirectKVSender(GrpcKVSender(timeout_s=20), Endpoint(host_id(), ""))
+    here = Endpoint(host_id(), gpu_uuid(device))
+    sender = DirectKVSender(GrpcKVSender(timeout_s=20), here)
     dest = KVDest(a["handoff_id"], a["address"], tuple(a["dest"]), a["first_block"], "r")
     await sender.send(dest, export, src, a["src_blocks"], 7, None)
     await sender.channels.close()
@@ -145,12 +163,13 @@ print("sent")
 """
 
 
-def test_a_child_process_writes_through_the_pool_file(shm_dir):
+def _child_writes(directory: str, device: str, dtype: torch.dtype) -> None:
+    """A child process, the real sender, writes one handoff into this process's pool."""
     from google.protobuf import json_format
 
     from kvtransfer.direct_transport import pool_to_proto
 
-    rx = Receiver(shm_dir, torch.float32)
+    rx = Receiver(directory, dtype, device)
 
     async def main():
         async with rx.serving() as address:
@@ -164,6 +183,7 @@ def test_a_child_process_writes_through_the_pool_file(shm_dir):
                 "dest": list(DEST_BLOCKS),
                 "first_block": FIRST_BLOCK,
                 "src_blocks": SRC_BLOCKS,
+                "device": device,
             }
             child = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", SENDER_CHILD, json.dumps(args), str(ROOT),
@@ -176,7 +196,20 @@ def test_a_child_process_writes_through_the_pool_file(shm_dir):
 
     done = asyncio.run(main())
     assert (done.state, done.first_token_id) == (HandoffState.COMPLETE, 7)
-    _assert_written_exactly(rx.pool, _source(torch.float32, seed=3))
+    assert rx.ledger.num_completed == {rx.transport: 1}
+    _assert_written_exactly(rx.pool.cpu(), _source(dtype, seed=3))
+
+
+def test_a_child_process_writes_through_the_pool_file(shm_dir):
+    _child_writes(shm_dir, "cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_child_process_writes_through_cuda_ipc(shm_dir):
+    """cuda_ipc: the same handoff into a CUDA pool opened through its IPC handle."""
+    assert gpu_uuid(torch.device("cuda", 0))
+    _child_writes(shm_dir, "cuda", torch.bfloat16)
 
 
 async def _open_write(address: str, handoff_id: str):

@@ -29,7 +29,7 @@ import grpc
 from decode_service.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
 from decode_service.worker_common import worker_stats
 from kvtransfer.base import HandoffState, KVDest, plan_slices
-from kvtransfer.direct_transport import DirectKVSender, pool_from_proto
+from kvtransfer.direct_transport import DirectKVSender, check_pool_layout, pool_from_proto
 from kvtransfer.grpc_transport import CHUNK_BYTES, GrpcKVSender, HandoffRefused
 from kvtransfer.ledger import Handoff, HandoffFailed, HandoffLedger
 from kvtransfer.pool import PoolExport, gpu_uuid, host_id
@@ -85,8 +85,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         name = choose_transport(self.kv_transport, self.here, offered, pool)
         if name == "grpc" or pool is None:
             return name, None
+        if self.kv_transport == "auto" and pool.pool_id in self._unopenable and "grpc" in offered:
+            return "grpc", None
         try:  # opened once per decode server, here so a failure still leaves grpc
-            self.direct.pool(t.decode_kv_address, pool)
+            check_pool_layout(self.kv_cache, self.direct.pool(t.decode_kv_address, pool))
         except (OSError, RuntimeError, ValueError) as e:
             if self.kv_transport != "auto":
                 raise ValueError(f"cannot open the decode server's {name} pool: {e}") from e

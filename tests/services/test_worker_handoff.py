@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 
 import grpc
 import pytest
@@ -57,7 +58,9 @@ def shm_decode_engine():
 
 
 @contextlib.asynccontextmanager
-async def _start(prefill_engine, decode_engine, pool_file: ShmPoolFile | None = None):
+async def _start(
+    prefill_engine, decode_engine, pool_file: ShmPoolFile | None = None, shown_path: str = ""
+):
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     port = server.add_insecure_port("127.0.0.1:0")
     addr = f"127.0.0.1:{port}"
@@ -70,7 +73,8 @@ async def _start(prefill_engine, decode_engine, pool_file: ShmPoolFile | None = 
         offer, kv_servicer = KVOffer(), KVTransferServicer(ledger, kv_cache)
     else:
         export = pool_file.export(kv_cache)
-        offer = KVOffer(["shm", "grpc"], pool_to_proto(export))
+        shown = dataclasses.replace(export, shm_path=shown_path or export.shm_path)
+        offer = KVOffer(["shm", "grpc"], pool_to_proto(shown))
         kv_servicer = SameHostKVTransferServicer(ledger, kv_cache, offer.transports, export)
     decode = DecodeServicer(d_async, ledger, addr, offer)
     worker_pb2_grpc.add_DecodeServicer_to_server(decode, server)
@@ -160,6 +164,27 @@ def test_shm_handoff_matches_local_generation(engines, shm_decode_engine):
     assert dict(prefill_stats.num_kv_handoffs) == {"shm": len(PROMPTS)}
     assert decode_stats.num_free_blocks == decode_stats.num_total_blocks
     assert prefill_engine.block_manager.num_free_blocks == prefill_engine.block_manager.num_blocks
+
+
+def test_auto_falls_back_to_grpc_when_the_pool_cannot_be_opened(engines, shm_decode_engine):
+    """A pool offered but not visible to the sender (another mount namespace's /dev/shm):
+    auto mode hands the KV over through grpc instead."""
+    prefill_engine, _ = engines
+    decode_engine, pool_file = shm_decode_engine
+    want = _reference(prefill_engine, PROMPTS[1], 6)
+    prefill_engine.block_manager.reset_prefix_cache()
+    decode_engine.block_manager.reset_prefix_cache()
+
+    async def main():
+        missing = pool_file.path + "-not-here"
+        async with _start(prefill_engine, decode_engine, pool_file, missing) as channel:
+            tokens, _ = await _handoff(channel, "fb", PROMPTS[1], 6)
+            stats = await worker_pb2_grpc.DecodeStub(channel).Stats(worker_pb2.StatsRequest())
+        return tokens, stats
+
+    tokens, stats = asyncio.run(main())
+    assert tokens == want
+    assert dict(stats.num_kv_handoffs) == {"grpc": 1}
 
 
 def test_cancelled_decode_stream_frees_reserved_blocks(engines):

@@ -35,6 +35,9 @@ class RouterConfig:
     grace_s: float = 5.0  # graceful shutdown
     # Prefix-policy weight: a queued prompt token on a server costs this many uncached tokens.
     prefix_load_weight: float = 1.0
+    # Conditional disaggregation: a prompt whose part not cached on the chosen decode server is
+    # shorter than this many tokens is prefilled there (no KV handoff); 0: always remote.
+    max_local_prefill_length: int = 0
 
     def __post_init__(self):
         if self.routing_policy not in ("prefix", "least_load", "round_robin"):
@@ -43,5 +46,7 @@ class RouterConfig:
             raise ValueError("max_num_requests and max_n must be >= 1")
         if self.max_migrations < 0:
             raise ValueError("max_migrations must be >= 0")
+        if self.max_local_prefill_length < 0:
+            raise ValueError("max_local_prefill_length must be >= 0")
         if min(self.worker_timeout_s, self.handoff_timeout_s, self.stream_idle_timeout_s) <= 0:
             raise ValueError("worker, handoff and stream-idle timeouts must be > 0")

@@ -170,6 +170,7 @@ class DirectKVSender:
         self.here = here
         self.slab_bytes = slab_bytes
         self._pools: dict[str, tuple[str, torch.Tensor]] = {}  # address -> (pool_id, pool)
+        self._watchers: dict[str, asyncio.Task] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def pool(self, address: str, export: PoolExport) -> torch.Tensor:
@@ -181,10 +182,28 @@ class DirectKVSender:
         if tuple(t.shape) != export.shape:
             raise HandoffFailed(f"opened pool {tuple(t.shape)} is not the exported {export.shape}")
         self._pools[address] = (export.pool_id, t)
+        self._watchers[address] = asyncio.get_running_loop().create_task(self._watch(address))
         log.info("event=kv_pool_opened address=%s transport=%s", address, export.transport)
         return t
 
+    async def _watch(self, address: str) -> None:
+        """Drop the pool once its server is unreachable: an opened CUDA IPC pool keeps the
+        dead server's GPU memory allocated for as long as it stays open. A live server that
+        only blinked is opened again on its next handoff."""
+        ch = self.channels.channel(address)
+        state = ch.get_state(try_to_connect=True)
+        while state not in (grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                            grpc.ChannelConnectivity.SHUTDOWN):  # fmt: skip
+            await ch.wait_for_state_change(state)
+            # IDLE (the server closed the connection): reconnect, to tell live from gone
+            state = ch.get_state(try_to_connect=True)
+        self._watchers.pop(address, None)  # ending by itself: drop() must not cancel it
+        self.drop(address)
+
     def drop(self, address: str) -> None:
+        watcher = self._watchers.pop(address, None)
+        if watcher is not None:
+            watcher.cancel()
         if self._pools.pop(address, None) is not None:
             log.info("event=kv_pool_dropped address=%s", address)
 
@@ -262,7 +281,8 @@ class DirectKVSender:
             call.cancel()  # no-op once finished; if we were cancelled, the receiver sees it
 
     def close(self) -> None:
-        self._pools.clear()
+        for address in list(self._pools):
+            self.drop(address)
 
 
 async def _granted(read) -> None:

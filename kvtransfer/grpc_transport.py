@@ -78,13 +78,16 @@ class GrpcKVSender:
         self.timeout_s = timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def stub(self, address: str) -> worker_pb2_grpc.KVTransferStub:
+    def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
             ch = self._channels[address] = grpc.aio.insecure_channel(
                 address, options=CHANNEL_OPTIONS
             )
-        return worker_pb2_grpc.KVTransferStub(ch)
+        return ch
+
+    def stub(self, address: str) -> worker_pb2_grpc.KVTransferStub:
+        return worker_pb2_grpc.KVTransferStub(self.channel(address))
 
     async def send(
         self,

@@ -336,6 +336,31 @@ def test_refused_sender_raises(shm_dir):
     assert bool((rx.pool == POISON).all())  # nothing written
 
 
+def test_the_sender_drops_a_pool_once_its_server_is_gone(shm_dir):
+    rx = Receiver(shm_dir, torch.float32)
+    src = _source(torch.float32)
+
+    async def main():
+        sender = DirectKVSender(GrpcKVSender(timeout_s=10), Endpoint(host_id(), ""))
+        async with rx.serving() as address:
+            rx.ledger.open("d#0", "r", list(DEST_BLOCKS))
+            dest = KVDest("d#0", address, DEST_BLOCKS, FIRST_BLOCK, "r")
+            await sender.send(dest, rx.export, src, SRC_BLOCKS, 1, None)
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert sender.num_open_pools == 1  # the server is up: the pool stays open
+        # the server stopped: the sender's watch sees it unreachable and lets the pool go
+        for _ in range(200):
+            if sender.num_open_pools == 0:
+                break
+            await asyncio.sleep(0.05)
+        open_after = sender.num_open_pools
+        await sender.channels.close()
+        return open_after
+
+    assert asyncio.run(main()) == 0
+
+
 def test_stale_pool_files_are_swept_live_ones_kept(shm_dir):
     live = ShmPoolFile(shm_dir)
     stale = Path(shm_dir) / "tandem-kv-deadbeef"

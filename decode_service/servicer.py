@@ -52,6 +52,11 @@ class KVOffer:
     transports: list[str] = field(default_factory=lambda: ["grpc"])  # best first
     pool: worker_pb2.KVPoolExport | None = None  # the exported pool, for shm / cuda_ipc
 
+    @property
+    def legacy_transport(self) -> str:
+        """KVTarget.transport: what a sender that knows only that field must use."""
+        return "grpc" if "grpc" in self.transports else self.transports[0]
+
 
 class DecodeServicer(worker_pb2_grpc.DecodeServicer):
     def __init__(
@@ -111,7 +116,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 block_ids=target.block_ids,
                 num_cached_tokens=target.num_cached_tokens,
                 block_size=eng.cfg.block_size,
-                transport=self.offer.transports[0],
+                transport=self.offer.legacy_transport,
                 transports=self.offer.transports,
             )
             if self.offer.pool is not None:

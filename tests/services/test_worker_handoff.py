@@ -160,6 +160,7 @@ def test_shm_handoff_matches_local_generation(engines, shm_decode_engine):
     results, (decode_stats, prefill_stats) = asyncio.run(main())
     assert [tokens for tokens, _ in results] == want
     assert all(t.transports == ["shm", "grpc"] and t.pool.shm_path for _, t in results)
+    assert {t.transport for _, t in results} == {"grpc"}  # what an older sender reads
     assert dict(decode_stats.num_kv_handoffs) == {"shm": len(PROMPTS)}
     assert dict(prefill_stats.num_kv_handoffs) == {"shm": len(PROMPTS)}
     assert decode_stats.num_free_blocks == decode_stats.num_total_blocks

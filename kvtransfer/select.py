@@ -39,7 +39,7 @@ def offered_transports(flag: str, device_type: str) -> list[str]:
     if flag == "auto":
         return [local, "grpc"]
     if flag != "grpc" and flag != local:
-        raise ValueError(f"--kv-transport {flag} needs the KV pool on {_device_of(flag)}")
+        raise ValueError(f"--kv-transport {flag} needs the KV cache on {_device_of(flag)}")
     return [flag]
 
 

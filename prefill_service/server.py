@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from decode_service.worker_common import WorkerParts, add_engine_args, run_worker
+from decode_service.worker_common import (
+    WorkerParts,
+    add_engine_args,
+    engine_config_from_args,
+    run_worker,
+)
 from kvtransfer.grpc_transport import GrpcKVSender
+from kvtransfer.select import offered_transports
 from prefill_service.servicer import PrefillServicer
 from protos import worker_pb2, worker_pb2_grpc
 
@@ -31,6 +37,10 @@ async def _register(args, server, engine, address) -> WorkerParts:
 
 
 def run(args: argparse.Namespace) -> None:
+    try:  # a transport forced on this server must fit where its KV cache lives
+        offered_transports(args.kv_transport, engine_config_from_args(args).torch_device().type)
+    except ValueError as e:
+        raise SystemExit(f"tandem prefill: {e}") from None
     run_worker(args, SERVICES, lambda s, e, a: _register(args, s, e, a))
 
 

@@ -94,3 +94,18 @@ def test_host_id_is_this_kernel_and_ipc_namespace():
         boot = f.read().strip()
     hid = host_id()
     assert hid.startswith(boot + "/ipc:[") and hid == host_id()
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_a_worker_refuses_to_start_with_a_transport_its_device_cannot_serve(role):
+    import argparse
+
+    if role == "prefill":
+        from prefill_service.server import add_cli_args, run
+    else:
+        from decode_service.server import add_cli_args, run
+    p = argparse.ArgumentParser()
+    add_cli_args(p)
+    args = p.parse_args(["--device", "cpu", "--kv-transport", "cuda_ipc"])
+    with pytest.raises(SystemExit, match=f"tandem {role}: .*cuda_ipc needs .*CUDA device"):
+        run(args)  # before any model is loaded

@@ -275,6 +275,10 @@ class DirectKVSender:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 self.drop(dest.address)  # the server is gone: let its pool go
             raise
+        except asyncio.InvalidStateError:  # a write after the receiver ended the call
+            if answer is not None and answer.done() and not answer.cancelled():
+                await _granted(answer)  # its answer says why
+            raise HandoffRefused("the decode server ended the KV write") from None
         finally:
             if answer is not None and not answer.done():
                 answer.cancel()

@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from kvtransfer.base import KVDest, plan_slices  # noqa: E402
+from kvtransfer.direct_receiver import SameHostKVTransferServicer  # noqa: E402
 from kvtransfer.direct_transport import (  # noqa: E402
     DirectKVSender,
-    SameHostKVTransferServicer,
     SlabWriter,
     pool_from_proto,
     pool_to_proto,

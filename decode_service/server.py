@@ -12,7 +12,8 @@ from decode_service.worker_common import (
     engine_config_from_args,
     run_worker,
 )
-from kvtransfer.direct_transport import SameHostKVTransferServicer, pool_to_proto
+from kvtransfer.direct_receiver import SameHostKVTransferServicer
+from kvtransfer.direct_transport import pool_to_proto
 from kvtransfer.ledger import DEFAULT_STALL_S, HandoffLedger
 from kvtransfer.pool import ShmPoolFile, export_cuda_pool
 from kvtransfer.select import offered_transports

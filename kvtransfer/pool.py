@@ -20,6 +20,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from functools import cache
+from typing import NamedTuple
 
 import torch
 
@@ -55,9 +56,9 @@ def local_cuda_device(uuid_str: str) -> torch.device | None:
     return None
 
 
-@dataclass(frozen=True)
-class CudaIpcFields:
-    """torch's _share_cuda_() tuple, less the device index (meaningful only to the exporter)."""
+class CudaIpcFields(NamedTuple):
+    """torch's _share_cuda_() tuple less the device index (meaningful only to the exporter):
+    in _new_shared_cuda's order after the device, named as CudaIpcHandle's fields."""
 
     handle: bytes
     storage_size_bytes: int
@@ -180,16 +181,7 @@ def open_cuda_pool(export: PoolExport) -> torch.Tensor:
         raise ValueError(f"GPU {export.gpu_uuid!r} of the pool is not visible to this process")
     c = export.cuda
     torch.cuda._lazy_init()
-    storage = torch.UntypedStorage._new_shared_cuda(
-        device.index,
-        c.handle,
-        c.storage_size_bytes,
-        c.storage_offset_bytes,
-        c.ref_counter_handle,
-        c.ref_counter_offset,
-        c.event_handle,
-        c.event_sync_required,
-    )
+    storage = torch.UntypedStorage._new_shared_cuda(device.index, *c)
     numel = 1
     for n in export.shape:
         numel *= n

@@ -109,3 +109,17 @@ def test_a_worker_refuses_to_start_with_a_transport_its_device_cannot_serve(role
     args = p.parse_args(["--device", "cpu", "--kv-transport", "cuda_ipc"])
     with pytest.raises(SystemExit, match=f"tandem {role}: .*cuda_ipc needs .*CUDA device"):
         run(args)  # before any model is loaded
+
+
+def test_pool_export_round_trips_through_protobuf():
+    """Every CUDA IPC field travels as itself (bytes, integers, a bool), in torch's order."""
+    from kvtransfer.direct_transport import pool_from_proto, pool_to_proto
+    from kvtransfer.pool import CudaIpcFields
+
+    cuda = CudaIpcFields(b"\x01" * 64, 4096, 512, b"/torch_123_456", 7, b"\x02" * 64, True)
+    export = PoolExport("cuda_ipc", "p", HOST, SHAPE, torch.bfloat16, gpu_uuid=GPU0, cuda=cuda)
+    msg = pool_to_proto(export)
+    assert msg.cuda.ref_counter_offset == 7 and msg.cuda.event_sync_required
+    assert pool_from_proto(msg) == export
+    shm = PoolExport("shm", "q", HOST, SHAPE, torch.float32, shm_path="/dev/shm/tandem-kv-q")
+    assert pool_from_proto(pool_to_proto(shm)) == shm

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from kvtransfer.base import HandoffState, KVDest
-from kvtransfer.direct_transport import DirectKVSender, SameHostKVTransferServicer
+from kvtransfer.direct_receiver import SameHostKVTransferServicer
+from kvtransfer.direct_transport import DirectKVSender
 from kvtransfer.grpc_transport import (
     CHANNEL_OPTIONS,
     HANDOFF_ID_KEY,
@@ -86,7 +87,9 @@ class Receiver:
     async def serving(self):
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
         port = server.add_insecure_port("127.0.0.1:0")
-        servicer = SameHostKVTransferServicer(self.ledger, self.pool, ["shm", "grpc"], self.export)
+        servicer = SameHostKVTransferServicer(
+            self.ledger, self.pool, [self.transport, "grpc"], self.export
+        )
         worker_pb2_grpc.add_KVTransferServicer_to_server(servicer, server)
         await server.start()
         try:

@@ -11,7 +11,8 @@ import grpc
 import pytest
 
 from decode_service.servicer import DecodeServicer, KVOffer
-from kvtransfer.direct_transport import SameHostKVTransferServicer, pool_to_proto
+from kvtransfer.direct_receiver import SameHostKVTransferServicer
+from kvtransfer.direct_transport import pool_to_proto
 from kvtransfer.grpc_transport import CHANNEL_OPTIONS, GrpcKVSender, KVTransferServicer
 from kvtransfer.ledger import HandoffLedger
 from kvtransfer.pool import ShmPoolFile

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
-from decode_service.servicer import DecodeServicer
-from decode_service.worker_common import WorkerParts, add_engine_args, run_worker
-from kvtransfer.grpc_transport import KVTransferServicer
+from decode_service.servicer import DecodeServicer, KVOffer
+from decode_service.worker_common import (
+    WorkerParts,
+    add_engine_args,
+    engine_config_from_args,
+    run_worker,
+)
+from kvtransfer.direct_receiver import SameHostKVTransferServicer
+from kvtransfer.direct_transport import pool_to_proto
 from kvtransfer.ledger import DEFAULT_STALL_S, HandoffLedger
+from kvtransfer.pool import ShmPoolFile, export_cuda_pool
+from kvtransfer.select import offered_transports
 from protos import worker_pb2, worker_pb2_grpc
 from tandem.grpc_tls import TLSConfig, tls_from_args
+
+log = logging.getLogger("tandem.decode")
 
 SERVICES = [
     worker_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
@@ -30,11 +41,26 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-async def _register(args, server, engine, address) -> WorkerParts:
+async def _register(args, server, engine, address, offered, shm) -> WorkerParts:
     ledger = HandoffLedger(args.kv_lease_seconds, args.kv_stall_seconds)
-    worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine, ledger, address), server)
+    kv_cache = engine.engine.runner.kv_cache
+    export = None
+    if shm is not None:
+        export = shm.export(kv_cache)
+    elif "cuda_ipc" in offered:
+        try:
+            export = export_cuda_pool(kv_cache)
+        except RuntimeError as e:  # e.g. an allocator whose memory CUDA IPC cannot share
+            if args.kv_transport != "auto":
+                raise SystemExit(f"tandem decode: cannot export the KV pool: {e}") from e
+            log.warning("event=kv_pool_not_exported transport=cuda_ipc error=%s", e)
+            offered = [t for t in offered if t != "cuda_ipc"]
+    offer = KVOffer(offered, pool_to_proto(export) if export else None)
+    worker_pb2_grpc.add_DecodeServicer_to_server(
+        DecodeServicer(engine, ledger, address, offer), server
+    )
     worker_pb2_grpc.add_KVTransferServicer_to_server(
-        KVTransferServicer(ledger, engine.engine.runner.kv_cache), server
+        SameHostKVTransferServicer(ledger, kv_cache, offered, export), server
     )
 
     async def close() -> None:
@@ -45,11 +71,24 @@ async def _register(args, server, engine, address) -> WorkerParts:
         num_active_handoffs=lambda: ledger.num_active,
         close=close,
         kv_address=address,  # KVTransfer shares the Decode port
+        num_kv_handoffs=lambda: ledger.num_completed,
     )
 
 
 def run(args: argparse.Namespace, tls: TLSConfig) -> None:
-    run_worker(args, tls, SERVICES, lambda s, e, a: _register(args, s, e, a))
+    device_type = engine_config_from_args(args).torch_device().type
+    try:
+        offered = offered_transports(args.kv_transport, device_type)
+    except ValueError as e:
+        raise SystemExit(f"tandem decode: {e}") from None
+    # the shm pool file must exist before the engine maps its KV pool into it
+    shm = ShmPoolFile() if "shm" in offered else None
+    args.kv_cache_file = shm.path if shm is not None else ""
+    try:
+        run_worker(args, tls, SERVICES, lambda s, e, a: _register(args, s, e, a, offered, shm))
+    finally:
+        if shm is not None:
+            shm.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -44,11 +45,31 @@ def _token_event(out: StepOutput, num_prompt_tokens: int) -> worker_pb2.DecodeEv
     return worker_pb2.DecodeEvent(tokens=ev)
 
 
+@dataclass(frozen=True)
+class KVOffer:
+    """What every KVTarget of this server offers (decode_service/server.py builds it)."""
+
+    transports: list[str] = field(default_factory=lambda: ["grpc"])  # best first
+    pool: worker_pb2.KVPoolExport | None = None  # the exported pool, for shm / cuda_ipc
+
+    @property
+    def legacy_transport(self) -> str:
+        """KVTarget.transport: what a sender that knows only that field must use."""
+        return "grpc" if "grpc" in self.transports else self.transports[0]
+
+
 class DecodeServicer(worker_pb2_grpc.DecodeServicer):
-    def __init__(self, engine: AsyncEngine, ledger: HandoffLedger, kv_address: str) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        ledger: HandoffLedger,
+        kv_address: str,
+        offer: KVOffer | None = None,
+    ) -> None:
         self.engine = engine
         self.ledger = ledger
         self.kv_address = kv_address
+        self.offer = offer or KVOffer()
         self._handoff_ids = itertools.count()
 
     async def Generate(self, request, context):
@@ -89,16 +110,18 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         h = self.ledger.open(handoff_id, req_id, target.block_ids, target.num_cached_tokens)
         committed = False
         try:
-            yield worker_pb2.DecodeEvent(
-                kv_target=worker_pb2.KVTarget(
-                    handoff_id=handoff_id,
-                    decode_kv_address=self.kv_address,
-                    block_ids=target.block_ids,
-                    num_cached_tokens=target.num_cached_tokens,
-                    block_size=eng.cfg.block_size,
-                    transport="grpc",
-                )
+            kv_target = worker_pb2.KVTarget(
+                handoff_id=handoff_id,
+                decode_kv_address=self.kv_address,
+                block_ids=target.block_ids,
+                num_cached_tokens=target.num_cached_tokens,
+                block_size=eng.cfg.block_size,
+                transport=self.offer.legacy_transport,
+                transports=self.offer.transports,
             )
+            if self.offer.pool is not None:
+                kv_target.pool.CopyFrom(self.offer.pool)
+            yield worker_pb2.DecodeEvent(kv_target=kv_target)
             await self.ledger.wait(h)
             committed = True
             async for out in self.engine.commit(req_id, h.first_token_id, h.first_logprob):
@@ -118,4 +141,4 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         return worker_pb2.AbortResponse(found=found or bool(reclaimed))
 
     async def Stats(self, request, context):
-        return await worker_stats(self.engine, self.ledger.num_active)
+        return await worker_stats(self.engine, self.ledger.num_active, self.ledger.num_completed)

@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -25,6 +25,7 @@ from decode_service.registration import RegistryClient
 from decode_service.worker_load import LoadSampler, WorkerMetrics
 from decode_service.worker_load import worker_stats as worker_stats  # the servicers' import
 from kvtransfer.grpc_transport import CHANNEL_OPTIONS
+from kvtransfer.select import CHOICES
 from protos import worker_pb2
 from tandem.async_engine import DEFAULT_MAX_NUM_WAITING, AsyncEngine, EngineDeadError
 from tandem.config import EngineConfig
@@ -93,6 +94,14 @@ def add_engine_args(p: argparse.ArgumentParser, default_port: int) -> None:
         default=DEFAULT_MAX_NUM_WAITING,
         help="waiting-queue bound; beyond it new requests get RESOURCE_EXHAUSTED",
     )
+    p.add_argument(
+        "--kv-transport",
+        default="auto",
+        choices=CHOICES,
+        help="KV handoff transport. auto: decode servers offer cuda_ipc (CUDA pool) or shm"
+        " (CPU pool) and grpc; prefill servers pick cuda_ipc on the same GPU, shm between CPU"
+        " servers of one host, else grpc. Any other value forces that one on this server",
+    )
     p.add_argument("--log-level", default="warning")
     add_tls_args(p)
 
@@ -114,6 +123,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager,
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
+        kv_cache_file=getattr(args, "kv_cache_file", ""),  # set by `tandem decode` for shm
     )
 
 
@@ -132,6 +142,8 @@ class WorkerParts:
     num_active_handoffs: Callable[[], int]  # decode: open ledger entries; prefill: KV pushes
     close: Callable[[], Awaitable[None]]  # runs after the gRPC server stopped
     kv_address: str = ""  # decode: host:port of its KVTransfer service
+    # completed KV handoffs by transport (decode: received; prefill: sent)
+    num_kv_handoffs: Callable[[], Mapping[str, int]] = dict
 
 
 def advertised_host(args: argparse.Namespace) -> str:
@@ -187,7 +199,7 @@ async def serve(
 
         metrics = WorkerMetrics(model_name)
         start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
-    load = LoadSampler(engine, parts.num_active_handoffs, metrics)
+    load = LoadSampler(engine, parts.num_active_handoffs, metrics, parts.num_kv_handoffs)
     await load.refresh()
     load.start()
     registry = None

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from protos import worker_pb2
 from tandem.async_engine import AsyncEngine, EngineDeadError
@@ -21,7 +21,11 @@ log = logging.getLogger("tandem.worker.load")
 SAMPLE_PERIOD_S = 0.5
 
 
-async def worker_stats(engine: AsyncEngine, num_active_handoffs: int = 0) -> worker_pb2.WorkerStats:
+async def worker_stats(
+    engine: AsyncEngine,
+    num_active_handoffs: int = 0,
+    num_kv_handoffs: Mapping[str, int] | None = None,
+) -> worker_pb2.WorkerStats:
     def collect():
         s = engine.engine.stats()
         in_flight = sum(
@@ -44,6 +48,7 @@ async def worker_stats(engine: AsyncEngine, num_active_handoffs: int = 0) -> wor
         num_active_handoffs=num_active_handoffs,
         block_size=engine.engine.cfg.block_size,
         in_flight_prompt_tokens=in_flight,
+        num_kv_handoffs=dict(num_kv_handoffs or {}),
     )
 
 
@@ -63,6 +68,14 @@ class WorkerMetrics:
             "tandem:num_active_handoffs",
             "KV handoffs in progress (decode: reserved or receiving; prefill: KV pushes).",
         )
+        self.kv_handoffs = Counter(
+            "tandem:kv_handoffs",
+            "KV handoffs completed, by transport (decode: received; prefill: sent).",
+            ["model_name", "transport"],
+            registry=self.registry,
+        )
+        self.model_name = model_name
+        self._kv_handoffs_seen: dict[str, int] = {}
 
     def update(self, s: worker_pb2.WorkerStats) -> None:
         self.running.set(s.num_running)
@@ -70,6 +83,11 @@ class WorkerMetrics:
         used = s.num_total_blocks - s.num_free_blocks
         self.kv_usage.set(used / s.num_total_blocks if s.num_total_blocks else 0.0)
         self.handoffs.set(s.num_active_handoffs)
+        for transport, n in s.num_kv_handoffs.items():  # counters: add what is new
+            seen = self._kv_handoffs_seen.get(transport, 0)
+            if n > seen:
+                self.kv_handoffs.labels(self.model_name, transport).inc(n - seen)
+                self._kv_handoffs_seen[transport] = n
 
 
 class LoadSampler:
@@ -80,15 +98,19 @@ class LoadSampler:
         engine: AsyncEngine,
         num_active_handoffs: Callable[[], int],
         metrics: WorkerMetrics | None = None,
+        num_kv_handoffs: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self.engine = engine
         self.num_active_handoffs = num_active_handoffs
+        self.num_kv_handoffs = num_kv_handoffs
         self.metrics = metrics
         self.latest = worker_pb2.WorkerStats()
         self._task: asyncio.Task | None = None
 
     async def refresh(self) -> worker_pb2.WorkerStats:
-        self.latest = await worker_stats(self.engine, self.num_active_handoffs())
+        self.latest = await worker_stats(
+            self.engine, self.num_active_handoffs(), self.num_kv_handoffs()
+        )
         if self.metrics is not None:
             self.metrics.update(self.latest)
         return self.latest

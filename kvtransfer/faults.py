@@ -7,6 +7,7 @@ TANDEM_FAULT_KV_STALL_REQ_ID=<req_id>
     "<request_id>-<choice>" for a first attempt, "<request_id>-<choice>.<n>" for retry n)
     sends every KV slab but not the last chunk (the one with the first token), then stalls
     until cancelled: the receiver must hit its stall deadline and the router must retry.
+    The same-host transports (shm, cuda_ipc) write every slab and hold back `done`.
     Other requests are untouched.
 """
 

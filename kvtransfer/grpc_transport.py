@@ -47,7 +47,7 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -65,25 +65,29 @@ async def _data_chunk(handoff_id: str, s: KVSlice) -> worker_pb2.KVChunk:
         layer_end=s.layer_end,
         block_offset=s.block_offset,
         num_blocks=data.shape[2],
-        dtype=_dtype_name(data.dtype),
+        dtype=dtype_name(data.dtype),
         shape=list(data.shape),
         data=data.view(torch.uint8).numpy().tobytes(),
     )
 
 
 class GrpcKVSender:
-    """Prefill side: one channel per decode address, reused across handoffs."""
+    """Prefill side: one channel per decode address, reused across handoffs (and by the
+    same-host transports' control stream)."""
 
     def __init__(self, timeout_s: float = 60.0, tls: TLSConfig = PLAINTEXT) -> None:
         self.timeout_s = timeout_s
         self.tls = tls  # the prefill server's files, as client credentials
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _stub(self, address: str) -> worker_pb2_grpc.KVTransferStub:
+    def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
             ch = self._channels[address] = aio_channel(address, self.tls, CHANNEL_OPTIONS)
-        return worker_pb2_grpc.KVTransferStub(ch)
+        return ch
+
+    def stub(self, address: str) -> worker_pb2_grpc.KVTransferStub:
+        return worker_pb2_grpc.KVTransferStub(self.channel(address))
 
     async def send(
         self,
@@ -92,7 +96,7 @@ class GrpcKVSender:
         first_token_id: int,
         first_logprob: Logprob | None,
     ) -> None:
-        call = self._stub(dest.address).Push(
+        call = self.stub(dest.address).Push(
             timeout=self.timeout_s, metadata=((HANDOFF_ID_KEY, dest.handoff_id),)
         )
         try:
@@ -139,7 +143,7 @@ class KVTransferServicer(worker_pb2_grpc.KVTransferServicer):
             chunk.num_blocks,
             *cache.shape[3:],
         )
-        if shape != want or chunk.dtype != _dtype_name(cache.dtype):
+        if shape != want or chunk.dtype != dtype_name(cache.dtype):
             raise HandoffFailed(
                 f"chunk shape {shape}/{chunk.dtype} does not fit {want}/{cache.dtype}"
             )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from kvtransfer.base import HandoffState
@@ -45,8 +46,10 @@ class Handoff:
     error: str = ""
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None  # cancelled when the handoff ends early (sender's push)
-    # receiver: the chunk write into block_ids in flight on a worker thread; a cancelled
-    # coroutine does not stop it, so whoever frees the blocks awaits it first (settle)
+    # receiver: done once no write into block_ids can be in flight: the grpc transport's chunk
+    # store on a worker thread (a cancelled coroutine does not stop it), or a same-host
+    # sender's granted slab (kvtransfer/direct_transport.py); whoever frees the blocks awaits
+    # it first (settle)
     store: asyncio.Future | None = None
 
 
@@ -57,6 +60,7 @@ class HandoffLedger:
         self.lease_s = lease_s
         self.stall_s = stall_s
         self.handoffs: dict[str, Handoff] = {}
+        self.num_completed: Counter[str] = Counter()  # completed handoffs by transport
 
     def open(
         self,
@@ -91,10 +95,13 @@ class HandoffLedger:
             h.state = HandoffState.RECEIVING
             h.deadline = time.monotonic() + self.stall_s
 
-    def complete(self, h: Handoff, first_token_id: int = -1, first_logprob=None) -> None:
+    def complete(
+        self, h: Handoff, first_token_id: int = -1, first_logprob=None, transport: str = "grpc"
+    ) -> None:
         if h.state.terminal:
             raise HandoffFailed(f"handoff {h.handoff_id!r} already {h.state.value}: {h.error}")
         h.first_token_id, h.first_logprob = first_token_id, first_logprob
+        self.num_completed[transport] += 1
         h.task = None  # the task is what completed it
         self._end(h, HandoffState.COMPLETE)
 

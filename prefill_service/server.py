@@ -4,29 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from decode_service.worker_common import WorkerParts, add_engine_args, run_worker
+from decode_service.worker_common import (
+    WorkerParts,
+    add_engine_args,
+    engine_config_from_args,
+    run_worker,
+)
 from kvtransfer.grpc_transport import GrpcKVSender
+from kvtransfer.select import offered_transports
 from prefill_service.servicer import PrefillServicer
 from protos import worker_pb2, worker_pb2_grpc
 from tandem.grpc_tls import TLSConfig, tls_from_args
 
 SERVICES = [worker_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name]
-
-
-class CountingKVSender(GrpcKVSender):
-    """Counts KV pushes in flight: a drain waits for them, and they are the prefill side's
-    `tandem:num_active_handoffs`."""
-
-    def __init__(self, timeout_s: float, tls: TLSConfig) -> None:
-        super().__init__(timeout_s, tls)
-        self.num_active = 0
-
-    async def send(self, *args, **kwargs) -> None:
-        self.num_active += 1
-        try:
-            await super().send(*args, **kwargs)
-        finally:
-            self.num_active -= 1
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -35,17 +25,24 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 
 async def _register(args, tls, server, engine, address) -> WorkerParts:
-    sender = CountingKVSender(args.kv_push_timeout, tls)
-    servicer = PrefillServicer(engine, sender)
+    sender = GrpcKVSender(args.kv_push_timeout, tls)  # tls: this server's files, as a client
+    servicer = PrefillServicer(engine, sender, args.kv_transport)
     worker_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
     return WorkerParts(
         role=worker_pb2.WORKER_ROLE_PREFILL,
-        num_active_handoffs=lambda: sender.num_active,
+        # KV pushes in flight: a drain waits for them; the prefill side's
+        # tandem:num_active_handoffs
+        num_active_handoffs=lambda: servicer.num_pushes,
         close=servicer.close,
+        num_kv_handoffs=lambda: servicer.ledger.num_completed,
     )
 
 
 def run(args: argparse.Namespace, tls: TLSConfig) -> None:
+    try:  # a transport forced on this server must fit where its KV cache lives
+        offered_transports(args.kv_transport, engine_config_from_args(args).torch_device().type)
+    except ValueError as e:
+        raise SystemExit(f"tandem prefill: {e}") from None
     run_worker(args, tls, SERVICES, lambda s, e, a: _register(args, tls, s, e, a))
 
 

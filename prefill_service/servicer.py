@@ -1,10 +1,14 @@
 """Prefill servicer: chunked prefill, first token back to the router, KV pushed to decode.
 
 A request's life on a prefill server:
-    Prefill(kv_target) -> engine (chunked prefill, prefix cache, blocks held on finish)
-                       -> first token sampled -> KV slabs copied out -> blocks released
+    Prefill(kv_target) -> pick the KV transport (kvtransfer/select.py)
+                       -> engine (chunked prefill, prefix cache, blocks held on finish)
+                       -> first token sampled
+                          grpc:             KV slabs copied out -> blocks released
+                          shm / cuda_ipc:   blocks stay held
                        -> PrefillResponse to the router (TTFT does not wait for the push)
-                       -> background push of the slabs + first token to the decode server
+                       -> background push of the KV + first token to the decode server
+                          (shm / cuda_ipc: written from the held blocks, then released)
     Abort(req_id)      -> stops the compute, cancels the push (the decode side sees the
                           stream cancelled and fails its handoff at once); idempotent
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 
@@ -24,8 +29,11 @@ import grpc
 from decode_service.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
 from decode_service.worker_common import worker_stats
 from kvtransfer.base import HandoffState, KVDest, plan_slices
+from kvtransfer.direct_transport import DirectKVSender, check_pool_layout, pool_from_proto
 from kvtransfer.grpc_transport import CHUNK_BYTES, GrpcKVSender, HandoffRefused
 from kvtransfer.ledger import Handoff, HandoffFailed, HandoffLedger
+from kvtransfer.pool import PoolExport, gpu_uuid, host_id
+from kvtransfer.select import Endpoint, choose_transport
 from protos import worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine, EngineDeadError
 from tandem.engine import EngineFullError
@@ -34,9 +42,16 @@ log = logging.getLogger(__name__)
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillServicer):
-    def __init__(self, engine: AsyncEngine, sender: GrpcKVSender) -> None:
+    def __init__(
+        self, engine: AsyncEngine, sender: GrpcKVSender, kv_transport: str = "auto"
+    ) -> None:
         self.engine = engine
         self.sender = sender
+        self.kv_transport = kv_transport  # --kv-transport: auto, or the one forced
+        self.kv_cache = engine.engine.runner.kv_cache
+        self.here = Endpoint(host_id(), gpu_uuid(self.kv_cache.device))
+        self.direct = DirectKVSender(sender, self.here)
+        self._unopenable: set[str] = set()  # pool ids auto mode could not open: grpc for them
         self.block_size = engine.engine.cfg.block_size
         # sender side of each handoff; a push may take at most the sender's timeout
         self.ledger = HandoffLedger(lease_s=sender.timeout_s)
@@ -62,8 +77,28 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             raise ValueError(
                 "kv_target.num_cached_tokens must be block-aligned and within the prompt"
             )
-        if t.transport not in ("", "grpc"):
-            raise ValueError(f"KV transport {t.transport!r} is not available on this server")
+
+    def _pick_transport(self, t) -> tuple[str, PoolExport | None]:
+        """The transport for this KVTarget (and its pool); ValueError when none fits."""
+        pool = pool_from_proto(t.pool) if t.HasField("pool") else None
+        offered = list(t.transports) or [t.transport or "grpc"]
+        name = choose_transport(self.kv_transport, self.here, offered, pool)
+        if name == "grpc" or pool is None:
+            return name, None
+        if self.kv_transport == "auto" and pool.pool_id in self._unopenable and "grpc" in offered:
+            return "grpc", None
+        try:  # opened once per decode server, here so a failure still leaves grpc
+            check_pool_layout(self.kv_cache, self.direct.pool(t.decode_kv_address, pool))
+        except (OSError, RuntimeError, ValueError) as e:
+            if self.kv_transport != "auto":
+                raise ValueError(f"cannot open the decode server's {name} pool: {e}") from e
+            if pool.pool_id not in self._unopenable:
+                self._unopenable.add(pool.pool_id)
+                log.warning("event=kv_pool_unopenable transport=%s error=%s", name, e)
+            if "grpc" not in offered:
+                raise ValueError(f"cannot open the decode server's {name} pool: {e}") from e
+            return "grpc", None
+        return name, pool
 
     async def Prefill(self, request, context):
         req_id, prompt = request.req_id, list(request.prompt_token_ids)
@@ -71,17 +106,18 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         try:
             params = sampling_from_proto(request.sampling)
             self._validate(request)
+            transport = self._pick_transport(request.kv_target)
             h = self.ledger.open(request.kv_target.handoff_id, req_id)
         except (ValueError, HandoffFailed) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
-            return await self._prefill(request, context, h, prompt, params, num_out)
+            return await self._prefill(request, context, h, prompt, params, num_out, transport)
         finally:
             if h.state != HandoffState.RECEIVING:  # no push running: the handoff ends here
                 self.ledger.fail(h.handoff_id, HandoffState.FAILED, "prefill did not finish")
                 self.ledger.close(h.handoff_id)
 
-    async def _prefill(self, request, context, h: Handoff, prompt, params, num_out):
+    async def _prefill(self, request, context, h: Handoff, prompt, params, num_out, transport):
         req_id = request.req_id
         # Only output index num_out is sampled here; min_tokens still masks EOS at it.
         first_params = dataclasses.replace(
@@ -116,10 +152,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
 
         t = request.kv_target
         first_block = t.num_cached_tokens // self.block_size
-        slices = None
+        name, pool = transport
+        kv = None
         if finish is None:  # the decode server continues: it needs the KV
-            slices = await self.engine.call(self._copy_out_and_release, req_id, first_block)
-        if slices is None:  # finished at this token (or aborted just now): nothing to push
+            # grpc: a snapshot of the KV, blocks released; same host: the held block ids
+            take = self._copy_out_and_release if pool is None else self._held_blocks
+            kv = await self.engine.call(take, req_id, first_block)
+        if kv is None:  # finished at this token (or aborted just now): nothing to push
             await self.engine.call(self.engine.engine.release, req_id)
             why = "sequence finished at its first token" if finish else "aborted"
             self.ledger.fail(h.handoff_id, HandoffState.RECLAIMED, why)
@@ -129,10 +168,16 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             dest = KVDest(
                 t.handoff_id, t.decode_kv_address, tuple(t.block_ids), first_block, req_id
             )
+            if pool is None:
+                send = functools.partial(self.sender.send, dest, kv, token, logprob)
+            else:
+                send = functools.partial(
+                    self.direct.send, dest, pool, self.kv_cache, kv, token, logprob
+                )
             self.ledger.receiving(h)
-            h.task = asyncio.get_running_loop().create_task(
-                self._push(h, dest, slices, token, logprob)
-            )
+            h.task = asyncio.get_running_loop().create_task(self._push(h, dest, send, name))
+            if pool is not None:  # once the push is over (however), the blocks go back
+                h.task.add_done_callback(lambda _: self._track(self._release(req_id)))
             self._pushes.add(h.task)
             h.task.add_done_callback(self._pushes.discard)
 
@@ -159,10 +204,34 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         finally:
             eng.release(req_id)
 
-    async def _push(self, h: Handoff, dest, slices, token, logprob) -> None:
+    def _held_blocks(self, req_id: str, first_block: int) -> list[int] | None:
+        """On the engine thread: the request's block ids from first_block (still held, so
+        nothing overwrites them until the write is done); None when the request is gone."""
+        req = self.engine.engine.requests.get(req_id)
+        return None if req is None else list(req.block_table[first_block:])
+
+    async def _release(self, req_id: str) -> None:
+        """Held blocks back to the pool (they stay cached); idempotent."""
         try:
-            await self.sender.send(dest, slices, token, logprob)
-            self.ledger.complete(h)
+            await self.engine.call(self.engine.engine.release, req_id)
+        except EngineDeadError:
+            pass
+
+    def _track(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+        return task
+
+    @property
+    def num_pushes(self) -> int:
+        """KV pushes in flight (a drain waits for them)."""
+        return sum(h.state == HandoffState.RECEIVING for h in self.ledger.handoffs.values())
+
+    async def _push(self, h: Handoff, dest, send, transport: str) -> None:
+        try:
+            await send()
+            self.ledger.complete(h, transport=transport)
         except asyncio.CancelledError:  # Abort, or shutdown: the receiver sees the cancel
             self.ledger.fail(h.handoff_id, HandoffState.RECLAIMED, "push cancelled")
         except HandoffRefused as e:  # its handoff already ended there (cancelled request)
@@ -180,7 +249,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         return worker_pb2.AbortResponse(found=found or bool(cancelled))
 
     async def Stats(self, request, context):
-        return await worker_stats(self.engine, self.ledger.num_active)
+        return await worker_stats(self.engine, self.ledger.num_active, self.ledger.num_completed)
 
     # -- prefix-index feed --------------------------------------------------------------------
     async def _pump_events(self) -> None:
@@ -214,4 +283,5 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         self._events_task.cancel()
         if self._pushes:
             await asyncio.wait(self._pushes, timeout=10)
+        self.direct.close()
         await self.sender.close()

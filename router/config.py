@@ -39,6 +39,9 @@ class RouterConfig:
     prefix_load_weight: float = 1.0
     # Its own port and its channels to the workers (tandem/grpc_tls.py); default plaintext.
     tls: TLSConfig = PLAINTEXT
+    # Conditional disaggregation: a prompt whose part not cached on the chosen decode server is
+    # shorter than this many tokens is prefilled there (no KV handoff); 0: always remote.
+    max_local_prefill_length: int = 0
 
     def __post_init__(self):
         if self.routing_policy not in ("prefix", "least_load", "round_robin"):
@@ -47,5 +50,7 @@ class RouterConfig:
             raise ValueError("max_num_requests and max_n must be >= 1")
         if self.max_migrations < 0:
             raise ValueError("max_migrations must be >= 0")
+        if self.max_local_prefill_length < 0:
+            raise ValueError("max_local_prefill_length must be >= 0")
         if min(self.worker_timeout_s, self.handoff_timeout_s, self.stream_idle_timeout_s) <= 0:
             raise ValueError("worker, handoff and stream-idle timeouts must be > 0")

@@ -1,5 +1,8 @@
 """One choice's trip through the workers: decode reservation, prefill, token stream.
 
+local?    no prefill server, or the prompt's part not cached on the chosen decode server
+          is shorter than max_local_prefill_length -> the decode server prefills it
+          (Decode.Generate(prefill_locally), no handoff); counted local / remote
 attempt:  choose decode ─ Decode.Generate ──> KVTarget (remote prefill only)
           choose prefill ─ Prefill.Prefill(kv_target) ──> token 0   (yielded at once)
           decode stream ──> tokens 1.. until a finish_reason
@@ -59,11 +62,17 @@ class HandoffLimits(NamedTuple):
     handoff_timeout_s: float  # prefill answered -> first decode event (KV arrived)
     idle_timeout_s: float  # longest gap between decode events
     max_migrations: int  # new attempts after worker failures
+    # prefill on the decode server when the prompt's part not cached there is shorter (0: never)
+    max_local_prefill_length: int = 0
 
     @classmethod
     def from_config(cls, c) -> HandoffLimits:
         return cls(
-            c.worker_timeout_s, c.handoff_timeout_s, c.stream_idle_timeout_s, c.max_migrations
+            c.worker_timeout_s,
+            c.handoff_timeout_s,
+            c.stream_idle_timeout_s,
+            c.max_migrations,
+            c.max_local_prefill_length,
         )
 
 
@@ -187,7 +196,8 @@ async def _attempt(
             raise RequestError(ErrorKind.UNAVAILABLE, "every decode server failed", retry_after=1)
         raise RequestError(ErrorKind.UNAVAILABLE, "no decode server registered", retry_after=5)
     prefills = pool.candidates(Role.PREFILL, exclude=bad)
-    local = not prefills
+    local = not prefills or _short_enough_for_local(decode, token_ids, limits)
+    pool.prefill_decisions["local" if local else "remote"] += 1
     timing.decode_worker = decode.address
     pb_sampling = sampling_to_proto(sampling)
     call = decode.stub.Generate(
@@ -252,6 +262,23 @@ async def _attempt(
             _fire_abort(decode, req_id)
             if prefill is not None:
                 _fire_abort(prefill, req_id)
+
+
+def _short_enough_for_local(decode: WorkerHandle, token_ids: list[int], limits) -> bool:
+    """Conditional disaggregation: the prompt's part the decode server does not cache is
+    shorter than max_local_prefill_length, so a local prefill costs less than the handoff.
+
+    What the decode server caches is approximated from what this router sent it (decode
+    servers stream no KV events): every prompt it was given, as full blocks, LRU-bounded.
+    """
+    n = limits.max_local_prefill_length
+    if n <= 0:
+        return False
+    hashes = hash_prompt_blocks(token_ids, decode.block_size)
+    cached = decode.blocks.num_matched(hashes) * decode.block_size
+    decode.blocks.store(hashes)  # held there after this request, wherever it is prefilled
+    uncached = len(token_ids) - min(cached, len(token_ids) - 1)  # the last one is recomputed
+    return uncached < n
 
 
 async def _prefill(

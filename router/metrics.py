@@ -10,7 +10,10 @@ where delivery is the remainder (RPC round trips, scheduling, detokenization).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -72,3 +75,22 @@ class RouterMetrics:
     def cached_tokens(self, n: int) -> None:
         if n > 0:
             self._prefix_hit.inc(n)
+
+
+class PrefillDecisionCollector:
+    """`tandem:prefill_decisions_total{decision=local|remote}`: where each attempt's prompt was
+    prefilled (router/handoff.py counts them in the pool), read at scrape time."""
+
+    def __init__(self, counts: Mapping[str, int], model_name: str) -> None:
+        self.counts = counts
+        self.model_name = model_name
+
+    def collect(self):
+        c = CounterMetricFamily(
+            "tandem:prefill_decisions",
+            "Prompts prefilled on the decode server (local) or a prefill server (remote).",
+            labels=["model_name", "decision"],
+        )
+        for decision in ("local", "remote"):
+            c.add_metric([self.model_name, decision], self.counts.get(decision, 0))
+        yield c

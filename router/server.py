@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from protos import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from router.config import RouterConfig
 from router.engine import RouterEngine
-from router.metrics import RouterMetrics
+from router.metrics import PrefillDecisionCollector, RouterMetrics
 from router.policies import POLICIES
 from router.servicer import RegistryServicer, RouterServicer
 from router.tokenizer import RouterTokenizer
@@ -81,6 +81,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=60.0,
         help="seconds a decode stream may stay silent before the router gives up on it",
     )
+    parser.add_argument(
+        "--max-local-prefill-length",
+        type=int,
+        default=0,
+        help="prefill on the decode server when the prompt's part not cached there is shorter"
+        " than this many tokens (no KV handoff); 0: always on a prefill server",
+    )
     parser.add_argument("--log-level", default="warning")
     add_tls_args(parser)
     return parser
@@ -104,6 +111,7 @@ def config_from_args(args: argparse.Namespace, tls: TLSConfig = PLAINTEXT) -> Ro
         handoff_timeout_s=args.handoff_timeout,
         stream_idle_timeout_s=args.stream_idle_timeout,
         tls=tls,
+        max_local_prefill_length=args.max_local_prefill_length,
     )
 
 
@@ -125,6 +133,9 @@ async def start_router(config: RouterConfig, metrics: RouterMetrics | None = Non
     metrics = metrics or RouterMetrics(config.served_model_name or Path(config.model).name)
     engine = RouterEngine(config, tokenizer, metrics)
     metrics.registry.register(MembershipCollector(engine.pool, metrics.model_name))
+    metrics.registry.register(
+        PrefillDecisionCollector(engine.pool.prefill_decisions, metrics.model_name)
+    )
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 64 << 20),

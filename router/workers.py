@@ -18,6 +18,7 @@ spreads even before any report arrives.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import itertools
 import logging
@@ -132,6 +133,8 @@ class WorkerPool:
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task] = set()
         self._started = False
+        # where attempts were prefilled: "local" (decode server) / "remote" (router/handoff.py)
+        self.prefill_decisions: collections.Counter[str] = collections.Counter()
         self._decode_rr = itertools.count()
 
     # -- membership -----------------------------------------------------------------------

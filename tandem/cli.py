@@ -109,6 +109,7 @@ def _serve(args: argparse.Namespace, tls: TLSConfig) -> None:
     if not args.enable_prefix_caching:
         engine_flags.append("--no-enable-prefix-caching")
     common = ["--model", str(model_dir), "--log-level", args.log_level, *tls_argv(args)]
+    worker_flags = ["--kv-transport", args.kv_transport]
 
     shares = _memory_shares(args)
     procs: list[subprocess.Popen] = []
@@ -118,6 +119,7 @@ def _serve(args: argparse.Namespace, tls: TLSConfig) -> None:
             for _ in range(count):
                 port = _free_port(host)
                 cmd = [*py, role, "--host", host, "--port", str(port), *common, *engine_flags]
+                cmd += worker_flags
                 cmd += ["--served-model-name", served]  # the label of the workers' metrics
                 if shares[role] is not None:
                     cmd += ["--gpu-memory-utilization", str(shares[role])]
@@ -213,6 +215,14 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "--routing-policy", default="prefix", choices=["prefix", "least_load", "round_robin"]
     )
     p.add_argument("--served-model-name", default=None)
+    p.add_argument(
+        "--kv-transport",
+        default="auto",
+        # kvtransfer.select.CHOICES, spelled out: this module must not import torch
+        choices=["auto", "grpc", "shm", "cuda_ipc"],
+        help="KV handoff transport of the prefill and decode servers (auto: cuda_ipc on a"
+        " shared GPU, shm between CPU servers, else grpc)",
+    )
     p.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"))
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--log-level", default="warning")

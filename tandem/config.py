@@ -116,6 +116,9 @@ class EngineConfig:
     # CUDA graphs for decode-only steps of up to this many sequences (0 or enforce_eager: off)
     cuda_graph_max_batch_size: int = 512
     enforce_eager: bool = False
+    # CPU only: the KV pool lives in this file (a decode server's /dev/shm pool file), mapped
+    # shared, so prefill servers on the host write it directly (the shm KV transport)
+    kv_cache_file: str = ""
     hf_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

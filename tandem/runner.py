@@ -68,16 +68,24 @@ class ModelRunner:
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.num_blocks = cfg.num_blocks or self._blocks_from_memory(cfg)
         # one pool for all layers: [layer, k|v, block, slot in block, kv head, head dim]
-        self.kv_cache = torch.zeros(
+        shape = (
             model_cfg.num_layers,
             2,
             self.num_blocks,
             self.block_size,
             model_cfg.num_kv_heads,
             model_cfg.head_dim,
-            dtype=self.dtype,
-            device=self.device,
         )
+        if cfg.kv_cache_file:
+            if self.device.type != "cpu":
+                raise ValueError("kv_cache_file (a shared-memory KV pool) is for CPU engines")
+            # a new file reads as zeros; pages are only allocated when written
+            numel = int(np.prod(shape))
+            self.kv_cache = torch.from_file(
+                cfg.kv_cache_file, shared=True, size=numel, dtype=self.dtype
+            ).view(shape)
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [
             (self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model_cfg.num_layers)
         ]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 
+from kvtransfer.pool import sweep_stale_pool_files
 from protos import worker_pb2, worker_pb2_grpc
 from tandem.cli import _wait_grpc_healthy, _wait_http_healthy
 from tandem.client import TandemClient
@@ -43,8 +44,10 @@ class FaultStack:
         num_decode: int,
         worker_env: dict[str, str] | None = None,
         router_flags: tuple[str, ...] = (),
+        worker_flags: dict[str, tuple[str, ...]] | None = None,  # role -> extra flags
     ) -> None:
         self.model_dir = model_dir
+        self.worker_flags = worker_flags or {}
         self.log_dir = log_dir
         self.worker_env = {**os.environ, **(worker_env or {})}
         self.procs: dict[str, subprocess.Popen] = {}  # address (or name) -> process
@@ -55,7 +58,7 @@ class FaultStack:
         try:
             for role, addrs in (("prefill", self.prefill), ("decode", self.decode)):
                 for a in addrs:
-                    self._spawn_worker(role, a)
+                    self._spawn_worker(role, a, self.worker_flags.get(role, ()))
             for a in self.workers:
                 _wait_grpc_healthy(a, self.procs[a], START_TIMEOUT_S)
             self.router = f"127.0.0.1:{free_port()}"
@@ -81,9 +84,10 @@ class FaultStack:
     def workers(self) -> list[str]:
         return self.prefill + self.decode
 
-    def _spawn_worker(self, role: str, address: str) -> None:
+    def _spawn_worker(self, role: str, address: str, flags: tuple[str, ...] = ()) -> None:
         port = address.rsplit(":", 1)[1]
         cmd = [*self._py, role, "--port", port, "--model", str(self.model_dir), *ENGINE_FLAGS]
+        cmd += flags
         self._spawn(address, cmd, self.worker_env)
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -153,3 +157,4 @@ class FaultStack:
                 p.kill()
         for p in self.procs.values():
             p.wait(timeout=30)
+        sweep_stale_pool_files()  # killed decode servers leave their shm KV pool files

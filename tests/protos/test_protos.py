@@ -77,8 +77,13 @@ def test_worker_contract_field_numbers():
     assert numbers(worker_pb2.DecodeEvent) == {"kv_target": 1, "tokens": 2}
     assert numbers(worker_pb2.KVTarget) == {
         "handoff_id": 1, "decode_kv_address": 2, "block_ids": 3, "num_cached_tokens": 4,
-        "block_size": 5, "transport": 6,
+        "block_size": 5, "transport": 6, "transports": 7, "pool": 8,
     }  # fmt: skip
+    assert numbers(worker_pb2.KVWriteMessage) == {
+        "handoff_id": 1, "begin": 2, "written_slab": 3, "done": 4,
+    }  # fmt: skip
+    assert numbers(worker_pb2.KVPoolExport)["cuda"] == 8
+    assert numbers(worker_pb2.WorkerStats)["num_kv_handoffs"] == 11
     kv = numbers(worker_pb2.KVChunk)
     assert kv["data"] == 8 and kv["last"] == 9 and kv["first_token_id"] == 10
     assert numbers(worker_pb2.DecodeRequest)["prefill_locally"] == 4

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 
 import grpc
 import pytest
 
-from decode_service.servicer import DecodeServicer
+from decode_service.servicer import DecodeServicer, KVOffer
+from kvtransfer.direct_receiver import SameHostKVTransferServicer
+from kvtransfer.direct_transport import pool_to_proto
 from kvtransfer.grpc_transport import CHANNEL_OPTIONS, GrpcKVSender, KVTransferServicer
 from kvtransfer.ledger import HandoffLedger
+from kvtransfer.pool import ShmPoolFile
 from prefill_service.servicer import PrefillServicer
 from protos import common_pb2, worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine
@@ -43,8 +47,21 @@ def _reference(engine: LLMEngine, prompt: list[int], max_tokens: int) -> list[in
     return req.output_token_ids
 
 
+@pytest.fixture(scope="module")
+def shm_decode_engine():
+    """A decode engine whose KV pool lives in a /dev/shm pool file (the shm transport)."""
+    pool_file = ShmPoolFile()
+    engine = LLMEngine(
+        EngineConfig(num_blocks=256, max_num_batched_tokens=48, kv_cache_file=pool_file.path)
+    )
+    yield engine, pool_file
+    pool_file.close()
+
+
 @contextlib.asynccontextmanager
-async def _start(prefill_engine, decode_engine):
+async def _start(
+    prefill_engine, decode_engine, pool_file: ShmPoolFile | None = None, shown_path: str = ""
+):
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     port = server.add_insecure_port("127.0.0.1:0")
     addr = f"127.0.0.1:{port}"
@@ -52,10 +69,17 @@ async def _start(prefill_engine, decode_engine):
     ledger = HandoffLedger(lease_s=5)
     prefill = PrefillServicer(p_async, GrpcKVSender(timeout_s=10))
     worker_pb2_grpc.add_PrefillServicer_to_server(prefill, server)
-    worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(d_async, ledger, addr), server)
-    worker_pb2_grpc.add_KVTransferServicer_to_server(
-        KVTransferServicer(ledger, decode_engine.runner.kv_cache), server
-    )
+    kv_cache = decode_engine.runner.kv_cache
+    if pool_file is None:  # an older decode server: offers grpc only
+        offer, kv_servicer = KVOffer(), KVTransferServicer(ledger, kv_cache)
+    else:
+        export = pool_file.export(kv_cache)
+        shown = dataclasses.replace(export, shm_path=shown_path or export.shm_path)
+        offer = KVOffer(["shm", "grpc"], pool_to_proto(shown))
+        kv_servicer = SameHostKVTransferServicer(ledger, kv_cache, offer.transports, export)
+    decode = DecodeServicer(d_async, ledger, addr, offer)
+    worker_pb2_grpc.add_DecodeServicer_to_server(decode, server)
+    worker_pb2_grpc.add_KVTransferServicer_to_server(kv_servicer, server)
     await server.start()
     channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
     try:
@@ -111,7 +135,58 @@ def test_remote_prefill_handoff_matches_local_generation(engines):
     # full blocks, less the one holding the last prompt token (always recomputed)
     assert target.num_cached_tokens == ((len(PROMPTS[1]) - 1) // 16) * 16
     assert stats.num_free_blocks == stats.num_total_blocks  # nothing leaked
+    assert dict(stats.num_kv_handoffs) == {"grpc": len(PROMPTS) + 1}
     assert prefill_engine.block_manager.num_free_blocks == prefill_engine.block_manager.num_blocks
+
+
+def test_shm_handoff_matches_local_generation(engines, shm_decode_engine):
+    """Same handoffs, the KV written by the prefill servicer straight into the decode pool
+    file; Stats counts them by transport on both sides."""
+    prefill_engine, _ = engines
+    decode_engine, pool_file = shm_decode_engine
+    want = [_reference(prefill_engine, p, 12) for p in PROMPTS]
+    prefill_engine.block_manager.reset_prefix_cache()
+
+    async def main():
+        async with _start(prefill_engine, decode_engine, pool_file) as channel:
+            results = await asyncio.gather(
+                *(_handoff(channel, f"s{i}", p, 12) for i, p in enumerate(PROMPTS))
+            )
+            stats = [
+                await stub(channel).Stats(worker_pb2.StatsRequest())
+                for stub in (worker_pb2_grpc.DecodeStub, worker_pb2_grpc.PrefillStub)
+            ]
+        return results, stats
+
+    results, (decode_stats, prefill_stats) = asyncio.run(main())
+    assert [tokens for tokens, _ in results] == want
+    assert all(t.transports == ["shm", "grpc"] and t.pool.shm_path for _, t in results)
+    assert {t.transport for _, t in results} == {"grpc"}  # what an older sender reads
+    assert dict(decode_stats.num_kv_handoffs) == {"shm": len(PROMPTS)}
+    assert dict(prefill_stats.num_kv_handoffs) == {"shm": len(PROMPTS)}
+    assert decode_stats.num_free_blocks == decode_stats.num_total_blocks
+    assert prefill_engine.block_manager.num_free_blocks == prefill_engine.block_manager.num_blocks
+
+
+def test_auto_falls_back_to_grpc_when_the_pool_cannot_be_opened(engines, shm_decode_engine):
+    """A pool offered but not visible to the sender (another mount namespace's /dev/shm):
+    auto mode hands the KV over through grpc instead."""
+    prefill_engine, _ = engines
+    decode_engine, pool_file = shm_decode_engine
+    want = _reference(prefill_engine, PROMPTS[1], 6)
+    prefill_engine.block_manager.reset_prefix_cache()
+    decode_engine.block_manager.reset_prefix_cache()
+
+    async def main():
+        missing = pool_file.path + "-not-here"
+        async with _start(prefill_engine, decode_engine, pool_file, missing) as channel:
+            tokens, _ = await _handoff(channel, "fb", PROMPTS[1], 6)
+            stats = await worker_pb2_grpc.DecodeStub(channel).Stats(worker_pb2.StatsRequest())
+        return tokens, stats
+
+    tokens, stats = asyncio.run(main())
+    assert tokens == want
+    assert dict(stats.num_kv_handoffs) == {"grpc": 1}
 
 
 def test_cancelled_decode_stream_frees_reserved_blocks(engines):

@@ -1,0 +1,274 @@
+"""Same-host KV transports (`shm`, `cuda_ipc`): the sender writes the prompt's KV straight into
+the decode server's pool; only metadata rides gRPC (KVTransfer.Write).
+
+One code path for both; they differ only in how the pool is opened (kvtransfer/pool.py).
+This module is the sender (and the protobuf form of a pool); kvtransfer/direct_receiver.py
+the decode server's side of KVTransfer.Write.
+A handoff's KV is written in slabs (a layer range over all its blocks), each one gather from
+the sender's cache and scatter into the receiver's reserved block ids:
+
+    dst[l0:l1, :, dst_block_ids] = src[l0:l1, :, src_block_ids]
+
+Why the control stream (KVTransfer.Write): the receiver may free its reserved blocks only
+when no write can land in them. The sender writes only after the receiver's grant, and says
+`done` once every slab is written (on the GPU: after its side stream synchronized); between
+the two a write may be in flight (`Handoff.store` pending), at any other time none is. A
+handoff that ends meanwhile (abort, lease) gets an immediate stop; the sender finishes its
+current slab, ends its stream, and only then does the store resolve. A sender that is
+cancelled mid-slab still finishes that slab before its call ends; one that dies ends the
+call by dying. Two round trips per handoff, whatever the number of slabs. The one case this
+cannot cover: a sender frozen mid-slab (SIGSTOP) past the stall deadline and then resumed can
+land that one slab after the blocks were freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import torch
+
+from decode_service.convert import logprob_to_proto
+from kvtransfer import faults
+from kvtransfer.base import KVDest
+from kvtransfer.grpc_transport import HANDOFF_ID_KEY, GrpcKVSender, HandoffRefused, dtype_name
+from kvtransfer.ledger import HandoffFailed
+from kvtransfer.pool import CudaIpcFields, PoolExport, open_pool
+from kvtransfer.select import Endpoint
+from protos import worker_pb2
+from tandem.request import Logprob
+
+log = logging.getLogger(__name__)
+
+SLAB_BYTES = 128 * 2**20  # one slab's bytes (bounds the gather's temporary and a grant's span)
+
+
+# -- protobuf <-> PoolExport -------------------------------------------------------------------
+def pool_to_proto(p: PoolExport) -> worker_pb2.KVPoolExport:
+    msg = worker_pb2.KVPoolExport(
+        transport=p.transport,
+        pool_id=p.pool_id,
+        host_id=p.host_id,
+        shape=list(p.shape),
+        dtype=dtype_name(p.dtype),
+        shm_path=p.shm_path,
+        gpu_uuid=p.gpu_uuid,
+    )
+    if p.cuda is not None:
+        msg.cuda.CopyFrom(worker_pb2.CudaIpcHandle(**p.cuda._asdict()))
+    return msg
+
+
+def pool_from_proto(msg: worker_pb2.KVPoolExport) -> PoolExport:
+    dtype = getattr(torch, msg.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"KVPoolExport.dtype {msg.dtype!r} is not a torch dtype")
+    if len(msg.shape) != 6 or min(msg.shape) < 1:
+        raise ValueError(f"KVPoolExport.shape {list(msg.shape)} is not a KV pool shape")
+    cuda = None
+    if msg.HasField("cuda"):
+        cuda = CudaIpcFields(*(getattr(msg.cuda, f) for f in CudaIpcFields._fields))
+    return PoolExport(
+        msg.transport,
+        msg.pool_id,
+        msg.host_id,
+        tuple(msg.shape),
+        dtype,
+        msg.shm_path,
+        msg.gpu_uuid,
+        cuda,
+    )
+
+
+# -- the copy ---------------------------------------------------------------------------------
+def plan_layer_slabs(kv_cache: torch.Tensor, num_blocks: int, max_bytes: int) -> list[range]:
+    """Layer ranges whose KV over num_blocks blocks stays within max_bytes (>= 1 layer each)."""
+    per_layer = kv_cache[0, :, 0].numel() * kv_cache.element_size() * num_blocks
+    step = max(1, max_bytes // max(1, per_layer))
+    n = kv_cache.shape[0]
+    return [range(l0, min(n, l0 + step)) for l0 in range(0, n, step)]
+
+
+def check_pool_layout(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Same layers, block size, heads, head dim and dtype; block counts may differ."""
+    if (src.shape[:2], src.shape[3:], src.dtype) != (dst.shape[:2], dst.shape[3:], dst.dtype):
+        raise HandoffFailed(
+            f"KV layouts differ: this cache {tuple(src.shape)}/{src.dtype}, "
+            f"the decode pool {tuple(dst.shape)}/{dst.dtype}"
+        )
+
+
+class SlabWriter:
+    """Writes one handoff's slabs (on a worker thread). On CUDA each slab runs on a side stream
+    that first waits for the default stream (the prefill's forward), and is synchronized before
+    write() returns, so the receiver may read the blocks once told."""
+
+    def __init__(self, src, dst, src_block_ids, dst_block_ids, stream=None) -> None:
+        self.src, self.dst, self.stream = src, dst, stream
+        self.src_index = torch.tensor(src_block_ids, dtype=torch.long, device=src.device)
+        self.dst_index = torch.tensor(dst_block_ids, dtype=torch.long, device=dst.device)
+
+    def write(self, layers: range) -> None:
+        l0, l1 = layers.start, layers.stop
+        if self.stream is None:
+            self._copy(l0, l1)
+            return
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_stream(torch.cuda.default_stream(self.stream.device))
+            self._copy(l0, l1)
+        self.stream.synchronize()
+
+    def _copy(self, l0: int, l1: int) -> None:
+        gathered = self.src[l0:l1].index_select(2, self.src_index)
+        self.dst[l0:l1].index_copy_(2, self.dst_index, gathered.to(self.dst.device))
+
+
+async def _run_to_end(fut: asyncio.Future) -> None:
+    """Await a worker-thread write; if we are cancelled meanwhile, still wait for it to end
+    before the cancel goes on (the receiver frees the blocks once our call ends)."""
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait([fut])
+        raise
+
+
+# -- sender -----------------------------------------------------------------------------------
+class DirectKVSender:
+    """Prefill side: opens each decode server's pool once (cached by address and pool id;
+    dropped when the server goes away or shows a new pool) and writes handoffs into it."""
+
+    def __init__(
+        self, channels: GrpcKVSender, here: Endpoint, slab_bytes: int = SLAB_BYTES
+    ) -> None:
+        self.channels = channels
+        self.here = here
+        self.slab_bytes = slab_bytes
+        self._pools: dict[str, tuple[str, torch.Tensor]] = {}  # address -> (pool_id, pool)
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def pool(self, address: str, export: PoolExport) -> torch.Tensor:
+        cached = self._pools.get(address)
+        if cached is not None and cached[0] == export.pool_id:
+            return cached[1]
+        self.drop(address)  # a new pool at that address: the old server is gone
+        t = open_pool(export)
+        if tuple(t.shape) != export.shape:
+            raise HandoffFailed(f"opened pool {tuple(t.shape)} is not the exported {export.shape}")
+        self._pools[address] = (export.pool_id, t)
+        self._watchers[address] = asyncio.get_running_loop().create_task(self._watch(address))
+        log.info("event=kv_pool_opened address=%s transport=%s", address, export.transport)
+        return t
+
+    async def _watch(self, address: str) -> None:
+        """Drop the pool once its server is unreachable: an opened CUDA IPC pool keeps the
+        dead server's GPU memory allocated for as long as it stays open. A live server that
+        only blinked is opened again on its next handoff."""
+        ch = self.channels.channel(address)
+        state = ch.get_state(try_to_connect=True)
+        while state not in (grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                            grpc.ChannelConnectivity.SHUTDOWN):  # fmt: skip
+            await ch.wait_for_state_change(state)
+            # IDLE (the server closed the connection): reconnect, to tell live from gone
+            state = ch.get_state(try_to_connect=True)
+        self._watchers.pop(address, None)  # ending by itself: drop() must not cancel it
+        self.drop(address)
+
+    def drop(self, address: str) -> None:
+        watcher = self._watchers.pop(address, None)
+        if watcher is not None:
+            watcher.cancel()
+        if self._pools.pop(address, None) is not None:
+            log.info("event=kv_pool_dropped address=%s", address)
+
+    @property
+    def num_open_pools(self) -> int:
+        return len(self._pools)
+
+    def _stream(self, device: torch.device):
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    async def send(
+        self,
+        dest: KVDest,
+        export: PoolExport,
+        src: torch.Tensor,
+        src_block_ids: list[int],
+        first_token_id: int,
+        first_logprob: Logprob | None,
+    ) -> None:
+        """Write src's blocks src_block_ids into dest.block_ids[dest.first_block:] of the
+        decode pool; returns once the receiver has completed the handoff."""
+        dst_block_ids = list(dest.block_ids[dest.first_block :])
+        if len(dst_block_ids) != len(src_block_ids):
+            raise HandoffFailed(f"{len(src_block_ids)} blocks for {len(dst_block_ids)} targets")
+        try:
+            dst = self.pool(dest.address, export)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise HandoffFailed(
+                f"cannot open the decode server's {export.transport} pool: {e}"
+            ) from e
+        check_pool_layout(src, dst)
+        if dst_block_ids and not 0 <= min(dst_block_ids) <= max(dst_block_ids) < dst.shape[2]:
+            raise HandoffFailed("target block ids are outside the decode pool")
+        writer = SlabWriter(src, dst, src_block_ids, dst_block_ids, self._stream(dst.device))
+        slabs = plan_layer_slabs(src, len(src_block_ids), self.slab_bytes)
+        hid = dest.handoff_id
+        call = self.channels.stub(dest.address).Write(
+            timeout=self.channels.timeout_s, metadata=((HANDOFF_ID_KEY, hid),)
+        )
+        answer = None
+        try:
+            begin = worker_pb2.KVWriteBegin(
+                transport=export.transport, pool_id=export.pool_id, num_slabs=len(slabs)
+            )
+            await call.write(worker_pb2.KVWriteMessage(handoff_id=hid, begin=begin))
+            await _granted(call.read())
+            answer = asyncio.ensure_future(call.read())  # a stop can come at any time
+            loop = asyncio.get_running_loop()
+            for i, layers in enumerate(slabs):
+                if answer.done():
+                    break  # stopped: write nothing more
+                await _run_to_end(loop.run_in_executor(None, writer.write, layers))
+                await call.write(worker_pb2.KVWriteMessage(handoff_id=hid, written_slab=i))
+            if not answer.done():
+                if faults.stalls_kv_push(dest.req_id):  # test-only: every slab, no done
+                    await faults.stall_forever(hid)
+                done = worker_pb2.KVWriteDone(first_token_id=first_token_id)
+                lp = logprob_to_proto(first_logprob)
+                if lp is not None:
+                    done.first_token_logprob.CopyFrom(lp)
+                await call.write(worker_pb2.KVWriteMessage(handoff_id=hid, done=done))
+            await call.done_writing()  # no write of ours is in flight any more
+            await _granted(answer)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                self.drop(dest.address)  # the server is gone: let its pool go
+            raise
+        except asyncio.InvalidStateError:  # a write after the receiver ended the call
+            if answer is not None and answer.done() and not answer.cancelled():
+                await _granted(answer)  # its answer says why
+            raise HandoffRefused("the decode server ended the KV write") from None
+        finally:
+            if answer is not None and not answer.done():
+                answer.cancel()
+            call.cancel()  # no-op once finished; if we were cancelled, the receiver sees it
+
+    def close(self) -> None:
+        for address in list(self._pools):
+            self.drop(address)
+
+
+async def _granted(read) -> None:
+    """The receiver's answer (a pending call.read()) must be ok."""
+    reply = await read
+    if reply is grpc.aio.EOF:
+        raise HandoffRefused("the decode server ended the KV write without an answer")
+    if not reply.ok:
+        raise HandoffRefused(f"decode server refused the KV: {reply.error}")

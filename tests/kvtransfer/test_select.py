@@ -1,0 +1,127 @@
+"""Which KV transport a handoff takes: the decode server's offer against the sender's place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtransfer.pool import PoolExport, host_id
+from kvtransfer.select import Endpoint, choose_transport, offered_transports, reachable
+
+HOST, OTHER_HOST = "boot-a/ipc:[1]", "boot-b/ipc:[1]"
+GPU0, GPU1 = "GPU-0000", "GPU-1111"
+SHAPE = (2, 2, 8, 16, 1, 4)
+
+
+def _pool(transport: str, host: str = HOST, gpu: str = "") -> PoolExport:
+    return PoolExport(transport, "pool-1", host, SHAPE, torch.float32, gpu_uuid=gpu)
+
+
+CPU_HERE = Endpoint(HOST, "")
+GPU0_HERE = Endpoint(HOST, GPU0)
+
+
+@pytest.mark.parametrize(
+    ("flag", "device", "want"),
+    [
+        ("auto", "cpu", ["shm", "grpc"]),
+        ("auto", "cuda", ["cuda_ipc", "grpc"]),
+        ("grpc", "cuda", ["grpc"]),
+        ("shm", "cpu", ["shm"]),
+        ("cuda_ipc", "cuda", ["cuda_ipc"]),
+    ],
+)
+def test_decode_offers(flag, device, want):
+    assert offered_transports(flag, device) == want
+
+
+@pytest.mark.parametrize(
+    ("flag", "device"), [("shm", "cuda"), ("cuda_ipc", "cpu"), ("nccl", "cuda")]
+)
+def test_decode_refuses_a_forced_transport_its_pool_cannot_serve(flag, device):
+    with pytest.raises(ValueError, match="kv-transport"):
+        offered_transports(flag, device)
+
+
+@pytest.mark.parametrize(
+    ("here", "offered", "pool", "want"),
+    [
+        # same GPU of the same host: CUDA IPC
+        (GPU0_HERE, ["cuda_ipc", "grpc"], _pool("cuda_ipc", gpu=GPU0), "cuda_ipc"),
+        # another GPU of the same host: not CUDA IPC (nccl's place, not built): grpc
+        (GPU0_HERE, ["cuda_ipc", "grpc"], _pool("cuda_ipc", gpu=GPU1), "grpc"),
+        # same GPU UUID string but another host: grpc
+        (Endpoint(OTHER_HOST, GPU0), ["cuda_ipc", "grpc"], _pool("cuda_ipc", gpu=GPU0), "grpc"),
+        # both on CPU, same host: shm
+        (CPU_HERE, ["shm", "grpc"], _pool("shm"), "shm"),
+        # CPU decode, GPU prefill on the same host: grpc
+        (GPU0_HERE, ["shm", "grpc"], _pool("shm"), "grpc"),
+        # CPU, another host: grpc
+        (Endpoint(OTHER_HOST, ""), ["shm", "grpc"], _pool("shm"), "grpc"),
+        # an older decode server: only grpc, no pool
+        (CPU_HERE, [], None, "grpc"),
+        # offered shm but no pool to open: grpc
+        (CPU_HERE, ["shm", "grpc"], None, "grpc"),
+    ],
+)
+def test_auto_picks_the_best_reachable(here, offered, pool, want):
+    assert choose_transport("auto", here, offered, pool) == want
+
+
+def test_forced_transport_is_used_or_refused_with_the_reason():
+    assert choose_transport("grpc", CPU_HERE, ["shm", "grpc"], _pool("shm")) == "grpc"
+    assert choose_transport("shm", CPU_HERE, ["shm", "grpc"], _pool("shm")) == "shm"
+    with pytest.raises(ValueError, match="offers grpc"):
+        choose_transport("shm", CPU_HERE, ["grpc"], None)
+    with pytest.raises(ValueError, match="another host"):
+        choose_transport("shm", Endpoint(OTHER_HOST, ""), ["shm"], _pool("shm"))
+    with pytest.raises(ValueError, match="another GPU"):
+        choose_transport("cuda_ipc", GPU0_HERE, ["cuda_ipc"], _pool("cuda_ipc", gpu=GPU1))
+
+
+def test_decode_forced_to_shm_leaves_a_remote_sender_no_transport():
+    with pytest.raises(ValueError, match="no usable KV transport"):
+        choose_transport("auto", Endpoint(OTHER_HOST, ""), ["shm"], _pool("shm"))
+
+
+def test_reachable_explains_why_not():
+    assert reachable("grpc", CPU_HERE, None) == ""
+    assert "exports no shm pool" in reachable("shm", CPU_HERE, _pool("cuda_ipc", gpu=GPU0))
+
+
+def test_host_id_is_this_kernel_and_ipc_namespace():
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    hid = host_id()
+    assert hid.startswith(boot + "/ipc:[") and hid == host_id()
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_a_worker_refuses_to_start_with_a_transport_its_device_cannot_serve(role):
+    import argparse
+
+    from tandem.grpc_tls import PLAINTEXT
+
+    if role == "prefill":
+        from prefill_service.server import add_cli_args, run
+    else:
+        from decode_service.server import add_cli_args, run
+    p = argparse.ArgumentParser()
+    add_cli_args(p)
+    args = p.parse_args(["--device", "cpu", "--kv-transport", "cuda_ipc"])
+    with pytest.raises(SystemExit, match=f"tandem {role}: .*cuda_ipc needs .*CUDA device"):
+        run(args, PLAINTEXT)  # before any model is loaded
+
+
+def test_pool_export_round_trips_through_protobuf():
+    """Every CUDA IPC field travels as itself (bytes, integers, a bool), in torch's order."""
+    from kvtransfer.direct_transport import pool_from_proto, pool_to_proto
+    from kvtransfer.pool import CudaIpcFields
+
+    cuda = CudaIpcFields(b"\x01" * 64, 4096, 512, b"/torch_123_456", 7, b"\x02" * 64, True)
+    export = PoolExport("cuda_ipc", "p", HOST, SHAPE, torch.bfloat16, gpu_uuid=GPU0, cuda=cuda)
+    msg = pool_to_proto(export)
+    assert msg.cuda.ref_counter_offset == 7 and msg.cuda.event_sync_required
+    assert pool_from_proto(msg) == export
+    shm = PoolExport("shm", "q", HOST, SHAPE, torch.float32, shm_path="/dev/shm/tandem-kv-q")
+    assert pool_from_proto(pool_to_proto(shm)) == shm

@@ -35,12 +35,17 @@ class RouterConfig:
     grace_s: float = 5.0  # graceful shutdown
     # Prefix-policy weight: a queued prompt token on a server costs this many uncached tokens.
     prefix_load_weight: float = 1.0
+    # Send a choice's tokens at most every N tokens (vLLM's --stream-interval; its first and
+    # last chunk go at once). 1: every worker message, merged only when the stream lags.
+    stream_interval: int = 1
 
     def __post_init__(self):
         if self.routing_policy not in ("prefix", "least_load", "round_robin"):
             raise ValueError(f"unknown routing policy {self.routing_policy!r}")
         if self.max_num_requests < 1 or self.max_n < 1:
             raise ValueError("max_num_requests and max_n must be >= 1")
+        if self.stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1")
         if self.max_migrations < 0:
             raise ValueError("max_migrations must be >= 0")
         if min(self.worker_timeout_s, self.handoff_timeout_s, self.stream_idle_timeout_s) <= 0:

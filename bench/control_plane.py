@@ -13,6 +13,12 @@ and the gateway (--nonblocking) and adds each one's top functions (self and tota
 
     python bench/control_plane.py                      # 256 streams x 1024 tokens, 1 decode
     python bench/control_plane.py --profile --out bench/results/control-plane-cpu.json
+
+The fake decode server sends one message per token and makes each token only when the stream
+takes it (the worst case for the router: every hop handles one message per token). With
+--worker-coalesce it behaves like the real decode server instead: its "engine" steps on its own
+clock (--itl-ms per step; 0: as fast as its event loop turns) and a lagging stream gets all
+its queued tokens in one message. --stream-interval N is passed to the router.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tandem.benchmark.fake_stack import FakeStack
-from tandem.benchmark.metrics import RequestRecord, summarize
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's tandem, not an installed one
+
+from tandem.benchmark.fake_stack import FakeStack  # noqa: E402
+from tandem.benchmark.metrics import RequestRecord, summarize  # noqa: E402
+
 _FRAME = re.compile(r"^(.*) \((?:.*/)?([^/]*?)(?::\d+)?\)$")  # "fn (/a/b.py:12)" -> fn, b.py
 # Where a sample's innermost frame lives (py-spy --native names the file of C frames too).
 _TANDEM = r"^(router|gateway|tandem|protos|decode_service|prefill_service|kvtransfer)/"
@@ -241,6 +249,12 @@ def main() -> None:
         help="bench client processes sharing the streams (default: cores / 4, 1 to 4)",
     )  # fmt: skip
     p.add_argument("--num-warmups", type=int, default=8)
+    p.add_argument("--itl-ms", type=float, default=0.0, help="fake decode: ms per token (step)")
+    p.add_argument(
+        "--worker-coalesce", action="store_true",
+        help="fake decode steps on its own clock and merges what a lagging stream queued",
+    )  # fmt: skip
+    p.add_argument("--stream-interval", type=int, default=1, help="router --stream-interval")
     p.add_argument("--repeats", type=int, default=2, help="measured runs (the spread is reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="one more run under py-spy")
@@ -257,7 +271,11 @@ def main() -> None:
 
         args.model = str(resolve_model_dir(None))
     info = machine()
-    with FakeStack(args.model, args.num_decode, args.num_prefill) as stack:
+    router_args = ("--stream-interval", str(args.stream_interval))
+    with FakeStack(
+        args.model, args.num_decode, args.num_prefill, itl_ms=args.itl_ms,
+        coalesce=args.worker_coalesce, router_args=router_args,
+    ) as stack:  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             if args.num_warmups:

@@ -161,10 +161,13 @@ async def serve(config: RouterConfig) -> None:
         start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
     running = await start_router(config, metrics)
     # Everything allocated so far lives as long as the process: keep it out of the cyclic GC,
-    # whose full collections otherwise rescan it while tokens stream (~10% of the router's
-    # CPU at one message per token).
+    # whose collections otherwise rescan it while tokens stream; and collect the young
+    # generation less often (every chunk allocates a few tracked objects: at the default 700
+    # the GC took ~13% of the router's CPU at one message per token, 20,000 cut the router's
+    # CPU per token by ~12% on the 2-core VM; 20,000 young objects are a few MB at most).
     gc.collect()
     gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     log.warning(
         "event=router_ready address=%s:%d model=%s policy=%s prefill=%d decode=%d",
         config.host, running.port, config.served_model_name, config.routing_policy,

@@ -24,7 +24,6 @@ def merge_into(acc: ChoiceChunk, c: ChoiceChunk) -> None:
     if c.finish_reason != FinishReason.NONE:
         acc.finish_reason, acc.stop_reason = c.finish_reason, c.stop_reason
         acc.timing, acc.num_cached_tokens = c.timing, c.num_cached_tokens
-    # prompt_token_ids (echo) only ever rides on a choice's first chunk, which acc already is
 
 
 class Coalescer:
@@ -36,21 +35,29 @@ class Coalescer:
         self.interval = stream_interval
         self.held: dict[int, ChoiceChunk] = {}  # choice index -> chunks not sent yet, merged
         self.started: set[int] = set()  # choices whose first chunk was sent
+        self.echo: list[ChoiceChunk] = []  # echo chunks: never merged (see add)
 
     def add(self, chunk: ChoiceChunk) -> None:
         acc = self.held.get(chunk.index)
         if acc is None:
             self.held[chunk.index] = chunk
+        elif acc.prompt_token_ids:
+            # An echo chunk (prompt text + the first token) leaves as it is: the gateway
+            # finds where the prompt text ends in it from its one token's text.
+            self.echo.append(acc)
+            self.started.add(acc.index)
+            self.held[chunk.index] = chunk
         else:
             merge_into(acc, chunk)
 
     def take(self) -> list[ChoiceChunk]:
-        """The chunks to send now (one per choice at most), in the order choices arrived."""
+        """The chunks to send now (one per choice at most, but for echo chunks), in the order
+        choices arrived."""
+        out, self.echo = self.echo, []
         if self.interval == 1:
-            out = list(self.held.values())
+            out += self.held.values()
             self.held.clear()
             return out
-        out = []
         for i, acc in list(self.held.items()):
             if (
                 i not in self.started  # the first token goes at once (TTFT)

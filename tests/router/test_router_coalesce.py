@@ -93,8 +93,11 @@ def test_lagging_stream_gets_merged_chunks_with_identical_content(model_dir, cas
     assert got == want
     num_tokens = sum(len(c["token_ids"]) for c in got)
     assert num_tokens > 3 * n
-    # one chunk before the lag, then at most one per choice: all the rest merged
-    assert len(lagged) <= 1 + n < num_tokens
+    # the batch read before the lag (at most one chunk per choice), then at most one per
+    # choice: all the rest merged
+    assert len(lagged) <= 2 * n < num_tokens
+    if case == "echo":  # the echo chunk (prompt text + first token) is never merged
+        assert lagged[0] == eager[0] and len(lagged[0].token_ids) == 1
     assert all(len(c.logprobs) == len(c.token_ids) for c in lagged if kw.get("logprobs"))
     # usage once, on the very last chunk, with the same counts
     assert [c.usage for c in lagged if c.usage is not None] == [lagged[-1].usage]
@@ -148,6 +151,17 @@ def test_queued_chunks_merge_per_choice_in_order():
     assert _flatten([sent[1]]) == want_b and sent[1].finish_reason == FinishReason.LENGTH
     co.add(a[4])
     assert co.take() == [a[4]]
+
+
+def test_echo_chunk_is_never_merged():
+    first = _chunk(0, [7], prompt_token_ids=[1, 2, 3])
+    rest = _stream(4)[1:]
+    co = Coalescer()
+    for c in [first, *rest]:
+        co.add(c)
+    sent = co.take()
+    assert [c.token_ids for c in sent] == [[7], [1, 2, 3]]
+    assert sent[0].prompt_token_ids == [1, 2, 3] and sent[1].finish_reason == FinishReason.LENGTH
 
 
 @pytest.mark.parametrize("interval", [2, 4, 100])

@@ -13,6 +13,13 @@ and the gateway (--nonblocking) and adds each one's top functions (self and tota
 
     python bench/control_plane.py                      # 256 streams x 1024 tokens, 1 decode
     python bench/control_plane.py --profile --out bench/results/control-plane-cpu.json
+    python bench/control_plane.py --modes lockstep,interval4,coalesce   # three, one JSON
+
+The fake decode server sends one message per token and makes each token only when the stream
+takes it (the worst case for the router: every hop handles one message per token). With
+--worker-coalesce it behaves like the real decode server instead: its "engine" steps on its own
+clock (--itl-ms per step; 0: as fast as its event loop turns) and a lagging stream gets all
+its queued tokens in one message. --stream-interval N is passed to the router.
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tandem.benchmark.fake_stack import FakeStack
-from tandem.benchmark.metrics import RequestRecord, summarize
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's tandem, not an installed one
+
+from tandem.benchmark.fake_stack import FakeStack  # noqa: E402
+from tandem.benchmark.metrics import RequestRecord, summarize  # noqa: E402
+
 _FRAME = re.compile(r"^(.*) \((?:.*/)?([^/]*?)(?::\d+)?\)$")  # "fn (/a/b.py:12)" -> fn, b.py
 # Where a sample's innermost frame lives (py-spy --native names the file of C frames too).
 _TANDEM = r"^(router|gateway|tandem|protos|decode_service|prefill_service|kvtransfer)/"
@@ -56,6 +65,17 @@ _AREAS = [
     ("Python runtime", r"libpython|\.h$|\.c$|^<"),
 ]
 CLIENT_STARTUP_S = 6.0  # imports + dataset before the common start time
+# --modes presets (the settings they change):
+#   lockstep   the fake decode makes each token when the stream takes it, one message each:
+#              every hop handles one message per token (the worst case; the default)
+#   interval4  the same, the router sending at most every 4 tokens (--stream-interval 4)
+#   coalesce   the fake decode steps on its own clock as fast as it can and merges what a
+#              lagging stream queued, as the real decode server does
+MODES = {
+    "lockstep": {},
+    "interval4": {"stream_interval": 4},
+    "coalesce": {"worker_coalesce": True},
+}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -241,6 +261,16 @@ def main() -> None:
         help="bench client processes sharing the streams (default: cores / 4, 1 to 4)",
     )  # fmt: skip
     p.add_argument("--num-warmups", type=int, default=8)
+    p.add_argument("--itl-ms", type=float, default=0.0, help="fake decode: ms per token (step)")
+    p.add_argument(
+        "--worker-coalesce", action="store_true",
+        help="fake decode steps on its own clock and merges what a lagging stream queued",
+    )  # fmt: skip
+    p.add_argument("--stream-interval", type=int, default=1, help="router --stream-interval")
+    p.add_argument(
+        "--modes", default="",
+        help=f"comma list of presets run one after another, each on a fresh stack: {MODES}",
+    )  # fmt: skip
     p.add_argument("--repeats", type=int, default=2, help="measured runs (the spread is reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="one more run under py-spy")
@@ -257,7 +287,39 @@ def main() -> None:
 
         args.model = str(resolve_model_dir(None))
     info = machine()
-    with FakeStack(args.model, args.num_decode, args.num_prefill) as stack:
+    if args.modes:
+        names = args.modes.split(",")
+        unknown = [n for n in names if n not in MODES]
+        if unknown:
+            p.error(f"unknown mode(s) {unknown}; known: {sorted(MODES)}")
+        results = {}
+        for name in names:
+            print(f"mode {name}: {MODES[name]}")
+            results[name] = measure(argparse.Namespace(**{**vars(args), **MODES[name]}), info)
+        result = {"what": results[names[0]]["what"], "date": results[names[0]]["date"]}
+        result |= {"machine": info, "note": args.note, "modes": results}
+        rates = {n: r["output_tok_per_s"]["runs"] for n, r in results.items()}
+    else:
+        result = measure(args, info)
+        rates = result["output_tok_per_s"]
+    out = Path(args.out) if args.out else (
+        ROOT / "bench" / "results" / f"control-plane-{info['cores']}cores-{result['date']}.json"
+    )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(rates), f"-> {out}")
+
+
+def measure(args, info: dict) -> dict:
+    """A fresh stack, warm-up, args.repeats measured runs (and a profiled one)."""
+    # (only when set: a router from before the flag still runs the default)
+    router_args = (
+        ("--stream-interval", str(args.stream_interval)) if args.stream_interval > 1 else ()
+    )
+    with FakeStack(
+        args.model, args.num_decode, args.num_prefill, itl_ms=args.itl_ms,
+        coalesce=args.worker_coalesce, router_args=router_args,
+    ) as stack:  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             if args.num_warmups:
@@ -267,11 +329,15 @@ def main() -> None:
             for k in range(args.repeats):
                 runs.append(run_clients(args, stack, tmp, f"run{k}"))
                 rate = runs[-1]["summary"]["output_throughput"]
+                per_chunk = runs[-1]["summary"]["mean_tokens_per_chunk"]
                 shares = {n: c["share_of_one_core"] for n, c in runs[-1]["cpu"].items()}
-                print(f"run {k}: {rate:.0f} output tok/s; CPU share of one core {shares}")
+                print(
+                    f"run {k}: {rate:.0f} output tok/s, {per_chunk:.2f} tokens per SSE chunk;"
+                    f" CPU share of one core {shares}"
+                )
             profile = profiled_run(args, stack, tmp) if args.profile else None
     rates = [r["summary"]["output_throughput"] for r in runs]
-    result = {
+    return {
         "what": "control-plane ceiling: fake workers -> real router -> real gateway -> bench",
         "date": datetime.date.today().isoformat(),
         "machine": info,
@@ -285,12 +351,6 @@ def main() -> None:
         "runs": runs,
         "profile": profile,
     }
-    out = Path(args.out) if args.out else (
-        ROOT / "bench" / "results" / f"control-plane-{info['cores']}cores-{result['date']}.json"
-    )  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["output_tok_per_s"]), f"-> {out}")
 
 
 if __name__ == "__main__":

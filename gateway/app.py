@@ -12,6 +12,7 @@ cancel    client gone (at any point, first token or not) -> the gRPC calls are c
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -99,7 +100,11 @@ async def unless_gone(request: Request, aw):
 
 
 async def merged(stub, reqs, timeout):
-    """(prompt index, chunk) from one Generate call per prompt, in arrival order."""
+    """Batches of (prompt index, chunk) from one Generate call per prompt, in arrival order.
+
+    A batch is everything that had arrived when the consumer asked for the next one: one
+    chunk while the consumer keeps up, several when it lagged (the SSE writer then sends
+    them as one write, and merges each choice's chunks into one event)."""
     calls = [stub.Generate(r, timeout=timeout) for r in reqs]
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -107,22 +112,32 @@ async def merged(stub, reqs, timeout):
     async def pump(i, call):
         try:
             async for c in call:
-                await queue.put((i, c))
-            await queue.put((i, done))
+                queue.put_nowait((i, c))  # unbounded: never waits
+            queue.put_nowait((i, done))
         except BaseException as e:  # noqa: BLE001 (re-raised in the consumer)
-            await queue.put((i, e))
+            queue.put_nowait((i, e))
 
     tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(calls)]
     try:
         remaining = len(calls)
         while remaining:
+            batch, error = [], None
             i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
+            while True:
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    error = item
+                    break
+                else:
+                    batch.append((i, item))
+                if queue.empty():
+                    break
+                i, item = queue.get_nowait()
+            if batch:
+                yield batch
+            if error is not None:
+                raise error  # after the chunks that came before it
     finally:
         for c in calls:
             c.cancel()  # client gone or error: the router aborts on every worker
@@ -142,6 +157,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         channel = aio_channel(config.router, config.tls, CHANNEL_OPTIONS)
         state["stub"] = router_pb2_grpc.RouterStub(channel)
+        # The startup heap lives as long as the process: out of the cyclic GC's rescans.
+        gc.collect()
+        gc.freeze()
         yield
         await channel.close()
 
@@ -241,22 +259,22 @@ def create_app(config: GatewayConfig) -> FastAPI:
             for reason in builder.finish_reasons():
                 metrics.success.labels(model, reason or "abort").inc()
 
-        async def chunks():
+        async def batches():
             yield first
-            async for item in stream:
-                yield item
+            async for batch in stream:
+                yield batch
 
         if body.stream:
 
             async def sse():
                 try:
-                    for event in builder.stream_start():
-                        yield f"data: {json.dumps(event)}\n\n"
-                    async for i, c in chunks():
-                        for event in builder.stream_chunk(i, c):
-                            yield f"data: {json.dumps(event)}\n\n"
-                    for event in builder.stream_end():
-                        yield f"data: {json.dumps(event)}\n\n"
+                    if text := builder.stream_start():
+                        yield text
+                    async for batch in batches():
+                        if choices := builder.stream_batch(batch):
+                            yield builder.sse(choices)  # one write for all of them
+                    if text := builder.stream_end():
+                        yield text
                 except grpc.aio.AioRpcError as e:
                     yield f"data: {json.dumps(from_grpc(e).body())}\n\n"
                 finally:
@@ -267,8 +285,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
             return StreamingResponse(sse(), media_type="text/event-stream")
 
         async def collect():
-            async for i, c in chunks():
-                builder.add(i, c)
+            async for batch in batches():
+                for i, c in batch:
+                    builder.add(i, c)
 
         try:
             # Non-streaming: nothing is written until the end, so the client leaving is

@@ -42,12 +42,17 @@ class RouterConfig:
     # Conditional disaggregation: a prompt whose part not cached on the chosen decode server is
     # shorter than this many tokens is prefilled there (no KV handoff); 0: always remote.
     max_local_prefill_length: int = 0
+    # Send a choice's tokens at most every N tokens (vLLM's --stream-interval; its first and
+    # last chunk go at once). 1: every worker message, merged only when the stream lags.
+    stream_interval: int = 1
 
     def __post_init__(self):
         if self.routing_policy not in ("prefix", "least_load", "round_robin"):
             raise ValueError(f"unknown routing policy {self.routing_policy!r}")
         if self.max_num_requests < 1 or self.max_n < 1:
             raise ValueError("max_num_requests and max_n must be >= 1")
+        if self.stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1")
         if self.max_migrations < 0:
             raise ValueError("max_migrations must be >= 0")
         if self.max_local_prefill_length < 0:

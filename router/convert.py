@@ -104,16 +104,17 @@ def logprob_to_proto(lp: Logprob, tok: RouterTokenizer) -> common_pb2.TokenLogpr
 def chunk_to_proto(
     c: ChoiceChunk, request_id: str, tok: RouterTokenizer
 ) -> router_pb2.GenerateResponse:
+    # Once per message, several tokens when merged: only the fields that are set.
     out = router_pb2.GenerateResponse(
-        request_id=request_id,
-        index=c.index,
-        token_ids=c.token_ids,
-        text=c.text,
-        logprobs=[logprob_to_proto(lp, tok) for lp in c.logprobs],
-        finish_reason=int(c.finish_reason),
-        stop_reason=c.stop_reason,
-        prompt_token_ids=c.prompt_token_ids,
+        request_id=request_id, index=c.index, token_ids=c.token_ids, text=c.text
     )
+    if c.logprobs:
+        out.logprobs.extend([logprob_to_proto(lp, tok) for lp in c.logprobs])
+    if c.finish_reason:
+        out.finish_reason = int(c.finish_reason)
+        out.stop_reason = c.stop_reason
+    if c.prompt_token_ids:
+        out.prompt_token_ids.extend(c.prompt_token_ids)
     if c.timing is not None:
         t = c.timing
         out.timing.CopyFrom(

@@ -32,6 +32,20 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one token; returns the newly completed text ("" while it is incomplete)."""
         self.ids.append(token_id)
+        return self._step()
+
+    def add_many(self, token_ids: list[int]) -> str:
+        """Append a worker message's tokens with one pair of decodes (not one per token).
+
+        Same text in total as add() per token; only where the batch ends in an incomplete
+        character the whole batch's text waits for the next one (add() would have let the
+        complete part out one token earlier)."""
+        if not token_ids:
+            return ""
+        self.ids += token_ids
+        return self._step()
+
+    def _step(self) -> str:
         prefix_text = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
         new_text = self.tok.decode(self.ids[self.prefix_offset :], self.skip)
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):

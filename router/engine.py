@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from router.coalesce import Coalescer
 from router.config import RouterConfig
 from router.detokenizer import IncrementalDetokenizer
 from router.handoff import HandoffLimits, stream_choice
@@ -123,10 +124,16 @@ class RouterEngine:
                 ErrorKind.INVALID_ARGUMENT, "request_id already running", param="request_id"
             )
         queue: asyncio.Queue = asyncio.Queue()
-        tasks = [
-            asyncio.create_task(self._run_choice(gi, i, prompt_ids, prompt_text, t_arrival, queue))
-            for i in range(gi.n)
-        ]
+        tasks = []
+        for i in range(gi.n):
+            t = asyncio.create_task(
+                self._run_choice(gi, i, prompt_ids, prompt_text, t_arrival, queue)
+            )
+            # A choice task that ends without its final chunk (Abort cancelled it, or it
+            # failed) still owes the client a finish: its end is an item on the queue too,
+            # always behind the task's own chunks.
+            t.add_done_callback(lambda t, i=i: queue.put_nowait((i, t)))
+            tasks.append(t)
         self.running[gi.request_id] = tasks
         self.metrics.running.inc()
         self.metrics.prompt_tokens.inc(len(prompt_ids))
@@ -136,37 +143,34 @@ class RouterEngine:
         )  # fmt: skip
         completion_tokens, cached, pending = 0, 0, set(range(gi.n))
         reasons: list[str] = []
+        merged = Coalescer(self.config.stream_interval)
         try:
             while pending:
-                if queue.empty():
-                    # A choice task that ended without its final chunk (Abort cancelled it,
-                    # or it failed) still owes the client a finish.
-                    ended = [i for i in sorted(pending) if tasks[i].done()]
-                    if ended:
-                        chunk = self._task_end_chunk(ended[0], tasks[ended[0]])
+                item = await queue.get()
+                # Whatever else is queued (the stream lagged) leaves merged with it.
+                while True:
+                    if isinstance(item, ChoiceChunk):
+                        chunk = item
+                    elif item[0] in pending:
+                        chunk = self._task_end_chunk(*item)
                     else:
-                        waiter = asyncio.ensure_future(queue.get())
-                        live = [tasks[i] for i in pending]
-                        try:
-                            await asyncio.wait([waiter, *live], return_when=asyncio.FIRST_COMPLETED)
-                        finally:  # also when the client went away during the wait
-                            got = waiter.done()
-                            if not got:
-                                waiter.cancel()
-                        if not got:
-                            continue
-                        chunk = waiter.result()
-                else:
-                    chunk = queue.get_nowait()
-                completion_tokens += len(chunk.token_ids)
-                if chunk.finish_reason != FinishReason.NONE:
-                    pending.discard(chunk.index)
-                    reasons.append(_FINISH_NAMES[chunk.finish_reason])
-                    if chunk.index == 0:
-                        cached = chunk.num_cached_tokens
-                    if not pending:
-                        chunk.usage = Usage(len(prompt_ids), completion_tokens, cached)
-                yield chunk
+                        chunk = None  # the task of a finished choice ended: nothing owed
+                    if chunk is not None:
+                        completion_tokens += len(chunk.token_ids)
+                        if chunk.finish_reason != FinishReason.NONE:
+                            pending.discard(chunk.index)
+                            reasons.append(_FINISH_NAMES[chunk.finish_reason])
+                            if chunk.index == 0:
+                                cached = chunk.num_cached_tokens
+                        merged.add(chunk)
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                out = merged.take()
+                if not pending and out:
+                    out[-1].usage = Usage(len(prompt_ids), completion_tokens, cached)
+                for chunk in out:
+                    yield chunk
         finally:
             for t in tasks:
                 t.cancel()
@@ -218,11 +222,11 @@ class RouterEngine:
                     num_cached = batch.num_cached_tokens
                     if gi.echo:
                         chunk.text, chunk.prompt_token_ids = prompt_text, list(prompt_ids)
-                text = ""
-                for tok in batch.token_ids:
-                    if tok == batch.stop_token_id and not gi.include_stop_str_in_output:
-                        continue  # the stop token's own text is not output
-                    text += detok.add(tok)
+                ids = batch.token_ids
+                if batch.stop_token_id is not None and not gi.include_stop_str_in_output:
+                    # the stop token's own text is not output
+                    ids = [t for t in ids if t != batch.stop_token_id]
+                text = detok.add(ids[0]) if len(ids) == 1 else detok.add_many(ids)
                 finished = batch.finish_reason != FinishReason.NONE
                 if finished:
                     text += detok.flush()
@@ -239,7 +243,7 @@ class RouterEngine:
                     self._finish_timing(timing, t_arrival, num_out)
                     chunk.timing = timing
                     chunk.num_cached_tokens = num_cached
-                await queue.put(chunk)
+                queue.put_nowait(chunk)  # unbounded: never waits
                 if chunk.finish_reason != FinishReason.NONE:
                     return  # leaving aclosing() aborts the workers if they still run
         raise RequestError(ErrorKind.INTERNAL, "choice ended without a finish reason")

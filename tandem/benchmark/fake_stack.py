@@ -27,6 +27,8 @@ class FakeStack:
         num_decode: int = 1,
         num_prefill: int = 0,
         itl_ms: float = 0.0,
+        coalesce: bool = False,
+        router_args: tuple[str, ...] = (),
         served_model_name: str = "fake",
         startup_timeout: float = 60.0,
         stderr=None,
@@ -41,6 +43,7 @@ class FakeStack:
                     addr = f"127.0.0.1:{free_port()}"
                     cmd = [py, "-m", "tandem.benchmark.fake_worker", "--role", role]
                     cmd += ["--port", addr.rsplit(":", 1)[1], "--itl-ms", str(itl_ms)]
+                    cmd += ["--coalesce"] if coalesce else []
                     workers.append((role, addr, self._spawn(f"{role}-{k}", cmd)))
             for _, addr, proc in workers:
                 _wait_grpc_healthy(addr, proc, startup_timeout)
@@ -49,6 +52,7 @@ class FakeStack:
             cmd += ["--model", str(model_dir), "--served-model-name", served_model_name]
             for role, addr, _ in workers:
                 cmd += [f"--{role}", addr]
+            cmd += list(router_args)  # e.g. --stream-interval N
             _wait_grpc_healthy(self.router, self._spawn("router", cmd), startup_timeout)
             port = free_port()
             cmd = [py, "-m", "tandem.cli", "gateway", "--port", str(port), "--router", self.router]

@@ -7,6 +7,10 @@ as fast as the stream accepts them, or one every --itl-ms.
 
 decode   Generate(prefill_locally=true): stream every token, one TokenEvent each (as a real
          decode server does, one per step)
+         --coalesce: like the real decode server (tandem/async_engine.py `_drain`), tokens
+         are made by the "engine" on its own clock (one per --itl-ms, or one per event-loop
+         turn at 0) whether or not the stream takes them, and a stream that lags sends all
+         its queued tokens as one TokenEvent
          Generate(prefill_locally=false): send a KVTarget, wait for the fake prefill's one
          KVChunk (last=true, token 0), then stream tokens 1..
 prefill  Prefill: push one empty final KVChunk with token 0 to the decode server, answer
@@ -53,9 +57,10 @@ def output_token(prompt: list[int], i: int) -> int:
 
 
 class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServicer):
-    def __init__(self, address: str, itl_s: float = 0.0):
+    def __init__(self, address: str, itl_s: float = 0.0, coalesce: bool = False):
         self.address = address  # KVTransfer is served on the same port
         self.itl_s = itl_s
+        self.coalesce = coalesce
         self.active: set[str] = set()
         self.handoffs: dict[str, asyncio.Future] = {}
         self._ids = itertools.count()
@@ -85,16 +90,13 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
                 if finish_reason(0, first, s):
                     return  # finished at token 0: the prefill's answer was the whole output
                 start = 1
-            for i in itertools.count(start):
-                if self.itl_s:
-                    await asyncio.sleep(self.itl_s)
-                tok = output_token(prompt, i)
-                reason = finish_reason(i, tok, s)
+            steps = self._steps if self.coalesce else self._lockstep
+            async for toks, reason in steps(prompt, s, start):
                 ev = worker_pb2.TokenEvent(
-                    token_ids=[tok], finish_reason=reason, num_prompt_tokens=len(prompt)
+                    token_ids=toks, finish_reason=reason, num_prompt_tokens=len(prompt)
                 )
                 if reason == common_pb2.FINISH_REASON_STOP:
-                    ev.stop_token_id = tok
+                    ev.stop_token_id = toks[-1]
                 yield worker_pb2.DecodeEvent(tokens=ev)
                 if reason:
                     return
@@ -102,6 +104,45 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
             await context.abort(grpc.StatusCode.UNAVAILABLE, "KV push did not arrive")
         finally:
             self.active.discard(request.req_id)
+
+    async def _lockstep(self, prompt, s, start):
+        """One token per event, made when the stream asks for it."""
+        for i in itertools.count(start):
+            if self.itl_s:
+                await asyncio.sleep(self.itl_s)
+            tok = output_token(prompt, i)
+            yield [tok], finish_reason(i, tok, s)
+
+    async def _steps(self, prompt, s, start):
+        """Tokens made on the engine's clock; each event takes every token made since the last."""
+        made: list[int] = []
+        reason = _UNSET
+        ready = asyncio.Event()
+
+        async def engine():
+            nonlocal reason
+            for i in itertools.count(start):
+                await asyncio.sleep(self.itl_s)  # one decode step (0: one loop turn)
+                tok = output_token(prompt, i)
+                made.append(tok)
+                reason = finish_reason(i, tok, s)
+                ready.set()
+                if reason:
+                    return
+
+        task = asyncio.create_task(engine())
+        try:
+            while True:
+                await ready.wait()
+                ready.clear()
+                # the reason of the last token taken (the engine may finish during the yield)
+                toks, last_reason = list(made), reason
+                made.clear()
+                yield toks, last_reason
+                if last_reason:
+                    return
+        finally:
+            task.cancel()
 
     async def Push(self, request_iterator, context):
         async for chunk in request_iterator:
@@ -180,7 +221,7 @@ async def serve(args: argparse.Namespace) -> None:
     address = f"{args.host}:{port}"
     prefill = None
     if args.role == "decode":
-        decode = FakeDecode(address, args.itl_ms / 1000)
+        decode = FakeDecode(address, args.itl_ms / 1000, args.coalesce)
         worker_pb2_grpc.add_DecodeServicer_to_server(decode, server)
         worker_pb2_grpc.add_KVTransferServicer_to_server(decode, server)
         services = ["Decode", "KVTransfer"]
@@ -210,6 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--itl-ms", type=float, default=0.0, help="decode: delay before each token")
+    p.add_argument(
+        "--coalesce",
+        action="store_true",
+        help="decode: make tokens on the engine's clock and merge those a lagging stream queued",
+    )
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
     logging.basicConfig(

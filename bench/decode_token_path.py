@@ -15,6 +15,8 @@ is a fixed amount of work (calibrated to H ms when nothing else runs), so every
 microsecond the event loop takes the GIL during it lengthens the step. Per N the script runs:
 
     engine alone:  N requests added straight to the engine, no streams (no consumer work)
+    delivery only: N in-process consumers of the engine's output streams that do nothing
+                   (the loop's cost of handing tokens over, no protobuf, no gRPC)
     streams:       N Generate streams from a separate client process (its own GIL)
 
 and reports the engine's mean step time while all N run (wall between step starts, on the
@@ -238,6 +240,27 @@ class Bench:
             await asyncio.sleep(0.05)
         return {**self._step_stats(n), **meter.stop(n * self.args.tokens)}
 
+    async def delivery_only(self, n: int) -> dict:
+        """N in-process consumers that take each output and do nothing: the loop's cost of
+        delivery alone (engine thread -> loop -> consumer), without protobuf or gRPC."""
+        from tandem.sampling_params import SamplingParams
+
+        params = SamplingParams(max_tokens=self.args.tokens, ignore_eos=True)
+        num_tokens = [0]
+
+        async def consume(i: int) -> None:
+            open_stream = getattr(self.engine, "open_stream", None)  # the servicer's path
+            if open_stream is None:
+                stream = self.engine.generate(f"d-{i}", [1, 2, 3], params)
+            else:
+                stream = await open_stream(f"d-{i}", [1, 2, 3], params)
+            async for out in stream:
+                num_tokens[0] += len(out.new_token_ids)
+
+        meter = CpuMeter(self.engine._thread.native_id)
+        await asyncio.gather(*(consume(i) for i in range(n)))
+        return {**self._step_stats(n), **meter.stop(num_tokens[0])}
+
     async def streams(self, n: int, profile: str | None = None) -> dict:
         self.fake.step_log.clear()
         cmd = [sys.executable, __file__, "--code-root", str(_code_root(sys.argv))]
@@ -253,6 +276,9 @@ class Bench:
             raise RuntimeError(f"client failed (exit {client.returncode})")
         res["client"] = json.loads(out)
         res["tokens_per_s"] = res["client"]["tokens_per_s"]
+        # a client that lags gets several tokens per message: per message is the fair unit
+        per_msg = res["tokens"] / res["client"]["messages"]
+        res["loop_us_per_message"] = round(res["loop_us_per_token"] * per_msg, 2)
         if spy is not None:
             res["profile"] = await spy()
         return res
@@ -308,9 +334,11 @@ async def serve_and_measure(args) -> dict:
     try:
         for n in args.streams:
             alone = await bench.engine_alone(n)
+            delivery = await bench.delivery_only(n)
             streamed = await bench.streams(n)
             runs[str(n)] = {
                 "engine_alone": alone,
+                "delivery_only": delivery,
                 "streams": streamed,
                 "step_ratio_streams_vs_alone": round(
                     streamed["mean_step_ms"] / alone["mean_step_ms"], 3
@@ -326,13 +354,15 @@ async def serve_and_measure(args) -> dict:
 
 
 def _brief(run: dict) -> dict:
-    s, a = run["streams"], run["engine_alone"]
+    s, a, d = run["streams"], run["engine_alone"], run["delivery_only"]
     return {
         "alone_ms": a["mean_step_ms"],
+        "delivery_loop_us_tok": d["loop_us_per_token"],
         "streams_ms": s["mean_step_ms"],
         "ratio": run["step_ratio_streams_vs_alone"],
         "tok_s": s["tokens_per_s"],
         "loop_us_tok": s["loop_us_per_token"],
+        "loop_us_msg": s["loop_us_per_message"],
         "gc_ms": s["gc_ms"],
         "gc_n": s["gc_collections_by_gen"],
     }
@@ -389,6 +419,7 @@ async def client_main(args) -> dict:
     return {
         "wall_s": round(wall, 3),
         "tokens_per_s": round(n_tok / wall, 1),
+        "messages": sum(msgs),
         "tokens_per_message": round(n_tok / sum(msgs), 3),
     }
 

@@ -39,14 +39,21 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
     )
 
 
-def logprob_to_proto(lp: Logprob | None) -> common_pb2.TokenLogprob | None:
+def logprob_to_proto(
+    lp: Logprob | None, into: common_pb2.TokenLogprob | None = None
+) -> common_pb2.TokenLogprob | None:
+    """into: fill this message in place (an element of a repeated field) instead of a new one."""
     if lp is None:
         return None
-    return common_pb2.TokenLogprob(
-        token_id=lp.token_id,
-        logprob=lp.logprob,
-        top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
-    )
+    p = common_pb2.TokenLogprob() if into is None else into
+    p.token_id = lp.token_id
+    p.logprob = lp.logprob
+    top = p.top
+    for t, v in lp.top:
+        e = top.add()
+        e.token_id = t
+        e.logprob = v
+    return p
 
 
 def logprob_from_proto(p: common_pb2.TokenLogprob, present: bool) -> Logprob | None:

@@ -33,16 +33,19 @@ log = logging.getLogger(__name__)
 
 
 def _token_event(out: StepOutput, num_prompt_tokens: int) -> worker_pb2.DecodeEvent:
-    ev = worker_pb2.TokenEvent(
-        token_ids=out.new_token_ids,
-        finish_reason=finish_to_proto(out.finish_reason),
-        num_prompt_tokens=num_prompt_tokens,
-        num_cached_tokens=out.num_cached_tokens,
-    )
+    # filled in place: a third of the cost of building a TokenEvent and wrapping it
+    ev = worker_pb2.DecodeEvent()
+    tokens = ev.tokens
+    tokens.token_ids.extend(out.new_token_ids)
+    tokens.num_prompt_tokens = num_prompt_tokens
+    if out.num_cached_tokens:
+        tokens.num_cached_tokens = out.num_cached_tokens
+    if out.finish_reason is not None:
+        tokens.finish_reason = finish_to_proto(out.finish_reason)
     for lp in out.new_logprobs:
         if lp is not None:
-            ev.logprobs.append(logprob_to_proto(lp))
-    return worker_pb2.DecodeEvent(tokens=ev)
+            logprob_to_proto(lp, tokens.logprobs.add())
+    return ev
 
 
 @dataclass(frozen=True)
@@ -82,14 +85,22 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         num_out = request.num_output_tokens
         try:
             if request.prefill_locally:
-                stream = self.engine.generate(req_id, prompt, params, num_output_tokens=num_out)
+                stream = await self.engine.open_stream(
+                    req_id, prompt, params, num_output_tokens=num_out
+                )
             else:
                 stream = self._remote_prefill(req_id, prompt, params, num_out, context)
-            async for item in stream:
-                if isinstance(item, worker_pb2.DecodeEvent):
-                    yield item
-                else:
-                    yield _token_event(item, len(prompt))
+            # context.write, not yield: no async generator between the engine and gRPC (nor
+            # the interceptor's wrapper around one), a few µs less per token on the loop
+            write, num_prompt = context.write, len(prompt)
+            try:
+                async for item in stream:
+                    if type(item) is StepOutput:
+                        await write(_token_event(item, num_prompt))
+                    else:
+                        await write(item)
+            finally:
+                await stream.aclose()  # unfinished (client gone, error): abort, free blocks
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except EngineFullError as e:

@@ -4,7 +4,7 @@
     ------------                         -------------
     call(fn) / generate(...) --queue-->  run pending calls between steps
                                          step() -> outputs
-    per-request asyncio.Queue <--loop.call_soon_threadsafe-- outputs
+    per-request OutputStream <--one loop.call_soon_threadsafe per step-- outputs
 
 Everything that touches the engine (add, abort, reserve, commit, KV reads) runs on the engine
 thread, so the engine itself needs no locks.
@@ -44,7 +44,7 @@ class AsyncEngine:
         self._calls: queue.SimpleQueue[
             tuple[Callable, tuple, asyncio.Future, asyncio.AbstractEventLoop]
         ] = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -60,16 +60,17 @@ class AsyncEngine:
         self._calls.put((fn, args, fut, loop))
         return await fut
 
-    async def generate(
+    async def open_stream(
         self,
         req_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
         hold_blocks: bool = False,
         num_output_tokens: int = 0,
-    ) -> AsyncIterator[StepOutput]:
-        """Stream a request's outputs; leaving the loop early (or cancelling) aborts it."""
-        q = self._open_stream(req_id)
+    ) -> OutputStream:
+        """Add a request; its outputs arrive on the returned stream, which the caller must
+        `aclose()` (that aborts the request unless it finished)."""
+        stream = self._open_stream(req_id)
         try:
             await self.call(
                 self.engine.add_request,
@@ -82,14 +83,31 @@ class AsyncEngine:
         except BaseException:
             self._streams.pop(req_id, None)
             raise
-        async for out in self._drain(req_id, q):
-            yield out
+        return stream
+
+    async def generate(
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        hold_blocks: bool = False,
+        num_output_tokens: int = 0,
+    ) -> AsyncIterator[StepOutput]:
+        """Stream a request's outputs; leaving the loop early (or cancelling) aborts it."""
+        stream = await self.open_stream(
+            req_id, prompt_token_ids, params, hold_blocks, num_output_tokens
+        )
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
 
     async def commit(
         self, req_id: str, first_token_id: int, first_logprob: Logprob | None
     ) -> AsyncIterator[StepOutput]:
         """Decode side of a handoff: join the batch, then stream the tokens sampled here."""
-        q = self._open_stream(req_id)
+        stream = self._open_stream(req_id)
         try:
             done = await self.call(self.engine.commit, req_id, first_token_id, first_logprob)
         except BaseException:
@@ -99,52 +117,30 @@ class AsyncEngine:
             self._streams.pop(req_id, None)
             yield done
             return
-        async for out in self._drain(req_id, q):
-            yield out
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
 
     async def abort(self, req_id: str) -> bool:
         return await self.call(self.engine.abort, req_id)
 
-    def _open_stream(self, req_id: str) -> asyncio.Queue:
+    def _open_stream(self, req_id: str) -> OutputStream:
         if req_id in self._streams:
             raise ValueError(f"request id {req_id!r} is already in use")
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[req_id] = (q, asyncio.get_running_loop())
-        return q
+        stream = OutputStream(self, req_id, asyncio.get_running_loop())
+        self._streams[req_id] = stream
+        return stream
 
-    async def _drain(self, req_id: str, q: asyncio.Queue) -> AsyncIterator[StepOutput]:
-        finished = False
+    async def _abort_unfinished(self, req_id: str) -> None:
+        """A consumer went away (cancelled, disconnected): free the request's blocks."""
+        if self._error is not None:
+            return
         try:
-            while True:
-                out = await q.get()
-                # a consumer that fell behind takes every queued step at once: one message
-                # downstream for several tokens, so a slow stream catches up instead of lagging
-                while not q.empty() and not isinstance(out, BaseException):
-                    nxt = q.get_nowait()
-                    if isinstance(nxt, BaseException):
-                        out = nxt
-                        break
-                    out = StepOutput(
-                        out.req_id,
-                        out.new_token_ids + nxt.new_token_ids,
-                        out.new_logprobs + nxt.new_logprobs,
-                        nxt.finish_reason,
-                        nxt.num_cached_tokens,
-                    )
-                if isinstance(out, BaseException):
-                    raise EngineDeadError(f"engine failed: {out!r}") from out
-                finished = out.finish_reason is not None
-                yield out
-                if finished:
-                    return
-        finally:
-            self._streams.pop(req_id, None)
-            if not finished and self._error is None:
-                # the consumer went away (cancelled, disconnected): free the request's blocks
-                try:
-                    await asyncio.shield(self.call(self.engine.abort, req_id))
-                except (asyncio.CancelledError, EngineDeadError):
-                    self._calls.put((self.engine.abort, (req_id,), None, None))
+            await asyncio.shield(self.call(self.engine.abort, req_id))
+        except (asyncio.CancelledError, EngineDeadError):
+            self._calls.put((self.engine.abort, (req_id,), None, None))
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -182,24 +178,113 @@ class AsyncEngine:
             except BaseException as e:  # noqa: BLE001 - an engine bug must not hang clients
                 log.exception("engine step failed; failing every open stream")
                 self._error = e
-                for q, loop in list(self._streams.values()):
-                    loop.call_soon_threadsafe(q.put_nowait, e)
+                for stream in list(self._streams.values()):
+                    stream.loop.call_soon_threadsafe(_deliver, [(stream, e)])
                 return
             if outputs:
                 # one wake-up of each event loop per step, not one per request: at a batch
                 # of hundreds, per-token call_soon_threadsafe calls saturate the loop
                 by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+                streams = self._streams
                 for out in outputs:
-                    stream = self._streams.get(out.req_id)
+                    stream = streams.get(out.req_id)
                     if stream is not None:
-                        by_loop.setdefault(stream[1], []).append((stream[0], out))
+                        items = by_loop.get(stream.loop)
+                        if items is None:
+                            items = by_loop[stream.loop] = []
+                        items.append((stream, out))
                 for loop, items in by_loop.items():
                     loop.call_soon_threadsafe(_deliver, items)
 
 
-def _deliver(items: list[tuple[asyncio.Queue, StepOutput]]) -> None:
-    for q, out in items:
-        q.put_nowait(out)
+class OutputStream:
+    """One request's outputs on its event loop (async iterator of StepOutput).
+
+    The engine thread hands each step's outputs to the loop in one callback (`_deliver`),
+    which appends to `_pending` and wakes the consumer only if it is waiting: one future per
+    wake-up, no asyncio.Queue. The consumer takes everything pending at once, merged into one
+    StepOutput, so a stream that fell behind catches up with one message instead of lagging.
+    An engine failure arrives as an exception in `_pending`: the outputs before it are still
+    returned, then EngineDeadError is raised.
+    """
+
+    __slots__ = ("req_id", "loop", "_engine", "_pending", "_waiter", "_finished", "_closed")
+
+    def __init__(self, engine: AsyncEngine, req_id: str, loop: asyncio.AbstractEventLoop):
+        self.req_id = req_id
+        self.loop = loop
+        self._engine = engine
+        self._pending: list[StepOutput | BaseException] = []
+        self._waiter: asyncio.Future | None = None  # set while the consumer waits
+        self._finished = False  # the output with a finish_reason was returned
+        self._closed = False
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self._finished or self._closed:
+            raise StopAsyncIteration
+        while not self._pending:
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        pending = self._pending
+        out = pending[0]
+        if len(pending) == 1:
+            pending.clear()
+        else:
+            out, rest = _merge(pending)
+            self._pending = rest
+        if isinstance(out, BaseException):
+            raise EngineDeadError(f"engine failed: {out!r}") from out
+        if out.finish_reason is not None:
+            self._finished = True
+            self._engine._streams.pop(self.req_id, None)
+        return out
+
+    async def aclose(self) -> None:
+        """Idempotent; aborts the request in the engine unless it finished."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._engine._streams.get(self.req_id) is self:
+            del self._engine._streams[self.req_id]
+        if not self._finished:
+            await self._engine._abort_unfinished(self.req_id)
+
+
+def _merge(
+    pending: list[StepOutput | BaseException],
+) -> tuple[StepOutput | BaseException, list[StepOutput | BaseException]]:
+    """Several queued steps -> one StepOutput (and what is left: an error after them)."""
+    first = pending[0]
+    if isinstance(first, BaseException):
+        return first, []
+    token_ids, logprobs = list(first.new_token_ids), list(first.new_logprobs)
+    last = first
+    for i in range(1, len(pending)):
+        nxt = pending[i]
+        if isinstance(nxt, BaseException):
+            return _with(first, token_ids, logprobs, last), pending[i:]
+        token_ids += nxt.new_token_ids
+        logprobs += nxt.new_logprobs
+        last = nxt
+    return _with(first, token_ids, logprobs, last), []
+
+
+def _with(first: StepOutput, token_ids, logprobs, last: StepOutput) -> StepOutput:
+    return StepOutput(first.req_id, token_ids, logprobs, last.finish_reason, last.num_cached_tokens)
+
+
+def _deliver(items: list[tuple[OutputStream, StepOutput | BaseException]]) -> None:
+    for stream, out in items:
+        stream._pending.append(out)
+        waiter = stream._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 def _set_result(fut: asyncio.Future, result: Any) -> None:

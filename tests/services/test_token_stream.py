@@ -1,0 +1,214 @@
+"""The decode server's token path: AsyncEngine's OutputStream (one callback per step, pending
+outputs merged when the consumer is behind) and the DecodeEvent built from a StepOutput.
+Real SmolLM2 engine; no timing assertions (how fast it is lives in bench/decode_token_path.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from decode_service.servicer import _token_event
+from protos import common_pb2, worker_pb2
+from tandem.async_engine import AsyncEngine, EngineDeadError, _merge
+from tandem.config import EngineConfig
+from tandem.engine import LLMEngine, StepOutput
+from tandem.request import Logprob
+from tandem.sampling_params import SamplingParams
+
+PROMPT = [1, 9690, 314, 260, 3575, 282, 4649]
+
+
+@pytest.fixture(scope="module")
+def llm_engine():
+    return LLMEngine(EngineConfig(num_blocks=128, max_num_batched_tokens=64))
+
+
+@pytest.fixture(scope="module")
+def reference(llm_engine):
+    """Greedy tokens and logprobs of PROMPT, stepped on the engine directly."""
+    req = llm_engine.add_request("ref", PROMPT, _greedy(8, logprobs=2))
+    while llm_engine.has_unfinished():
+        llm_engine.step()
+    return req.output_token_ids, req.logprobs
+
+
+def _greedy(max_tokens: int, logprobs: int | None = None) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
+
+
+def _run(llm_engine, body):
+    engine = AsyncEngine(llm_engine)
+    try:
+        return asyncio.run(body(engine))
+    finally:
+        engine.shutdown()
+
+
+async def _until(fn, timeout=60.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await fn():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def _no_requests(engine: AsyncEngine) -> bool:
+    s = await engine.call(engine.engine.stats)
+    return s.num_running + s.num_waiting == 0 and not engine.engine.requests
+
+
+def test_a_consumer_that_keeps_up_gets_every_step_in_order(llm_engine, reference):
+    async def body(engine):
+        outs = [o async for o in engine.generate("a", PROMPT, _greedy(8, logprobs=2))]
+        return outs, await engine.call(engine.engine.stats)
+
+    outs, stats = _run(llm_engine, body)
+    tokens = [t for o in outs for t in o.new_token_ids]
+    assert tokens == reference[0]
+    assert [lp for o in outs for lp in o.new_logprobs] == reference[1]
+    assert [o.finish_reason for o in outs] == [None] * (len(outs) - 1) + ["length"]
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_a_consumer_that_fell_behind_gets_the_queued_steps_as_one_output(llm_engine, reference):
+    async def body(engine):
+        stream = await engine.open_stream("b", PROMPT, _greedy(8, logprobs=2))
+        # the request finishes with nobody reading: all 8 steps wait in the stream
+        await _until(lambda: _no_requests(engine))
+        outs = [o async for o in stream]
+        await stream.aclose()
+        return outs
+
+    outs = _run(llm_engine, body)
+    assert len(outs) == 1
+    assert outs[0].new_token_ids == reference[0]
+    assert outs[0].new_logprobs == reference[1]
+    assert outs[0].finish_reason == "length"
+
+
+def test_leaving_the_stream_early_aborts_the_request_and_frees_its_blocks(llm_engine):
+    async def body(engine):
+        stream = await engine.open_stream("c", PROMPT, _greedy(10_000))
+        first = await stream.__anext__()
+        await stream.aclose()
+        await stream.aclose()  # idempotent
+        freed = await _no_requests(engine)
+        after = [o async for o in stream]  # a closed stream yields nothing more
+        # the same through generate(): the consuming task is cancelled while it waits
+        seen = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.generate("d", PROMPT, _greedy(10_000)):
+                seen.set()
+
+        task = asyncio.create_task(consume())
+        await seen.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await _until(lambda: _no_requests(engine))
+        stats = await engine.call(engine.engine.stats)
+        return first, freed, after, stats, dict(engine._streams)
+
+    first, freed, after, stats, streams = _run(llm_engine, body)
+    assert len(first.new_token_ids) >= 1 and first.finish_reason is None
+    assert freed and after == []
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert streams == {}
+
+
+def test_an_engine_failure_reaches_the_stream_after_the_tokens_before_it(llm_engine):
+    engine = AsyncEngine(llm_engine)
+    real_step = llm_engine.step
+    calls = []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected step failure")
+        return real_step()
+
+    llm_engine.step = failing_step
+
+    async def body():
+        stream = await engine.open_stream("e", PROMPT, _greedy(100))
+
+        async def failed() -> bool:  # the failure has been handed to this stream
+            return any(isinstance(x, BaseException) for x in stream._pending)
+
+        await _until(failed)
+        first = await stream.__anext__()
+        with pytest.raises(EngineDeadError, match="injected step failure"):
+            await stream.__anext__()
+        await stream.aclose()  # the engine is gone: no abort is attempted
+        with pytest.raises(EngineDeadError):
+            await engine.generate("f", PROMPT, _greedy(4)).__anext__()
+        return first
+
+    try:
+        first = asyncio.run(body())
+    finally:
+        del llm_engine.step
+        engine.shutdown()
+        llm_engine.abort("e")  # the request the failed step left behind
+    assert len(first.new_token_ids) == 2  # the two steps that ran, merged
+    assert first.finish_reason is None
+
+
+def test_a_request_id_in_use_is_refused_without_touching_the_open_stream(llm_engine):
+    async def body(engine):
+        stream = await engine.open_stream("g", PROMPT, _greedy(3))
+        with pytest.raises(ValueError, match="already in use"):
+            await engine.open_stream("g", PROMPT, _greedy(3))
+        outs = [o async for o in stream]
+        await stream.aclose()
+        return outs
+
+    outs = _run(llm_engine, body)
+    assert sum(len(o.new_token_ids) for o in outs) == 3
+    assert outs[-1].finish_reason == "length"
+
+
+def test_merge_keeps_order_and_the_last_finish_and_splits_at_an_error():
+    lp = [Logprob(5, -0.1, [(5, -0.1)]), None, Logprob(7, -0.3, [])]
+    a = StepOutput("r", [5], [lp[0]], None, 16)
+    b = StepOutput("r", [6], [lp[1]], None, 16)
+    c = StepOutput("r", [7], [lp[2]], "stop", 16)
+    out, rest = _merge([a, b, c])
+    assert out == StepOutput("r", [5, 6, 7], lp, "stop", 16) and rest == []
+    assert a.new_token_ids == [5]  # the queued outputs are not modified
+    err = RuntimeError("x")
+    out, rest = _merge([a, b, err, c])
+    assert out == StepOutput("r", [5, 6], lp[:2], None, 16) and rest == [err, c]
+    assert _merge([err, a]) == (err, [])
+
+
+def test_token_event_matches_the_message_built_field_by_field():
+    plain = StepOutput("r", [42], [None], None, 0)
+    assert _token_event(plain, 7) == worker_pb2.DecodeEvent(
+        tokens=worker_pb2.TokenEvent(token_ids=[42], num_prompt_tokens=7)
+    )
+    lps = [Logprob(3, -0.25, [(3, -0.25), (9, -1.5)]), Logprob(4, -2.0, [])]
+    last = StepOutput("r", [3, 4], lps, "stop", 32)
+    want = worker_pb2.TokenEvent(
+        token_ids=[3, 4],
+        finish_reason=common_pb2.FINISH_REASON_STOP,
+        num_prompt_tokens=40,
+        num_cached_tokens=32,
+        logprobs=[
+            common_pb2.TokenLogprob(
+                token_id=3,
+                logprob=-0.25,
+                top=[
+                    common_pb2.TopLogprob(token_id=3, logprob=-0.25),
+                    common_pb2.TopLogprob(token_id=9, logprob=-1.5),
+                ],
+            ),
+            common_pb2.TokenLogprob(token_id=4, logprob=-2.0),
+        ],
+    )
+    assert _token_event(last, 40) == worker_pb2.DecodeEvent(tokens=want)
+    length = StepOutput("r", [1], [None], "length", 0)
+    assert _token_event(length, 1).tokens.finish_reason == common_pb2.FINISH_REASON_LENGTH

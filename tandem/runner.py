@@ -7,6 +7,11 @@ Input preparation for a packed batch (chunk of request b covers positions [c_b, 
     slot_mapping[t] = block_table_b[pos // bs] * bs + pos % bs
     seq_lens[b]     = c_b + n_b
     logits rows     = the last token of every chunk that reaches the end of its request
+
+At tensor-parallel size N (tandem/tp) every rank holds a runner with its shard of the model and
+of the KV pool (num_kv_heads / N heads). Rank 0 prepares each step's inputs on the host,
+broadcasts them (StepSync) and runs the same forward (run_host) as the other ranks, which loop
+in serve_worker; only rank 0 gets logits and samples.
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ import torch
 
 from kernels import get_ops
 from tandem.config import EngineConfig, ModelConfig, resolve_dtype
+from tandem.host_inputs import HostInputs
 from tandem.loader import load_model
 from tandem.models.attention_metadata import AttentionMetadata
 from tandem.request import Logprob, Request
 from tandem.sampler import sample
 from tandem.scheduler import ScheduledChunk
+from tandem.tp.group import TPGroup
+from tandem.tp.step_sync import StepSync
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +53,19 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
 
 class ModelRunner:
     def __init__(
-        self, cfg: EngineConfig, model_cfg: ModelConfig, model_dir, max_model_len: int
+        self,
+        cfg: EngineConfig,
+        model_cfg: ModelConfig,
+        model_dir,
+        max_model_len: int,
+        tp: TPGroup | None = None,
     ) -> None:
-        self.device = cfg.torch_device()
+        self.tp = tp = tp or TPGroup()
+        self.device = cfg.torch_device(tp.rank)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.block_size = cfg.block_size
         self.model_cfg = model_cfg
+        self.num_kv_heads = model_cfg.num_kv_heads // tp.size  # this rank's KV heads
         self.ops = get_ops(cfg.kernel_backend, self.device)
         load_format = cfg.load_format
         if load_format == "auto":
@@ -64,16 +79,18 @@ class ModelRunner:
             max_model_len,
             load_format,
             cfg.seed,
+            tp,
         )
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.num_blocks = cfg.num_blocks or self._blocks_from_memory(cfg)
+        # every rank's pool has the same block ids: the smallest count any rank can hold
+        self.num_blocks = tp.min_int(cfg.num_blocks or self._blocks_from_memory(cfg))
         # one pool for all layers: [layer, k|v, block, slot in block, kv head, head dim]
         self.kv_cache = torch.zeros(
             model_cfg.num_layers,
             2,
             self.num_blocks,
             self.block_size,
-            model_cfg.num_kv_heads,
+            self.num_kv_heads,
             model_cfg.head_dim,
             dtype=self.dtype,
             device=self.device,
@@ -84,22 +101,32 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self._rows: dict[str, list] = {}  # req_id -> [block_table list, int32 row, filled]
         self.graphs: DecodeGraphs | None = None
+        # at tp > 1 every rank captures the same graphs in the same order (NCCL all-reduces
+        # are captured with the forward) and replays them in lockstep
         if self.device.type == "cuda" and not cfg.enforce_eager and cfg.cuda_graph_max_batch_size:
             self.graphs = DecodeGraphs(
                 self, graph_batch_sizes(min(cfg.cuda_graph_max_batch_size, cfg.max_num_seqs))
             )
+        self.sync = StepSync(tp) if tp.size > 1 else None
         log.info(
-            "kv cache num_blocks=%d block_size=%d backend=%s",
+            "kv cache num_blocks=%d block_size=%d backend=%s tp_rank=%d/%d",
             self.num_blocks,
             self.block_size,
             self.ops.name,
+            tp.rank,
+            tp.size,
         )
 
     @property
     def block_bytes(self) -> int:
         m = self.model_cfg
         return (
-            m.num_layers * 2 * self.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+            m.num_layers
+            * 2
+            * self.block_size
+            * self.num_kv_heads
+            * m.head_dim
+            * self.dtype.itemsize
         )
 
     def _blocks_from_memory(self, cfg: EngineConfig) -> int:
@@ -139,7 +166,7 @@ class ModelRunner:
             2,
             1,
             num_tokens,
-            m.num_kv_heads,
+            self.num_kv_heads,
             m.head_dim,
             dtype=self.dtype,
             device=self.device,
@@ -189,6 +216,10 @@ class ModelRunner:
     def prepare(
         self, chunks: list[ScheduledChunk]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        host = self.prepare_host(chunks)
+        return (*self._device_inputs(host), host.logits_rows)
+
+    def prepare_host(self, chunks: list[ScheduledChunk]) -> HostInputs:
         bs = self.block_size
         n_seqs = len(chunks)
         lens = np.fromiter((n for _, n in chunks), dtype=np.int64, count=n_seqs)
@@ -223,16 +254,34 @@ class ModelRunner:
         tables = np.zeros((n_seqs, max_blocks), dtype=np.int32)
         for i, row in enumerate(rows):
             tables[i] = row[:max_blocks]
+        return HostInputs(
+            input_ids,
+            positions,
+            slots,
+            seq_lens,
+            starts.astype(np.int32),
+            tables,
+            logits_rows,
+            int(lens.max()),
+        )
+
+    def _device_inputs(
+        self, host: HostInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=_to_device(slots, dev),
-            block_tables=_to_device(tables, dev),
-            seq_lens=_to_device(seq_lens, dev),
-            query_start_loc=_to_device(starts.astype(np.int32), dev),
-            max_query_len=int(lens.max()),
-            decode_only=total == n_seqs,
+            slot_mapping=_to_device(host.slots, dev),
+            block_tables=_to_device(host.block_tables, dev),
+            seq_lens=_to_device(host.seq_lens, dev),
+            query_start_loc=_to_device(host.query_start_loc, dev),
+            max_query_len=host.max_query_len,
+            decode_only=host.decode_only,
         )
-        return _to_device(input_ids, dev), _to_device(positions, dev), meta, logits_rows
+        return _to_device(host.input_ids, dev), _to_device(host.positions, dev), meta
+
+    def _graph_fits(self, num_seqs: int, decode_only: bool) -> bool:
+        g = self.graphs
+        return g is not None and decode_only and num_seqs <= g.max_batch_size
 
     @torch.inference_mode()
     def execute(
@@ -240,13 +289,14 @@ class ModelRunner:
     ) -> tuple[list[Request], list[int], list[Logprob | None]]:
         """Run one step; returns the requests that sampled, their tokens and logprobs."""
         sampling = [req for req, n in chunks if req.num_computed_tokens + n == req.num_tokens]
-        graphs = self.graphs
-        if (
-            graphs is not None
-            and len(chunks) <= graphs.max_batch_size
-            and all(n == 1 for _, n in chunks)
-        ):
-            hidden = graphs.run(chunks)  # decode: every chunk samples, rows 0..B-1
+        if self.sync is not None:  # tensor parallel: every rank runs the same inputs
+            host = self.prepare_host(chunks)
+            self.sync.send_step(host)
+            logits = self.run_host(host)
+            if not sampling:
+                return [], [], []
+        elif self._graph_fits(len(chunks), all(n == 1 for _, n in chunks)):
+            hidden = self.graphs.run(chunks)  # decode: every chunk samples, rows 0..B-1
             logits = self.model.compute_logits(hidden)
         else:
             ids, pos, meta, rows = self.prepare(chunks)
@@ -256,6 +306,25 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows])
         tokens, logprobs = sample(logits, sampling, self.gen)
         return sampling, tokens, logprobs
+
+    @torch.inference_mode()
+    def run_host(self, host: HostInputs) -> torch.Tensor | None:
+        """The forward of one step from host inputs, on every rank: rank 0 gets the logits of
+        host.logits_rows (None when nothing samples), the other ranks None."""
+        if self._graph_fits(len(host.seq_lens), host.decode_only):
+            hidden = self.graphs.run_host(host)  # decode: every row samples
+        else:
+            ids, pos, meta = self._device_inputs(host)
+            hidden = self.model(ids, pos, meta, self.kv_caches)
+            if not host.logits_rows:
+                return None
+            hidden = hidden[host.logits_rows]
+        return self.model.compute_logits(hidden)
+
+    def serve_worker(self) -> None:
+        """Ranks > 0: run every step rank 0 broadcasts, until it says stop."""
+        while (host := self.sync.recv_step()) is not None:
+            self.run_host(host)
 
 
 class DecodeGraphs:
@@ -342,6 +411,27 @@ class DecodeGraphs:
             h64[2, i] = int(row[c // bs]) * bs + c % bs
             h32[i] = c + 1
             tables[i] = row[:width]
+        return self._launch(n, b, width)
+
+    def run_host(self, host: HostInputs) -> torch.Tensor:
+        """run() from prepared host inputs (tensor parallel: every rank, the same inputs)."""
+        n = len(host.seq_lens)
+        b = next(s for s in self.sizes if s >= n)
+        h64 = self._host64.numpy()
+        h32 = self._host32.numpy()
+        mb, width = self.max_batch_size, host.block_tables.shape[1]
+        h64[0, :n] = host.input_ids
+        h64[1, :n] = host.positions
+        h64[2, :n] = host.slots
+        h32[:n] = host.seq_lens
+        h32[mb : mb + n * width] = host.block_tables.ravel()
+        return self._launch(n, b, width)
+
+    def _launch(self, n: int, b: int, width: int) -> torch.Tensor:
+        """Pad rows n..b of the staged inputs, copy them to the graph's buffers, replay."""
+        h64 = self._host64.numpy()
+        h32 = self._host32.numpy()
+        mb = self.max_batch_size
         h64[:2, n:b] = 0
         h64[2, n:b] = -1
         h32[n:b] = 0

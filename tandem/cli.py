@@ -67,6 +67,7 @@ _ENGINE_FLAGS = [
     "max_num_batched_tokens",
     "max_model_len",
     "seed",
+    "tensor_parallel_size",
 ]
 
 

@@ -83,7 +83,8 @@ def _copy_into(model: nn.Module, target: str, tensor: torch.Tensor, shard) -> No
     if shard is not None:
         data = data.narrow(0, _shard_offset(model, *shard), tensor.shape[0])
     elif target == "lm_head.weight" and tensor.shape[0] < data.shape[0]:
-        data = data.narrow(0, 0, tensor.shape[0])  # last rank: rows past the vocabulary stay 0
+        data[tensor.shape[0] :].zero_()  # last rank: rows past the vocabulary (cut after gather)
+        data = data.narrow(0, 0, tensor.shape[0])
     if tensor.shape != data.shape:
         raise ValueError(
             f"checkpoint tensor for {target} has shape {tuple(tensor.shape)}, the model's"

@@ -12,6 +12,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from tandem.config import EngineConfig, ModelConfig
@@ -43,6 +44,9 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     cfg = EngineConfig(**spec["engine"])
+    if cfg.torch_device(rank).type == "cpu":
+        # the ranks share the host's cores: without this each would start one thread per core
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
         timeout=timedelta(seconds=STARTUP_TIMEOUT_S),

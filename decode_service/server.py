@@ -32,8 +32,15 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 async def _register(args, server, engine, address) -> WorkerParts:
     ledger = HandoffLedger(args.kv_lease_seconds, args.kv_stall_seconds)
     worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine, ledger, address), server)
+    runner = engine.engine.runner
+    tp_write = None
+    if runner.tp.size > 1:  # the scatter to every rank runs between engine steps
+
+        async def tp_write(block_ids, layer_start, layer_end, kv) -> None:
+            await engine.call(runner.scatter_kv, block_ids, layer_start, layer_end, kv)
+
     worker_pb2_grpc.add_KVTransferServicer_to_server(
-        KVTransferServicer(ledger, engine.engine.runner.kv_cache), server
+        KVTransferServicer(ledger, runner.kv_cache, runner.kv_transfer_shape, tp_write), server
     )
 
     async def close() -> None:

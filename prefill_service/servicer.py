@@ -155,7 +155,15 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         if req is None:
             return None
         try:
-            return plan_slices(eng.runner.kv_cache, req.block_table, first_block, CHUNK_BYTES)
+            runner = eng.runner
+            if runner.tp.size == 1:
+                return plan_slices(runner.kv_cache, req.block_table, first_block, CHUNK_BYTES)
+            # tensor parallel: gather every rank's KV heads of the blocks to send (the wire
+            # carries all heads whatever the TP size); block i of that copy is table entry
+            # first_block + i
+            kv = runner.gather_kv(req.block_table[first_block:])
+            ids = [0] * first_block + list(range(kv.shape[2]))
+            return plan_slices(kv, ids, first_block, CHUNK_BYTES)
         finally:
             eng.release(req_id)
 

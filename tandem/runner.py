@@ -31,7 +31,7 @@ from tandem.request import Logprob, Request
 from tandem.sampler import sample
 from tandem.scheduler import ScheduledChunk
 from tandem.tp.group import TPGroup
-from tandem.tp.step_sync import StepSync
+from tandem.tp.step_sync import KV_GATHER, KV_SCATTER, STEP, StepSync
 
 log = logging.getLogger(__name__)
 
@@ -322,9 +322,59 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     def serve_worker(self) -> None:
-        """Ranks > 0: run every step rank 0 broadcasts, until it says stop."""
-        while (host := self.sync.recv_step()) is not None:
-            self.run_host(host)
+        """Ranks > 0: run every step (and KV copy) rank 0 broadcasts, until it says stop."""
+        while True:
+            kind, msg = self.sync.recv()
+            if kind == STEP:
+                self.run_host(msg)
+            elif kind == KV_GATHER:
+                self._gather_kv(*msg)
+            elif kind == KV_SCATTER:
+                self._scatter_kv(*msg)
+            else:
+                return
+
+    # -- KV handoff at any tensor-parallel size: the wire carries every KV head ----------------
+    @property
+    def kv_transfer_shape(self) -> tuple[int, ...]:
+        """The pool's shape with all KV heads (the TP=1 layout the grpc transport carries)."""
+        shape = list(self.kv_cache.shape)
+        shape[4] = self.model_cfg.num_kv_heads
+        return tuple(shape)
+
+    @torch.inference_mode()
+    def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """Rank 0: blocks block_ids of every layer with all KV heads,
+        [layers, 2, len(block_ids), block_size, num_kv_heads, head_dim] on this device."""
+        if self.sync is not None:
+            self.sync.send_kv(KV_GATHER, block_ids)
+        return self._gather_kv(block_ids)
+
+    def _gather_kv(self, block_ids: list[int]) -> torch.Tensor | None:
+        index = torch.tensor(block_ids, device=self.device)
+        return self.tp.gather(self.kv_cache.index_select(2, index), dim=4)
+
+    @torch.inference_mode()
+    def scatter_kv(
+        self, block_ids: list[int], layer_start: int, layer_end: int, kv: torch.Tensor
+    ) -> None:
+        """Rank 0: store kv (all KV heads, [layer_end - layer_start, 2, len(block_ids), ...])
+        into blocks block_ids; each rank keeps its heads."""
+        if self.sync is not None:
+            self.sync.send_kv(KV_SCATTER, block_ids, layer_start, layer_end)
+        self._scatter_kv(block_ids, layer_start, layer_end, kv)
+
+    def _scatter_kv(self, block_ids, layer_start, layer_end, kv=None) -> None:
+        index = torch.tensor(block_ids, device=self.device)
+        if self.tp.size > 1:
+            shape = list(self.kv_transfer_shape)
+            shape[0], shape[2] = layer_end - layer_start, len(block_ids)
+            buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+            if kv is not None:
+                buf.copy_(kv)
+            h = self.num_kv_heads
+            kv = self.tp.broadcast(buf)[:, :, :, :, self.tp.rank * h : (self.tp.rank + 1) * h]
+        self.kv_cache[layer_start:layer_end].index_copy_(2, index, kv.to(self.device))
 
 
 class DecodeGraphs:

@@ -190,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """fp32 logits [rows, vocab] on rank 0; None on the other ranks (each sends its slice)."""
-        logits = self.tp.gather_last_dim(self.lm_head(hidden).float())
+        logits = self.tp.gather(self.lm_head(hidden).float())
         if logits is not None and logits.shape[-1] != self.cfg.vocab_size:
             logits = logits[:, : self.cfg.vocab_size]
         return logits

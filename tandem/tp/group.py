@@ -41,14 +41,20 @@ class TPGroup:
             dist.all_reduce(x, group=self.device_group)
         return x
 
-    def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Rank 0 gets the ranks' x concatenated along the last dim; the others get None."""
+    def gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+        """Rank 0 gets the ranks' x concatenated along dim (rank order); the others None."""
         if self.size == 1:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
         dist.gather(x, parts, dst=0, group=self.device_group)
-        return torch.cat(parts, dim=-1) if parts is not None else None
+        return torch.cat(parts, dim=dim) if parts is not None else None
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x on every rank, in place (device group)."""
+        if self.size > 1:
+            dist.broadcast(x, src=0, group=self.device_group)
+        return x
 
     def min_int(self, value: int) -> int:
         """The smallest of every rank's value (KV block counts must agree across ranks)."""

@@ -7,7 +7,10 @@ Per message, three broadcasts (never pickle):
     p64     int64 [3T + R]        input_ids | positions | slot_mapping | logits rows
     p32     int32 [B + B+1 + B*W] seq_lens | query_start_loc | block_tables (row-major)
 
-kind STOP ends the other ranks' loop (the header alone is sent).
+kind STOP ends the other ranks' loop (the header alone is sent). The KV handoff's commands
+(KV_GATHER: header [kind, n blocks], then the block ids; KV_SCATTER: header [kind, n blocks,
+layer_start, layer_end], then the block ids) are followed by the KV itself on the device group
+(ModelRunner.gather_kv / scatter_kv).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch.distributed as dist
 from tandem.host_inputs import HostInputs
 from tandem.tp.group import TPGroup
 
-STOP, STEP = 0, 1
+STOP, STEP, KV_GATHER, KV_SCATTER = 0, 1, 2, 3
 HEADER_LEN = 6
 
 
@@ -46,14 +49,23 @@ class StepSync:
     def send_stop(self) -> None:
         self._bcast(torch.tensor([STOP, 0, 0, 0, 0, 0], dtype=torch.int64))
 
-    def recv_step(self) -> HostInputs | None:
-        """Ranks > 0: the next step's inputs, or None when rank 0 stops."""
+    def send_kv(self, kind: int, block_ids: list[int], layer_start=0, layer_end=0) -> None:
+        n = len(block_ids)
+        self._bcast(torch.tensor([kind, n, layer_start, layer_end, 0, 0], dtype=torch.int64))
+        self._bcast(torch.tensor(block_ids, dtype=torch.int64))
+
+    def recv(self) -> tuple[int, HostInputs | tuple | None]:
+        """Ranks > 0: the next message: (STEP, inputs), (KV_GATHER, (block_ids,)),
+        (KV_SCATTER, (block_ids, layer_start, layer_end)) or (STOP, None)."""
         kind, t, b, w, r, max_query_len = self._bcast(self._header).tolist()
         if kind == STOP:
-            return None
+            return kind, None
+        if kind in (KV_GATHER, KV_SCATTER):
+            ids = self._bcast(torch.empty(t, dtype=torch.int64)).tolist()
+            return kind, (ids,) if kind == KV_GATHER else (ids, b, w)
         p64 = self._bcast(torch.empty(3 * t + r, dtype=torch.int64)).numpy()
         p32 = self._bcast(torch.empty(2 * b + 1 + b * w, dtype=torch.int32)).numpy()
-        return HostInputs(
+        return kind, HostInputs(
             input_ids=p64[:t],
             positions=p64[t : 2 * t],
             slots=p64[2 * t : 3 * t],

@@ -407,9 +407,11 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         self._capture()
         log.info(
-            "event=cuda_graphs_captured sizes=%d max_batch=%d seconds=%.1f",
+            "event=cuda_graphs_captured sizes=%d max_batch=%d tp_rank=%d/%d seconds=%.1f",
             len(sizes),
             mb,
+            runner.tp.rank,
+            runner.tp.size,
             time.perf_counter() - t0,
         )
 
@@ -437,9 +439,13 @@ class DecodeGraphs:
                 self._forward(b)  # compile and autotune outside the capture
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
+        # tensor parallel: the captured forward includes the NCCL all-reduces (capturable since
+        # NCCL 2.9.6; c10d keeps captured work out of its watchdog), and thread_local capture
+        # keeps CUDA calls of other threads (c10d's watchdog, gRPC's) from breaking it
+        mode = "thread_local" if self.runner.tp.size > 1 else "global"
         for b in reversed(self.sizes):
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
+            with torch.cuda.graph(g, pool=pool, capture_error_mode=mode):
                 self.outputs[b] = self._forward(b)
             self.graphs[b] = g
         torch.cuda.synchronize()

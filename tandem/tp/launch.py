@@ -26,6 +26,7 @@ from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from tandem.config import EngineConfig
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 300.0  # children import torch and connect; weights load after this
 SPEC_ENV = "TANDEM_TP_SPEC"  # JSON: the engine config and what the children must not re-derive
+
+
+def cpu_threads_per_rank(size: int) -> int:
+    return max(1, (os.cpu_count() or 1) // size)
 
 
 class TPWorkers:
@@ -50,6 +55,11 @@ class TPWorkers:
         size = cfg.tensor_parallel_size
         device = cfg.torch_device(0)  # validates the GPU count before anything starts
         self._stopping = False
+        self._num_threads = torch.get_num_threads()
+        if device.type == "cpu":
+            # the ranks share the host's cores (each child does the same, worker.py): more
+            # threads than cores make every collective wait on a descheduled rank
+            torch.set_num_threads(cpu_threads_per_rank(size))
         self.store = dist.TCPStore(
             "127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
             timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
@@ -82,6 +92,7 @@ class TPWorkers:
             self.group: TPGroup = init_groups(0, size, self.store, device)
         except BaseException:
             self._kill()
+            torch.set_num_threads(self._num_threads)
             raise
         threading.Thread(target=self._watch, name="tp-watchdog", daemon=True).start()
         log.info("event=tp_started size=%d port=%d", size, self.store.port)
@@ -128,6 +139,7 @@ class TPWorkers:
         finally:
             self._kill()
             destroy_groups()
+            torch.set_num_threads(self._num_threads)
 
     def _kill(self) -> None:
         self._stopping = True

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tandem.config import EngineConfig, ModelConfig
 from tandem.runner import ModelRunner
 from tandem.tp.group import destroy_groups, init_groups
-from tandem.tp.launch import SPEC_ENV, STARTUP_TIMEOUT_S
+from tandem.tp.launch import SPEC_ENV, STARTUP_TIMEOUT_S, cpu_threads_per_rank
 
 PR_SET_PDEATHSIG = 1
 
@@ -46,7 +46,7 @@ def main() -> None:
     cfg = EngineConfig(**spec["engine"])
     if cfg.torch_device(rank).type == "cpu":
         # the ranks share the host's cores: without this each would start one thread per core
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+        torch.set_num_threads(cpu_threads_per_rank(size))
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
         timeout=timedelta(seconds=STARTUP_TIMEOUT_S),

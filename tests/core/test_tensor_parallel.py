@@ -10,6 +10,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -66,9 +72,10 @@ def test_tp2_greedy_and_logprobs_equal_tp1(family, tmp_path):
     assert not dist.is_initialized()
 
 
+@pytest.mark.slow
 def test_default_model_tp3_equals_tp1(smollm, prompt_ids):
-    prompts = prompt_ids[:3]
-    params = greedy(16, logprobs=3)
+    prompts = prompt_ids[:2]
+    params = greedy(12, logprobs=3)
     want = engine_generate(smollm.engine, prompts, params)
     with LLM(
         dtype="float32", device="cpu", kernel_backend="torch", num_blocks=512,
@@ -179,3 +186,46 @@ def test_tp_on_cuda_needs_as_many_gpus(tmp_path):
     save_tiny_model("llama", tmp_path)
     with pytest.raises(ValueError, match="needs that many GPUs"):
         LLM(**{**ENGINE, "device": "cuda"}, model=str(tmp_path), tensor_parallel_size=2)
+
+
+_HOLD_TP2 = """
+import sys, time
+from tandem import LLM
+llm = LLM(model=sys.argv[1], device="cpu", dtype="float32", num_blocks=32, tensor_parallel_size=2)
+print(llm.engine.tp_workers.procs[0].pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _start_holder(path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_TP2, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    return proc, int(proc.stdout.readline())
+
+
+def _gone(pid: int, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            # a zombie (exited, not yet reaped by its dead parent's reaper) counts as gone
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.e2e
+def test_ranks_die_with_rank0_and_rank0_with_a_rank(tmp_path):
+    save_tiny_model("llama", tmp_path)
+    rank0, rank1 = _start_holder(tmp_path)
+    os.kill(rank0.pid, signal.SIGKILL)  # no cleanup at all: PR_SET_PDEATHSIG ends rank 1
+    rank0.wait()
+    assert _gone(rank1)
+    rank0, rank1 = _start_holder(tmp_path)
+    os.kill(rank1, signal.SIGKILL)  # rank 0 could never run another forward: it exits
+    assert rank0.wait(timeout=20) == 70

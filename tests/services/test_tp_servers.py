@@ -4,7 +4,9 @@ A tiny random Llama (4 heads, 2 KV heads) with SmolLM2's tokenizer, so the route
 and detokenizes as usual. Greedy tokens through the router equal the offline TP=1 engine's:
   - aggregated: a TP=2 decode server prefills locally;
   - disaggregated: a TP=2 prefill server gathers its ranks' KV heads and pushes them over the
-    grpc transport into the TP=2 decode server, which scatters them over its ranks.
+    grpc transport into the TP=2 decode server, which scatters them over its ranks;
+  - the same prefill server into a TP=1 decode server: the wire carries every KV head whatever
+    the TP size, so the sizes need not match.
 """
 
 from __future__ import annotations
@@ -94,21 +96,24 @@ def servers(model_dir, tmp_path_factory):
         tp2 = [*model, *ENGINE, "--tensor-parallel-size", "2"]
         decode = procs.start("decode", *tp2)
         prefill = procs.start("prefill", *tp2)
+        decode_tp1 = procs.start("decode", *model, *ENGINE)
         aggregated = procs.start("router", *model, "--decode", decode)
         disaggregated = procs.start("router", *model, "--prefill", prefill, "--decode", decode)
+        mixed = procs.start("router", *model, "--prefill", prefill, "--decode", decode_tp1)
         yield {
             "aggregated": aggregated,
             "disaggregated": disaggregated,
+            "prefill_tp2_decode_tp1": mixed,
             "prefill": prefill,
             "logs": procs.log_dir,
         }
     finally:
         procs.stop()
     # each TP=2 server's rank 1 went with it: SIGTERM drained, stopped its rank, exited 0
-    assert [p.returncode for p in procs.procs] == [0, 0, 0, 0]
+    assert [p.returncode for p in procs.procs] == [0] * 6
 
 
-@pytest.mark.parametrize("mode", ["aggregated", "disaggregated"])
+@pytest.mark.parametrize("mode", ["aggregated", "disaggregated", "prefill_tp2_decode_tp1"])
 def test_tp2_servers_answer_like_tp1(servers, reference, mode):
     with TandemClient(servers[mode]) as client:
         for prompt, want in zip(PROMPTS, reference, strict=True):
@@ -118,7 +123,7 @@ def test_tp2_servers_answer_like_tp1(servers, reference, mode):
             ):
                 got += chunk.token_ids
             assert got == want, (mode, prompt)
-    if mode == "disaggregated":
+    if mode != "aggregated":
         # the prefill server did the prefills, and no handoff failed over to a local prefill
         stats = _prefill_stats(servers["prefill"])
         assert stats.prefix_cache_queries >= sum(len(p.split()) for p in PROMPTS)

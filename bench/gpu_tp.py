@@ -11,7 +11,9 @@ Each configuration runs in its own process (one engine per process; its ranks, p
 and GPU memory go with it), under a time limit, so one failure (say, a graph capture) is
 reported without losing the others.
 
-    PYTHONPATH=. python bench/gpu_tp.py --out $OUT/tp.json
+    PYTHONPATH=. python bench/gpu_tp.py --out $OUT/tp.json     # about 5-7 min; or in two
+    PYTHONPATH=. python bench/gpu_tp.py --only greedy --out $OUT/tp-greedy.json
+    PYTHONPATH=. python bench/gpu_tp.py --only w1 --out $OUT/tp-w1.json
 
 The same logic on CPU (gloo) with a tiny config, to check the script itself:
 
@@ -154,7 +156,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--only", choices=["greedy", "w1"], default=None, help="run one part")
     ap.add_argument("--job-timeout", type=float, default=240.0, help="seconds per process")
     a = ap.parse_args()
     if a.job:
@@ -186,18 +188,20 @@ def main() -> None:
         f"tp{a.tp}_eager": {"tensor_parallel_size": a.tp, "enforce_eager": True},
         f"tp{a.tp}_graphs": {"tensor_parallel_size": a.tp},
     }
-    greedy = {}
-    for name, extra in runs.items():
-        job = {"kind": "greedy", "config": a.config, "prompt_lens": lens}
-        job |= {"tokens": a.greedy_tokens, "engine": greedy_engine | extra}
-        greedy[name] = _child(job, a.job_timeout)
-        print(f"greedy {name}: {_summary(greedy[name])}", flush=True)
-    results["greedy"] = {
-        name: _compare(greedy["tp1"], r) | {"ready_s": r.get("ready_s"), "graphs": r.get("graphs")}
-        for name, r in greedy.items()
-        if name != "tp1"
-    }
-    if not a.skip_throughput:
+    if a.only != "w1":
+        greedy = {}
+        for name, extra in runs.items():
+            job = {"kind": "greedy", "config": a.config, "prompt_lens": lens}
+            job |= {"tokens": a.greedy_tokens, "engine": greedy_engine | extra}
+            greedy[name] = _child(job, a.job_timeout)
+            print(f"greedy {name}: {_summary(greedy[name])}", flush=True)
+        results["greedy"] = {
+            name: _compare(greedy["tp1"], r)
+            | {"ready_s": r.get("ready_s"), "graphs": r.get("graphs")}
+            for name, r in greedy.items()
+            if name != "tp1"
+        }
+    if a.only != "greedy":
         w1_engine = {
             "device": a.device,
             "dtype": "bfloat16" if a.device.startswith("cuda") else "float32",
@@ -212,9 +216,13 @@ def main() -> None:
             job["engine"] = w1_engine | {"tensor_parallel_size": tp}
             results["w1"][f"tp{tp}"] = r = _child(job, a.job_timeout)
             print(f"w1 tp{tp}: {_summary(r)}", flush=True)
+        one, many = results["w1"]["tp1"], results["w1"][f"tp{a.tp}"]
+        if "output_tok_s" in one and "output_tok_s" in many:
+            results["w1"][f"tp{a.tp}_over_tp1"] = many["output_tok_s"] / one["output_tok_s"]
     Path(a.out).write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k != "gpus"}, indent=2))
-    ok = all(v.get("equal") for v in results["greedy"].values())
+    ok = all(v.get("equal") for v in results.get("greedy", {}).values())
+    ok = ok and not any("error" in r for r in results.get("w1", {}).values() if isinstance(r, dict))
     raise SystemExit(0 if ok else 1)
 
 

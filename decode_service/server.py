@@ -43,7 +43,14 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 async def _register(args, server, engine, address, offered, shm) -> WorkerParts:
     ledger = HandoffLedger(args.kv_lease_seconds, args.kv_stall_seconds)
-    kv_cache = engine.engine.runner.kv_cache
+    runner = engine.engine.runner
+    kv_cache = runner.kv_cache
+    if runner.tp.size > 1 and offered != ["grpc"]:
+        # the same-host transports write one pool that holds every KV head; at TP > 1 each
+        # rank holds only its heads, so handoffs go over grpc (scattered over the ranks)
+        log.info("event=kv_transports_limited reason=tensor_parallel transports=grpc")
+        offered = ["grpc"]
+        shm = None
     export = None
     if shm is not None:
         export = shm.export(kv_cache)
@@ -59,8 +66,17 @@ async def _register(args, server, engine, address, offered, shm) -> WorkerParts:
     worker_pb2_grpc.add_DecodeServicer_to_server(
         DecodeServicer(engine, ledger, address, offer), server
     )
+    tp_write = None
+    if runner.tp.size > 1:  # the scatter to every rank runs between engine steps
+
+        async def tp_write(block_ids, layer_start, layer_end, kv) -> None:
+            await engine.call(runner.scatter_kv, block_ids, layer_start, layer_end, kv)
+
     worker_pb2_grpc.add_KVTransferServicer_to_server(
-        SameHostKVTransferServicer(ledger, kv_cache, offered, export), server
+        SameHostKVTransferServicer(
+            ledger, kv_cache, offered, export, runner.kv_transfer_shape, tp_write
+        ),
+        server,
     )
 
     async def close() -> None:
@@ -81,6 +97,13 @@ def run(args: argparse.Namespace, tls: TLSConfig) -> None:
         offered = offered_transports(args.kv_transport, device_type)
     except ValueError as e:
         raise SystemExit(f"tandem decode: {e}") from None
+    if args.tensor_parallel_size > 1 and args.kv_transport not in ("auto", "grpc"):
+        raise SystemExit(
+            f"tandem decode: --kv-transport {args.kv_transport} needs --tensor-parallel-size 1"
+            " (each rank holds only its KV heads; grpc gathers them)"
+        )
+    if args.tensor_parallel_size > 1:  # no shm pool file: every rank would map the same one
+        offered = [t for t in offered if t == "grpc"]
     # the shm pool file must exist before the engine maps its KV pool into it
     shm = ShmPoolFile() if "shm" in offered else None
     args.kv_cache_file = shm.path if shm is not None else ""

@@ -105,6 +105,13 @@ def add_engine_args(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="split the model over this many GPUs (ranks; one process each, started here)",
+    )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument(
         "--cuda-graph-max-batch-size",
@@ -148,6 +155,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
         kv_cache_file=getattr(args, "kv_cache_file", ""),  # set by `tandem decode` for shm
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

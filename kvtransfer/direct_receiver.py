@@ -10,7 +10,7 @@ import torch
 
 from decode_service.convert import logprob_from_proto
 from kvtransfer.base import HandoffState
-from kvtransfer.grpc_transport import HANDOFF_ID_KEY, KVTransferServicer
+from kvtransfer.grpc_transport import HANDOFF_ID_KEY, KVTransferServicer, KVWrite
 from kvtransfer.ledger import HandoffFailed, HandoffLedger
 from kvtransfer.pool import PoolExport
 from protos import worker_pb2
@@ -28,8 +28,12 @@ class SameHostKVTransferServicer(KVTransferServicer):
         kv_cache: torch.Tensor,
         offered: list[str],
         export: PoolExport | None,
+        kv_shape: tuple[int, ...] | None = None,
+        write: KVWrite | None = None,
     ) -> None:
-        super().__init__(ledger, kv_cache)
+        """kv_shape/write: the grpc transport's tensor-parallel hooks (KVTransferServicer);
+        the same-host transports are offered only at tensor-parallel size 1."""
+        super().__init__(ledger, kv_cache, kv_shape, write)
         self.offered = offered
         self.export = export
 

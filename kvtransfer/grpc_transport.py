@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import grpc
 import torch
@@ -127,36 +128,59 @@ class GrpcKVSender:
         self._channels.clear()
 
 
-class KVTransferServicer(worker_pb2_grpc.KVTransferServicer):
-    """Decode side: stores each chunk into the handoff's reserved blocks."""
+# Tensor parallel decode side: (block ids, layer_start, layer_end, all-heads KV) -> stored in
+# every rank's pool, run on the engine thread (it broadcasts to the other ranks)
+KVWrite = Callable[[list[int], int, int, torch.Tensor], Awaitable[None]]
 
-    def __init__(self, ledger: HandoffLedger, kv_cache: torch.Tensor) -> None:
+
+class KVTransferServicer(worker_pb2_grpc.KVTransferServicer):
+    """Decode side: stores each chunk into the handoff's reserved blocks.
+
+    Chunks always carry every KV head (the TP=1 layout). At tensor-parallel size > 1 the
+    servicer gets the pool's all-heads shape (kv_shape) and a `write` that scatters the heads
+    over the ranks; otherwise it copies into kv_cache itself, off the event loop.
+    """
+
+    def __init__(
+        self,
+        ledger: HandoffLedger,
+        kv_cache: torch.Tensor,
+        kv_shape: tuple[int, ...] | None = None,
+        write: KVWrite | None = None,
+    ) -> None:
         self.ledger = ledger
         self.kv_cache = kv_cache
+        self.kv_shape = tuple(kv_shape or kv_cache.shape)
+        self.write = write
 
-    def _store(self, block_ids: list[int], chunk: worker_pb2.KVChunk) -> None:
-        cache = self.kv_cache
+    def _decode(self, block_ids: list[int], chunk: worker_pb2.KVChunk):
+        """The chunk's (destination block ids, tensor), checked against the pool."""
+        cache, pool = self.kv_cache, self.kv_shape
         shape = tuple(chunk.shape)
-        want = (
-            chunk.layer_end - chunk.layer_start,
-            *cache.shape[1:2],
-            chunk.num_blocks,
-            *cache.shape[3:],
-        )
+        want = (chunk.layer_end - chunk.layer_start, *pool[1:2], chunk.num_blocks, *pool[3:])
         if shape != want or chunk.dtype != dtype_name(cache.dtype):
             raise HandoffFailed(
                 f"chunk shape {shape}/{chunk.dtype} does not fit {want}/{cache.dtype}"
             )
-        if not 0 <= chunk.layer_start < chunk.layer_end <= cache.shape[0]:
+        if not 0 <= chunk.layer_start < chunk.layer_end <= pool[0]:
             raise HandoffFailed("chunk layers out of range")
         if chunk.block_offset < 0 or chunk.block_offset + chunk.num_blocks > len(block_ids):
             raise HandoffFailed("chunk blocks out of range")
         t = torch.frombuffer(bytearray(chunk.data), dtype=getattr(torch, chunk.dtype)).view(shape)
-        dst = block_ids[chunk.block_offset : chunk.block_offset + chunk.num_blocks]
+        return block_ids[chunk.block_offset : chunk.block_offset + chunk.num_blocks], t
+
+    def _store(self, block_ids: list[int], chunk: worker_pb2.KVChunk) -> None:
+        dst, t = self._decode(block_ids, chunk)
+        cache = self.kv_cache
         index = torch.tensor(dst, device=cache.device)
         cache[chunk.layer_start : chunk.layer_end].index_copy_(
             2, index, t.to(cache.device, non_blocking=False)
         )
+
+    async def _store_tp(self, block_ids: list[int], chunk: worker_pb2.KVChunk) -> None:
+        loop = asyncio.get_running_loop()
+        dst, t = await loop.run_in_executor(None, self._decode, block_ids, chunk)
+        await self.write(dst, chunk.layer_start, chunk.layer_end, t)
 
     async def Push(self, request_iterator, context):
         handoff_id = dict(context.invocation_metadata()).get(HANDOFF_ID_KEY, "")
@@ -184,9 +208,12 @@ class KVTransferServicer(worker_pb2_grpc.KVTransferServicer):
                     self.ledger.complete(h, chunk.first_token_id, lp)
                     return worker_pb2.KVPushResult(ok=True)
                 self.ledger.receiving(h)
-                h.store = asyncio.get_running_loop().run_in_executor(
-                    None, self._store, h.block_ids, chunk
-                )
+                if self.write is None:
+                    h.store = asyncio.get_running_loop().run_in_executor(
+                        None, self._store, h.block_ids, chunk
+                    )
+                else:
+                    h.store = asyncio.ensure_future(self._store_tp(h.block_ids, chunk))
                 await asyncio.shield(h.store)
         except (HandoffFailed, ValueError, RuntimeError) as e:
             self.ledger.fail(handoff_id, HandoffState.FAILED, str(e))

@@ -43,6 +43,11 @@ def run(args: argparse.Namespace, tls: TLSConfig) -> None:
         offered_transports(args.kv_transport, engine_config_from_args(args).torch_device().type)
     except ValueError as e:
         raise SystemExit(f"tandem prefill: {e}") from None
+    if args.tensor_parallel_size > 1 and args.kv_transport not in ("auto", "grpc"):
+        raise SystemExit(
+            f"tandem prefill: --kv-transport {args.kv_transport} needs --tensor-parallel-size 1"
+            " (each rank holds only its KV heads; grpc gathers them)"
+        )
     run_worker(args, tls, SERVICES, lambda s, e, a: _register(args, tls, s, e, a))
 
 

@@ -82,6 +82,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         """The transport for this KVTarget (and its pool); ValueError when none fits."""
         pool = pool_from_proto(t.pool) if t.HasField("pool") else None
         offered = list(t.transports) or [t.transport or "grpc"]
+        if self.engine.engine.runner.tp.size > 1:
+            # the direct writes copy one local pool holding every KV head; at TP > 1 each
+            # rank holds only its heads, and only grpc gathers them (_copy_out_and_release)
+            if "grpc" not in offered:
+                raise ValueError("at tensor-parallel size > 1 KV can only be sent over grpc")
+            return "grpc", None
         name = choose_transport(self.kv_transport, self.here, offered, pool)
         if name == "grpc" or pool is None:
             return name, None
@@ -200,7 +206,15 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         if req is None:
             return None
         try:
-            return plan_slices(eng.runner.kv_cache, req.block_table, first_block, CHUNK_BYTES)
+            runner = eng.runner
+            if runner.tp.size == 1:
+                return plan_slices(runner.kv_cache, req.block_table, first_block, CHUNK_BYTES)
+            # tensor parallel: gather every rank's KV heads of the blocks to send (the wire
+            # carries all heads whatever the TP size); block i of that copy is table entry
+            # first_block + i
+            kv = runner.gather_kv(req.block_table[first_block:])
+            ids = [0] * first_block + list(range(kv.shape[2]))
+            return plan_slices(kv, ids, first_block, CHUNK_BYTES)
         finally:
             eng.release(req_id)
 

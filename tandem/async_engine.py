@@ -146,6 +146,8 @@ class AsyncEngine:
         self._stop.set()
         self._calls.put((lambda: None, (), None, None))
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():  # a stuck step still owns the collectives
+            self.engine.shutdown()
 
     # -- engine thread ------------------------------------------------------------------------
     def _run_calls(self, block: bool) -> None:

@@ -71,6 +71,7 @@ _ENGINE_FLAGS = [
     "max_num_batched_tokens",
     "max_model_len",
     "seed",
+    "tensor_parallel_size",
 ]
 
 

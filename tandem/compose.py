@@ -79,11 +79,19 @@ def plan_replicas(
     return replicas
 
 
-def _with_advertise_host(command: list, host: str) -> list[str]:
-    """The base command with its --advertise-host (replaced in place, or added) set to `host`."""
-    flag = "--advertise-host="
-    out = [f"{flag}{host}" if str(a).startswith(flag) else str(a) for a in command]
-    return out if f"{flag}{host}" in out else [*out, f"{flag}{host}"]
+def _with_flag(command: list, name: str, value: str) -> list[str]:
+    """The command with `--name=value` (replaced in place, or added)."""
+    flag = f"--{name}="
+    out = [f"{flag}{value}" if str(a).startswith(flag) else str(a) for a in command]
+    return out if f"{flag}{value}" in out else [*out, f"{flag}{value}"]
+
+
+def _replica_command(command: list, r: Replica) -> list[str]:
+    """Its own --advertise-host, and a server with N GPUs shards the model over them."""
+    out = _with_flag(command, "advertise-host", r.name)
+    if len(r.device_ids) > 1:
+        out = _with_flag(out, "tensor-parallel-size", str(len(r.device_ids)))
+    return out
 
 
 class _MergeKey(str):
@@ -132,7 +140,7 @@ def build_override(base: dict, replicas: list[Replica], header: str) -> str:
         template = templates[r.role]
         out_services[r.name] = {
             _MergeKey("<<"): template,
-            "command": _with_advertise_host(commands[r.role], r.name),
+            "command": _replica_command(commands[r.role], r),
             "deploy": {
                 "resources": {
                     "reservations": {

@@ -119,6 +119,8 @@ class EngineConfig:
     # CPU only: the KV pool lives in this file (a decode server's /dev/shm pool file), mapped
     # shared, so prefill servers on the host write it directly (the shm KV transport)
     kv_cache_file: str = ""
+    # ranks the model is split over (one process each; rank 0 runs the engine, see tandem/tp)
+    tensor_parallel_size: int = 1
     hf_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -128,10 +130,22 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}")
 
-    def torch_device(self) -> torch.device:
+    def torch_device(self, tp_rank: int = 0) -> torch.device:
+        """At tensor_parallel_size > 1 on CUDA, rank r uses GPU r (of CUDA_VISIBLE_DEVICES)."""
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            dev = torch.device(self.device)
+        if dev.type == "cuda" and self.tensor_parallel_size > 1:
+            if torch.cuda.device_count() < self.tensor_parallel_size:
+                raise ValueError(
+                    f"tensor_parallel_size={self.tensor_parallel_size} needs that many GPUs;"
+                    f" {torch.cuda.device_count()} visible"
+                )
+            dev = torch.device("cuda", tp_rank)
+        return dev

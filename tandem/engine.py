@@ -8,6 +8,7 @@ has the two halves of a KV handoff:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from tandem.request import Logprob, Request, RequestStatus, finish_reason
 from tandem.runner import ModelRunner
 from tandem.sampling_params import SamplingParams
 from tandem.scheduler import Scheduler
+from tandem.tp.group import check_tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,21 @@ class LLMEngine:
         self.hf_config = read_hf_config(self.model_dir, cfg.hf_overrides)
         self.model_cfg = ModelConfig.from_hf(self.hf_config)
         self.max_model_len = cfg.max_model_len or self.model_cfg.max_position_embeddings
-        self.runner = ModelRunner(cfg, self.model_cfg, self.model_dir, self.max_model_len)
+        check_tensor_parallel(self.model_cfg, cfg.tensor_parallel_size)
+        self.tp_workers = None  # ranks 1..N-1 at tensor_parallel_size N > 1
+        tp = None
+        if cfg.tensor_parallel_size > 1:
+            from tandem.tp.launch import TPWorkers
+
+            self.tp_workers = TPWorkers(cfg, self.model_dir, self.hf_config, self.max_model_len)
+            tp = self.tp_workers.group
+            atexit.register(self.shutdown)
+        try:
+            self.runner = ModelRunner(cfg, self.model_cfg, self.model_dir, self.max_model_len, tp)
+        except BaseException:
+            if self.tp_workers is not None:
+                self.tp_workers.stop(lambda: None)
+            raise
         self.block_manager = BlockManager(
             self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
         )
@@ -244,6 +260,12 @@ class LLMEngine:
         self.runner.forget(req.req_id)
         if not req.hold_blocks:
             self.requests.pop(req.req_id, None)
+
+    def shutdown(self) -> None:
+        """Stops the other tensor-parallel ranks (idempotent; nothing to do at size 1)."""
+        if self.tp_workers is not None:
+            self.tp_workers.stop(self.runner.sync.send_stop)
+            atexit.unregister(self.shutdown)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

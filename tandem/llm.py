@@ -56,6 +56,16 @@ class LLM:
         self._tokenizer = None
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel ranks now (they also stop when this process exits)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:

@@ -7,23 +7,31 @@ Input preparation for a packed batch (chunk of request b covers positions [c_b, 
     slot_mapping[t] = block_table_b[pos // bs] * bs + pos % bs
     seq_lens[b]     = c_b + n_b
     logits rows     = the last token of every chunk that reaches the end of its request
+
+At tensor-parallel size N (tandem/tp) every rank holds a runner with its shard of the model and
+of the KV pool (num_kv_heads / N heads). Rank 0 prepares each step's inputs on the host,
+broadcasts them (StepSync) and runs the same forward (run_host) as the other ranks, which loop
+in serve_worker; only rank 0 gets logits and samples.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import torch
 
 from kernels import get_ops
 from tandem.config import EngineConfig, ModelConfig, resolve_dtype
+from tandem.decode_graphs import DecodeGraphs, graph_batch_sizes
+from tandem.host_inputs import HostInputs
 from tandem.loader import load_model
 from tandem.models.attention_metadata import AttentionMetadata
 from tandem.request import Logprob, Request
 from tandem.sampler import sample
 from tandem.scheduler import ScheduledChunk
+from tandem.tp.group import TPGroup
+from tandem.tp.step_sync import KV_GATHER, KV_SCATTER, STEP, StepSync
 
 log = logging.getLogger(__name__)
 
@@ -35,22 +43,21 @@ def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return t if device.type == "cpu" else t.to(device)
 
 
-def graph_batch_sizes(max_batch_size: int) -> list[int]:
-    """The decode batch sizes captured as CUDA graphs; a batch runs in the smallest >= it."""
-    ladder = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
-    ladder += list(range(320, max_batch_size + 1, 64))
-    sizes = [b for b in ladder if b < max_batch_size] + [max_batch_size]
-    return sorted(set(sizes)) if max_batch_size > 0 else []
-
-
 class ModelRunner:
     def __init__(
-        self, cfg: EngineConfig, model_cfg: ModelConfig, model_dir, max_model_len: int
+        self,
+        cfg: EngineConfig,
+        model_cfg: ModelConfig,
+        model_dir,
+        max_model_len: int,
+        tp: TPGroup | None = None,
     ) -> None:
-        self.device = cfg.torch_device()
+        self.tp = tp = tp or TPGroup()
+        self.device = cfg.torch_device(tp.rank)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.block_size = cfg.block_size
         self.model_cfg = model_cfg
+        self.num_kv_heads = model_cfg.num_kv_heads // tp.size  # this rank's KV heads
         self.ops = get_ops(cfg.kernel_backend, self.device)
         load_format = cfg.load_format
         if load_format == "auto":
@@ -64,16 +71,18 @@ class ModelRunner:
             max_model_len,
             load_format,
             cfg.seed,
+            tp,
         )
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.num_blocks = cfg.num_blocks or self._blocks_from_memory(cfg)
+        # every rank's pool has the same block ids: the smallest count any rank can hold
+        self.num_blocks = tp.min_int(cfg.num_blocks or self._blocks_from_memory(cfg))
         # one pool for all layers: [layer, k|v, block, slot in block, kv head, head dim]
         shape = (
             model_cfg.num_layers,
             2,
             self.num_blocks,
             self.block_size,
-            model_cfg.num_kv_heads,
+            self.num_kv_heads,
             model_cfg.head_dim,
         )
         if cfg.kv_cache_file:
@@ -93,21 +102,44 @@ class ModelRunner:
         self._rows: dict[str, list] = {}  # req_id -> [block_table list, int32 row, filled]
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not cfg.enforce_eager and cfg.cuda_graph_max_batch_size:
-            self.graphs = DecodeGraphs(
-                self, graph_batch_sizes(min(cfg.cuda_graph_max_batch_size, cfg.max_num_seqs))
-            )
+            sizes = graph_batch_sizes(min(cfg.cuda_graph_max_batch_size, cfg.max_num_seqs))
+            self.graphs = self._capture_graphs(sizes)
+        self.sync = StepSync(tp) if tp.size > 1 else None
         log.info(
-            "kv cache num_blocks=%d block_size=%d backend=%s",
+            "kv cache num_blocks=%d block_size=%d backend=%s tp_rank=%d/%d",
             self.num_blocks,
             self.block_size,
             self.ops.name,
+            tp.rank,
+            tp.size,
         )
+
+    def _capture_graphs(self, sizes: list[int]) -> DecodeGraphs | None:
+        """At tp > 1 every rank captures the same graphs in the same order (the NCCL
+        all-reduces inside them) and replays them in lockstep; if any rank's capture fails,
+        every rank runs decode eagerly (they agree through the cpu group)."""
+        if self.tp.size == 1:
+            return DecodeGraphs(self, sizes)
+        try:
+            graphs = DecodeGraphs(self, sizes)
+        except RuntimeError:
+            log.exception("event=cuda_graph_capture_failed tp_rank=%d", self.tp.rank)
+            graphs = None
+        if self.tp.min_int(int(graphs is not None)) == 0:
+            log.warning("event=cuda_graphs_off reason=capture_failed tp_size=%d", self.tp.size)
+            return None
+        return graphs
 
     @property
     def block_bytes(self) -> int:
         m = self.model_cfg
         return (
-            m.num_layers * 2 * self.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+            m.num_layers
+            * 2
+            * self.block_size
+            * self.num_kv_heads
+            * m.head_dim
+            * self.dtype.itemsize
         )
 
     def _blocks_from_memory(self, cfg: EngineConfig) -> int:
@@ -147,7 +179,7 @@ class ModelRunner:
             2,
             1,
             num_tokens,
-            m.num_kv_heads,
+            self.num_kv_heads,
             m.head_dim,
             dtype=self.dtype,
             device=self.device,
@@ -197,6 +229,10 @@ class ModelRunner:
     def prepare(
         self, chunks: list[ScheduledChunk]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        host = self.prepare_host(chunks)
+        return (*self._device_inputs(host), host.logits_rows)
+
+    def prepare_host(self, chunks: list[ScheduledChunk]) -> HostInputs:
         bs = self.block_size
         n_seqs = len(chunks)
         lens = np.fromiter((n for _, n in chunks), dtype=np.int64, count=n_seqs)
@@ -231,16 +267,34 @@ class ModelRunner:
         tables = np.zeros((n_seqs, max_blocks), dtype=np.int32)
         for i, row in enumerate(rows):
             tables[i] = row[:max_blocks]
+        return HostInputs(
+            input_ids,
+            positions,
+            slots,
+            seq_lens,
+            starts.astype(np.int32),
+            tables,
+            logits_rows,
+            int(lens.max()),
+        )
+
+    def _device_inputs(
+        self, host: HostInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=_to_device(slots, dev),
-            block_tables=_to_device(tables, dev),
-            seq_lens=_to_device(seq_lens, dev),
-            query_start_loc=_to_device(starts.astype(np.int32), dev),
-            max_query_len=int(lens.max()),
-            decode_only=total == n_seqs,
+            slot_mapping=_to_device(host.slots, dev),
+            block_tables=_to_device(host.block_tables, dev),
+            seq_lens=_to_device(host.seq_lens, dev),
+            query_start_loc=_to_device(host.query_start_loc, dev),
+            max_query_len=host.max_query_len,
+            decode_only=host.decode_only,
         )
-        return _to_device(input_ids, dev), _to_device(positions, dev), meta, logits_rows
+        return _to_device(host.input_ids, dev), _to_device(host.positions, dev), meta
+
+    def _graph_fits(self, num_seqs: int, decode_only: bool) -> bool:
+        g = self.graphs
+        return g is not None and decode_only and num_seqs <= g.max_batch_size
 
     @torch.inference_mode()
     def execute(
@@ -248,13 +302,14 @@ class ModelRunner:
     ) -> tuple[list[Request], list[int], list[Logprob | None]]:
         """Run one step; returns the requests that sampled, their tokens and logprobs."""
         sampling = [req for req, n in chunks if req.num_computed_tokens + n == req.num_tokens]
-        graphs = self.graphs
-        if (
-            graphs is not None
-            and len(chunks) <= graphs.max_batch_size
-            and all(n == 1 for _, n in chunks)
-        ):
-            hidden = graphs.run(chunks)  # decode: every chunk samples, rows 0..B-1
+        if self.sync is not None:  # tensor parallel: every rank runs the same inputs
+            host = self.prepare_host(chunks)
+            self.sync.send_step(host)
+            logits = self.run_host(host)
+            if not sampling:
+                return [], [], []
+        elif self._graph_fits(len(chunks), all(n == 1 for _, n in chunks)):
+            hidden = self.graphs.run(chunks)  # decode: every chunk samples, rows 0..B-1
             logits = self.model.compute_logits(hidden)
         else:
             ids, pos, meta, rows = self.prepare(chunks)
@@ -265,100 +320,71 @@ class ModelRunner:
         tokens, logprobs = sample(logits, sampling, self.gen)
         return sampling, tokens, logprobs
 
+    @torch.inference_mode()
+    def run_host(self, host: HostInputs) -> torch.Tensor | None:
+        """The forward of one step from host inputs, on every rank: rank 0 gets the logits of
+        host.logits_rows (None when nothing samples), the other ranks None."""
+        if self._graph_fits(len(host.seq_lens), host.decode_only):
+            hidden = self.graphs.run_host(host)  # decode: every row samples
+        else:
+            ids, pos, meta = self._device_inputs(host)
+            hidden = self.model(ids, pos, meta, self.kv_caches)
+            if not host.logits_rows:
+                return None
+            hidden = hidden[host.logits_rows]
+        return self.model.compute_logits(hidden)
 
-class DecodeGraphs:
-    """CUDA graphs of the model's forward for decode-only batches.
+    def serve_worker(self) -> None:
+        """Ranks > 0: run every step (and KV copy) rank 0 broadcasts, until it says stop."""
+        while True:
+            kind, msg = self.sync.recv()
+            if kind == STEP:
+                self.run_host(msg)
+            elif kind == KV_GATHER:
+                self._gather_kv(*msg)
+            elif kind == KV_SCATTER:
+                self._scatter_kv(*msg)
+            else:
+                return
 
-    One graph per batch size of the ladder, all sharing one memory pool (captured largest
-    first). Inputs live in static device buffers; a step copies its inputs from pinned host
-    buffers into the first B rows, pads the rest (slot -1: no KV write; seq_len 0: attention
-    writes zeros) and replays the smallest graph that holds B. Block tables keep their full
-    width (max_model_len / block_size), so the decode kernel's grid is fixed per graph.
-    """
-
-    def __init__(self, runner: ModelRunner, sizes: list[int]) -> None:
-        self.runner = runner
-        self.sizes = sizes
-        self.max_batch_size = sizes[-1]
-        dev, nb = runner.device, runner.max_blocks_per_seq
-        mb = self.max_batch_size
-        self.input_ids = torch.zeros(mb, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(mb, dtype=torch.long, device=dev)
-        self.slots = torch.full((mb,), -1, dtype=torch.long, device=dev)
-        self.seq_lens = torch.zeros(mb, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(mb, nb, dtype=torch.int32, device=dev)
-        self.query_start_loc = torch.arange(mb + 1, dtype=torch.int32, device=dev)
-        # pinned staging: [ids | positions | slots] as int64, [seq_lens | block tables] as int32
-        self._host64 = torch.zeros(3, mb, dtype=torch.long).pin_memory()
-        self._host32 = torch.zeros(mb * (1 + nb), dtype=torch.int32).pin_memory()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        t0 = time.perf_counter()
-        self._capture()
-        log.info(
-            "event=cuda_graphs_captured sizes=%d max_batch=%d seconds=%.1f",
-            len(sizes),
-            mb,
-            time.perf_counter() - t0,
-        )
-
-    def _meta(self, b: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slots[:b],
-            block_tables=self.block_tables[:b],
-            seq_lens=self.seq_lens[:b],
-            query_start_loc=self.query_start_loc[: b + 1],
-            max_query_len=1,
-            decode_only=True,
-        )
-
-    def _forward(self, b: int) -> torch.Tensor:
-        r = self.runner
-        return r.model(self.input_ids[:b], self.positions[:b], self._meta(b), r.kv_caches)
+    # -- KV handoff at any tensor-parallel size: the wire carries every KV head ----------------
+    @property
+    def kv_transfer_shape(self) -> tuple[int, ...]:
+        """The pool's shape with all KV heads (the TP=1 layout the grpc transport carries)."""
+        shape = list(self.kv_cache.shape)
+        shape[4] = self.model_cfg.num_kv_heads
+        return tuple(shape)
 
     @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for b in reversed(self.sizes):
-                self._forward(b)  # compile and autotune outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        for b in reversed(self.sizes):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.outputs[b] = self._forward(b)
-            self.graphs[b] = g
-        torch.cuda.synchronize()
+    def gather_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """Rank 0: blocks block_ids of every layer with all KV heads,
+        [layers, 2, len(block_ids), block_size, num_kv_heads, head_dim] on this device."""
+        if self.sync is not None:
+            self.sync.send_kv(KV_GATHER, block_ids)
+        return self._gather_kv(block_ids)
 
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        r, bs = self.runner, self.runner.block_size
-        n = len(chunks)
-        b = next(s for s in self.sizes if s >= n)
-        h64 = self._host64.numpy()
-        h32 = self._host32.numpy()
-        mb = self.max_batch_size
-        width = max(len(req.block_table) for req, _ in chunks)
-        tables = h32[mb : mb + b * width].reshape(b, width)  # contiguous [b, width]
-        for i, (req, _) in enumerate(chunks):
-            c = req.num_computed_tokens
-            row = r._table_row(req)
-            h64[0, i] = req.token_ids[c]
-            h64[1, i] = c
-            h64[2, i] = int(row[c // bs]) * bs + c % bs
-            h32[i] = c + 1
-            tables[i] = row[:width]
-        h64[:2, n:b] = 0
-        h64[2, n:b] = -1
-        h32[n:b] = 0
-        self.input_ids[:b].copy_(self._host64[0, :b], non_blocking=True)
-        self.positions[:b].copy_(self._host64[1, :b], non_blocking=True)
-        self.slots[:b].copy_(self._host64[2, :b], non_blocking=True)
-        self.seq_lens[:b].copy_(self._host32[:b], non_blocking=True)
-        # only the columns in use: the kernel never reads a block past seq_len
-        staged = self._host32[mb : mb + b * width].view(b, width)
-        self.block_tables[:b, :width].copy_(staged, non_blocking=True)
-        self.graphs[b].replay()
-        return self.outputs[b][:n]
+    def _gather_kv(self, block_ids: list[int]) -> torch.Tensor | None:
+        index = torch.tensor(block_ids, device=self.device)
+        return self.tp.gather(self.kv_cache.index_select(2, index), dim=4)
+
+    @torch.inference_mode()
+    def scatter_kv(
+        self, block_ids: list[int], layer_start: int, layer_end: int, kv: torch.Tensor
+    ) -> None:
+        """Rank 0: store kv (all KV heads, [layer_end - layer_start, 2, len(block_ids), ...])
+        into blocks block_ids; each rank keeps its heads."""
+        if self.sync is not None:
+            self.sync.send_kv(KV_SCATTER, block_ids, layer_start, layer_end)
+        self._scatter_kv(block_ids, layer_start, layer_end, kv)
+
+    def _scatter_kv(self, block_ids, layer_start, layer_end, kv=None) -> None:
+        index = torch.tensor(block_ids, device=self.device)
+        if self.tp.size > 1:
+            shape = list(self.kv_transfer_shape)
+            shape[0], shape[2] = layer_end - layer_start, len(block_ids)
+            buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+            if kv is not None:
+                buf.copy_(kv)
+            h = self.num_kv_heads
+            kv = self.tp.broadcast(buf)[:, :, :, :, self.tp.rank * h : (self.tp.rank + 1) * h]
+        self.kv_cache[layer_start:layer_end].index_copy_(2, index, kv.to(self.device))

@@ -13,8 +13,9 @@ from torch import nn
 from kernels import KernelOps
 from tandem.config import ModelConfig
 from tandem.loader.default_model import resolve_model_dir
-from tandem.loader.weights import init_dummy_weights, iter_safetensors, load_weights
+from tandem.loader.weights import iter_dummy_weights, iter_safetensors, load_weights
 from tandem.models import get_model_class
+from tandem.tp.group import TPGroup
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +35,27 @@ def load_model(
     max_positions: int,
     load_format: str = "auto",
     seed: int = 0,
+    tp: TPGroup | None = None,
 ) -> nn.Module:
+    """This rank's shard of the model (the whole model at tp size 1)."""
     start = time.perf_counter()
     cls = get_model_class(model_cfg.architecture)
     with torch.device(device):
-        model = cls(model_cfg, ops, max_positions).to(dtype)
+        model = cls(model_cfg, ops, max_positions, tp).to(dtype)
     model.init_rope(device)
     if load_format == "dummy":
-        init_dummy_weights(model, seed)
+        load_weights(model, iter_dummy_weights(model_cfg, seed, device, dtype))
     else:
         load_weights(model, iter_safetensors(model_dir))
     model.eval().requires_grad_(False)
     log.info(
-        "model loaded arch=%s format=%s dtype=%s device=%s seconds=%.2f",
+        "model loaded arch=%s format=%s dtype=%s device=%s tp_rank=%d/%d seconds=%.2f",
         model_cfg.architecture,
         load_format,
         dtype,
         device,
+        model.tp.rank,
+        model.tp.size,
         time.perf_counter() - start,
     )
     return model

@@ -2,6 +2,13 @@
 
 The layer names mirror HF's checkpoint names except the fused projections (qkv_proj,
 gate_up_proj), which the loader fills from the separate HF tensors (see STACKED_PARAMS).
+
+Tensor parallelism (tp ranks, tandem/tp/sharding.py): qkv_proj and gate_up_proj hold this
+rank's heads / intermediate columns, o_proj and down_proj the matching input columns and their
+outputs are summed over ranks (one all-reduce each per layer); lm_head holds a slice of the
+vocabulary and the logits are gathered on rank 0. The embedding is replicated: a vocab-parallel
+one would cost a third all-reduce per step to save ~1 GB per rank at 8B size, and replicated
+rows keep TP=N embeddings bit-identical to TP=1.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from kernels import KernelOps
 from tandem.config import ModelConfig
 from tandem.models.attention_metadata import AttentionMetadata
 from tandem.models.rope import build_cos_sin_cache
+from tandem.tp.group import TPGroup
+from tandem.tp.sharding import per_rank
 
 # fused parameter -> [(HF name fragment, shard id)], shard ids in concatenation order
 STACKED_PARAMS = {
@@ -33,13 +42,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, layer_idx: int, tp: TPGroup) -> None:
         super().__init__()
         self.ops = ops
+        self.tp = tp
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
+            cfg.num_heads // tp.size,  # this rank's heads
+            cfg.num_kv_heads // tp.size,
             cfg.head_dim,
         )
         self.q_size = self.num_heads * self.head_dim
@@ -99,25 +109,27 @@ class Attention(nn.Module):
                 k=k,  # the chunk's own K/V, read densely instead of back through the cache
                 v=v,
             )
-        return self.o_proj(out.view(num_tokens, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.view(num_tokens, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup) -> None:
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.tp = tp
+        inter = cfg.intermediate_size // tp.size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, layer_idx: int, tp: TPGroup) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, ops, layer_idx)
-        self.mlp = MLP(cfg, ops)
+        self.self_attn = Attention(cfg, ops, layer_idx, tp)
+        self.mlp = MLP(cfg, ops, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
@@ -131,22 +143,27 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, tp: TPGroup) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
 
 class LlamaForCausalLM(nn.Module):
     stacked_params = STACKED_PARAMS
 
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, max_positions: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, ops: KernelOps, max_positions: int, tp: TPGroup | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = LlamaModel(cfg, ops)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.tp = tp = tp or TPGroup()
+        self.model = LlamaModel(cfg, ops, tp)
+        # this rank's vocabulary rows; the last rank's padding rows stay zero (cut after gather)
+        self.lm_head = nn.Linear(cfg.hidden_size, per_rank(cfg.vocab_size, tp.size), bias=False)
+        if cfg.tie_word_embeddings and tp.size == 1:
+            # at tp > 1 lm_head is a separate slice, filled from the embedding by the loader
             self.lm_head.weight = self.model.embed_tokens.weight
         self.max_positions = max_positions
         self.register_buffer("cos_sin_cache", None, persistent=False)
@@ -173,5 +190,9 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, positions, meta, kv_cache, self.cos_sin_cache)
         return self.model.norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """fp32 logits [rows, vocab] on rank 0; None on the other ranks (each sends its slice)."""
+        logits = self.tp.gather(self.lm_head(hidden).float())
+        if logits is not None and logits.shape[-1] != self.cfg.vocab_size:
+            logits = logits[:, : self.cfg.vocab_size]
+        return logits

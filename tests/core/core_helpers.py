@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import torch
 
 from tandem import SamplingParams
@@ -71,3 +74,67 @@ def engine_generate(engine, prompts: list[list[int]], params) -> list:
     while engine.has_unfinished():
         engine.step()
     return reqs
+
+
+# Tiny random checkpoints of every supported family (HF configs, saved with save_pretrained).
+BASE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True, rope_theta=500000.0)),
+    "llama3-rope": (
+        "LlamaConfig",
+        dict(
+            tie_word_embeddings=False,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "mistral": ("MistralConfig", dict(sliding_window=4096, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False)),
+}
+
+
+def redraw_weights(model: torch.nn.Module, seed: int) -> None:
+    """Weights with O(1) activations: HF's 0.02-std init gives near-flat, near-tied logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            elif "embed" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+
+
+def save_tiny_model(family: str, path: Path, **overrides):
+    """Save a tiny random HF model of `family` into path; returns the HF model (fp32, eval)."""
+    import transformers
+
+    cls_name, extra = FAMILIES[family]
+    cfg = getattr(transformers, cls_name)(**{**BASE, **extra, **overrides})
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    redraw_weights(hf, seed=len(family))
+    hf.save_pretrained(path)
+    return hf

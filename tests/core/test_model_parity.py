@@ -12,79 +12,21 @@ Three checks per family:
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from core_helpers import engine_generate, greedy, make_request
+from core_helpers import FAMILIES, engine_generate, greedy, make_request, save_tiny_model
 
 from tandem import LLM
 from tandem.scheduler import ScheduledChunk
 
-BASE = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-FAMILIES = {
-    "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
-    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True, rope_theta=500000.0)),
-    "llama3-rope": (
-        "LlamaConfig",
-        dict(
-            tie_word_embeddings=False,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64,
-            },
-        ),
-    ),
-    "mistral": ("MistralConfig", dict(sliding_window=4096, tie_word_embeddings=False)),
-    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
-    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False)),
-}
-
 PROMPT_LENS = (1, 7, 37, 90)
-
-
-def _redraw(model: torch.nn.Module, seed: int) -> None:
-    """Weights with O(1) activations: HF's 0.02-std init gives near-flat, near-tied logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def pair(request, tmp_path_factory):
     """(family, HF model, tandem LLM) on the same random weights."""
-    import transformers
-
-    cls_name, extra = FAMILIES[request.param]
-    cfg = getattr(transformers, cls_name)(**BASE, **extra)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    _redraw(hf, seed=len(request.param))
     path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
+    hf = save_tiny_model(request.param, path)
     llm = LLM(
         model=str(path),
         dtype="float32",

@@ -104,6 +104,8 @@ def test_tensor_parallel_alias_sets_gpus_per_server(base):
     doc = yaml.safe_load(base.with_name("compose.override.yaml").read_text())
     assert gpu_device_ids(doc["services"]["decode-1"]) == ["2", "3"]
     assert not any(n.startswith("prefill-") for n in doc["services"])
+    # each server shards its model over its 2 GPUs (the flag parses: tests/deploy's parsers)
+    assert "--tensor-parallel-size=2" in doc["services"]["decode-1"]["command"]
 
 
 def test_regenerating_overwrites_its_own_file_but_not_a_hand_written_one(base, capsys):

@@ -1,0 +1,155 @@
+"""CUDA graphs of the model's forward for decode-only steps (one per batch size of a ladder).
+
+At tensor-parallel size > 1 every rank holds its own DecodeGraphs, captured in the same order
+(the NCCL all-reduces are inside the graphs) and replayed in lockstep from the same inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from tandem.host_inputs import HostInputs
+from tandem.models.attention_metadata import AttentionMetadata
+from tandem.scheduler import ScheduledChunk
+
+if TYPE_CHECKING:
+    from tandem.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """The decode batch sizes captured as CUDA graphs; a batch runs in the smallest >= it."""
+    ladder = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
+    ladder += list(range(320, max_batch_size + 1, 64))
+    sizes = [b for b in ladder if b < max_batch_size] + [max_batch_size]
+    return sorted(set(sizes)) if max_batch_size > 0 else []
+
+
+class DecodeGraphs:
+    """CUDA graphs of the model's forward for decode-only batches.
+
+    One graph per batch size of the ladder, all sharing one memory pool (captured largest
+    first). Inputs live in static device buffers; a step copies its inputs from pinned host
+    buffers into the first B rows, pads the rest (slot -1: no KV write; seq_len 0: attention
+    writes zeros) and replays the smallest graph that holds B. Block tables keep their full
+    width (max_model_len / block_size), so the decode kernel's grid is fixed per graph.
+    """
+
+    def __init__(self, runner: ModelRunner, sizes: list[int]) -> None:
+        self.runner = runner
+        self.sizes = sizes
+        self.max_batch_size = sizes[-1]
+        dev, nb = runner.device, runner.max_blocks_per_seq
+        mb = self.max_batch_size
+        self.input_ids = torch.zeros(mb, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(mb, dtype=torch.long, device=dev)
+        self.slots = torch.full((mb,), -1, dtype=torch.long, device=dev)
+        self.seq_lens = torch.zeros(mb, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(mb, nb, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(mb + 1, dtype=torch.int32, device=dev)
+        # pinned staging: [ids | positions | slots] as int64, [seq_lens | block tables] as int32
+        self._host64 = torch.zeros(3, mb, dtype=torch.long).pin_memory()
+        self._host32 = torch.zeros(mb * (1 + nb), dtype=torch.int32).pin_memory()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        t0 = time.perf_counter()
+        self._capture()
+        log.info(
+            "event=cuda_graphs_captured sizes=%d max_batch=%d tp_rank=%d/%d seconds=%.1f",
+            len(sizes),
+            mb,
+            runner.tp.rank,
+            runner.tp.size,
+            time.perf_counter() - t0,
+        )
+
+    def _meta(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:b],
+            block_tables=self.block_tables[:b],
+            seq_lens=self.seq_lens[:b],
+            query_start_loc=self.query_start_loc[: b + 1],
+            max_query_len=1,
+            decode_only=True,
+        )
+
+    def _forward(self, b: int) -> torch.Tensor:
+        r = self.runner
+        return r.model(self.input_ids[:b], self.positions[:b], self._meta(b), r.kv_caches)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for b in reversed(self.sizes):
+                self._forward(b)  # compile and autotune outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        # tensor parallel: the captured forward includes the NCCL all-reduces (capturable since
+        # NCCL 2.9.6; c10d keeps captured work out of its watchdog), and thread_local capture
+        # keeps CUDA calls of other threads (c10d's watchdog, gRPC's) from breaking it
+        mode = "thread_local" if self.runner.tp.size > 1 else "global"
+        for b in reversed(self.sizes):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, capture_error_mode=mode):
+                self.outputs[b] = self._forward(b)
+            self.graphs[b] = g
+        torch.cuda.synchronize()
+
+    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        r, bs = self.runner, self.runner.block_size
+        n = len(chunks)
+        b = next(s for s in self.sizes if s >= n)
+        h64 = self._host64.numpy()
+        h32 = self._host32.numpy()
+        mb = self.max_batch_size
+        width = max(len(req.block_table) for req, _ in chunks)
+        tables = h32[mb : mb + b * width].reshape(b, width)  # contiguous [b, width]
+        for i, (req, _) in enumerate(chunks):
+            c = req.num_computed_tokens
+            row = r._table_row(req)
+            h64[0, i] = req.token_ids[c]
+            h64[1, i] = c
+            h64[2, i] = int(row[c // bs]) * bs + c % bs
+            h32[i] = c + 1
+            tables[i] = row[:width]
+        return self._launch(n, b, width)
+
+    def run_host(self, host: HostInputs) -> torch.Tensor:
+        """run() from prepared host inputs (tensor parallel: every rank, the same inputs)."""
+        n = len(host.seq_lens)
+        b = next(s for s in self.sizes if s >= n)
+        h64 = self._host64.numpy()
+        h32 = self._host32.numpy()
+        mb, width = self.max_batch_size, host.block_tables.shape[1]
+        h64[0, :n] = host.input_ids
+        h64[1, :n] = host.positions
+        h64[2, :n] = host.slots
+        h32[:n] = host.seq_lens
+        h32[mb : mb + n * width] = host.block_tables.ravel()
+        return self._launch(n, b, width)
+
+    def _launch(self, n: int, b: int, width: int) -> torch.Tensor:
+        """Pad rows n..b of the staged inputs, copy them to the graph's buffers, replay."""
+        h64 = self._host64.numpy()
+        h32 = self._host32.numpy()
+        mb = self.max_batch_size
+        h64[:2, n:b] = 0
+        h64[2, n:b] = -1
+        h32[n:b] = 0
+        self.input_ids[:b].copy_(self._host64[0, :b], non_blocking=True)
+        self.positions[:b].copy_(self._host64[1, :b], non_blocking=True)
+        self.slots[:b].copy_(self._host64[2, :b], non_blocking=True)
+        self.seq_lens[:b].copy_(self._host32[:b], non_blocking=True)
+        # only the columns in use: the kernel never reads a block past seq_len
+        staged = self._host32[mb : mb + b * width].view(b, width)
+        self.block_tables[:b, :width].copy_(staged, non_blocking=True)
+        self.graphs[b].replay()
+        return self.outputs[b][:n]

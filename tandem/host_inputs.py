@@ -1,0 +1,25 @@
+"""One step's model inputs on the host: what the runner copies to the device, and what rank 0
+broadcasts to the other tensor-parallel ranks (tandem/tp/step_sync.py)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class HostInputs(NamedTuple):
+    """One step's inputs on the host (what rank 0 broadcasts at tensor-parallel size > 1)."""
+
+    input_ids: np.ndarray  # int64 [T]
+    positions: np.ndarray  # int64 [T]
+    slots: np.ndarray  # int64 [T]
+    seq_lens: np.ndarray  # int32 [B]
+    query_start_loc: np.ndarray  # int32 [B+1]
+    block_tables: np.ndarray  # int32 [B, max_blocks]
+    logits_rows: list[int]  # rows of the packed batch whose logits are sampled
+    max_query_len: int
+
+    @property
+    def decode_only(self) -> bool:
+        return len(self.input_ids) == len(self.seq_lens)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call of the GPU check-and-measure pass (the device tool runs it from the repo root).
+#   bash bench/gpu_pass.sh A   # GPU tests, kernels, KV transports (handoff GB/s, TTFT per
+#                              # transport), the decode server's token path (CPU model, 16 cores)
+#   bash bench/gpu_pass.sh B   # W1 via the gateway + HF static peer, W2 both modes, control plane
+# Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
+# Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
+set -u
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
+  python3 -c "from protos import build; build.generate()"  # the generated gRPC code
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 bench/dummy_model_dir.py --config tandem/configs/llama-3.1-8b \
+  --tokenizer-from .carry/smollm2-tokenizer --out /tmp/tandem-dummy-model >/dev/null
+step() { local t=$1; shift; echo "=== $* (limit ${t}s)"; timeout "$t" "$@" || echo "=== step failed rc=$?"; }
+case "${1:-A}" in
+A)
+  step 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/kvtransfer 2>&1 | tail -4
+  step 90 python3 bench/kernels_bench.py --out "$OUT/kernels.json" 2>&1 | grep -v "^sweep"
+  step 300 python3 bench/gpu_kv_transport.py --out "$OUT/kv-transport.json" --time-budget-s 270 \
+    --tokenizer-from .carry/smollm2-tokenizer 2>&1 | tail -40
+  step 60 python3 bench/decode_token_path.py --streams 512 --out "$OUT/decode-token-path.json" \
+    2>&1 | tail -6
+  ;;
+B)
+  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
+    --peer-kinds static --ceilings .carry/gpu_ceilings.py 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | tail -8
+  step 230 python3 bench/gpu_serving.py w2 --out "$OUT" --rates 2,8,16,32 --seconds-per-rate 10 \
+    2>&1 | grep -E "^W2" | cut -c1-400
+  step 120 python3 bench/control_plane.py --model /tmp/tandem-dummy-model --num-clients 4 \
+    --modes lockstep,coalesce --repeats 1 --out "$OUT/control-plane.json" 2>&1 | tail -12
+  ;;
+esac
+ls -la "$OUT"

@@ -136,6 +136,9 @@ class StepEngine:
                 q.remove(req)
         return True
 
+    def shutdown(self) -> None:  # AsyncEngine.shutdown's call (tensor-parallel ranks: none)
+        return None
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -122,13 +122,33 @@ def time_copy(device: torch.device, nbytes: int, reps: int = 20) -> float:
     return statistics.median(times[2:])
 
 
-def time_local_scatter(src, pool, src_ids, dst_ids, reps: int = 10) -> float:
-    """The transport's own gather/scatter (same slabs), within this process."""
+def time_local_ref(src, pool, src_ids, dst_ids, reps: int = 10) -> float:
+    """The torch gather/scatter (kernels/kv_block_copy.py, 128 MiB slabs) within this
+    process: the CPU path, and what the GPU path ran before the Triton block copy."""
+    from kernels.kv_block_copy import copy_kv_blocks_ref
     from kvtransfer.direct_transport import SLAB_BYTES, plan_layer_slabs
+
+    s_ids = torch.tensor(src_ids, dtype=torch.long, device=src.device)
+    d_ids = torch.tensor(dst_ids, dtype=torch.long, device=pool.device)
+    slabs = plan_layer_slabs(src, len(src_ids), SLAB_BYTES)
+    times = []
+    for _ in range(reps + 1):
+        sync(src.device)
+        t0 = time.perf_counter()
+        for layers in slabs:
+            copy_kv_blocks_ref(src, pool, s_ids, d_ids, layers.start, layers.stop)
+        sync(src.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def time_local_scatter(src, pool, src_ids, dst_ids, reps: int = 10) -> float:
+    """The transport's own copy (SlabWriter, same slabs), within this process."""
+    from kvtransfer.direct_transport import plan_layer_slabs, slab_bytes_for
 
     stream = torch.cuda.Stream(src.device) if src.device.type == "cuda" else None
     writer = SlabWriter(src, pool, src_ids, dst_ids, stream)
-    slabs = plan_layer_slabs(src, len(src_ids), SLAB_BYTES)
+    slabs = plan_layer_slabs(src, len(src_ids), slab_bytes_for(pool.device))
     times = []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
@@ -200,6 +220,7 @@ async def bandwidth(a, device: torch.device, result: dict, save) -> None:
             row["local_gather_scatter_gbps"] = (
                 nbytes / time_local_scatter(src, pool, src_ids, dst_ids) / 1e9
             )
+            row["local_torch_ref_gbps"] = nbytes / time_local_ref(src, pool, src_ids, dst_ids) / 1e9
             for transport in (same_host, "grpc"):
                 times, exact = [], True
                 for trial in range(a.trials + 1):  # trial 0: warm-up (opens the pool)
@@ -233,7 +254,8 @@ async def bandwidth(a, device: torch.device, result: dict, save) -> None:
                 print(
                     f"BW {transport} {n_tokens} tok {nbytes / 2**20:.0f} MiB: "
                     f"{row[transport]['median_gbps']:.1f} GB/s (copy {row['copy_gbps']:.0f}, "
-                    f"local gather/scatter {row['local_gather_scatter_gbps']:.0f}) exact={exact}",
+                    f"local slab writer {row['local_gather_scatter_gbps']:.0f}, torch ref "
+                    f"{row['local_torch_ref_gbps']:.0f}) exact={exact}",
                     flush=True,
                 )
             result["bandwidth"]["runs"].append(row)

@@ -3,6 +3,7 @@
 #   bash bench/gpu_pass.sh A   # GPU tests, kernels, KV transports (handoff GB/s, TTFT per
 #                              # transport), the decode server's token path (CPU model, 16 cores)
 #   bash bench/gpu_pass.sh B   # W1 via the gateway + HF static peer, W2 both modes, control plane
+#   bash bench/gpu_pass.sh C   # KV transports, W2 both modes and the token path again
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
 # Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
 set -u
@@ -31,6 +32,16 @@ B)
     2>&1 | grep -E "^W2" | cut -c1-400
   step 120 python3 bench/control_plane.py --model /tmp/tandem-dummy-model --num-clients 4 \
     --modes lockstep,coalesce --repeats 1 --out "$OUT/control-plane.json" 2>&1 | tail -12
+  ;;
+C)  # the reruns after the Triton block copy: KV transports, W2 both modes, token path
+  step 200 python3 bench/gpu_kv_transport.py --out "$OUT/kv-transport.json" --time-budget-s 150 \
+    --tokenizer-from .carry/smollm2-tokenizer 2>&1 | grep -E "^(BW|SERVE)"
+  step 240 python3 bench/gpu_serving.py w2 --out "$OUT" --rates 2,8,16,32 --seconds-per-rate 8 \
+    2>&1 | grep -E "^W2" | cut -c1-60
+  python3 bench/w2_table.py "$OUT/w2.json"
+  step 60 python3 bench/decode_token_path.py --streams 512 --out "$OUT/decode-token-path.json" \
+    2>&1 | tail -4
+  rm -f "$OUT"/serve-*.log  # at most 8 files come back
   ;;
 esac
 ls -la "$OUT"

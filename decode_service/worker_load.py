@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -19,12 +20,21 @@ from tandem.async_engine import AsyncEngine, EngineDeadError
 log = logging.getLogger("tandem.worker.load")
 
 SAMPLE_PERIOD_S = 0.5
+# How long Stats waits for the engine thread (it reads the engine between steps) before it
+# answers with the last figures read instead: a long step (a CUDA-graph capture, a large
+# prefill chunk on a loaded host) must not push a Stats past the router's 2 s deadline, which
+# would mark a busy but healthy worker unhealthy.
+STATS_WAIT_S = 1.0
+
+# the last figures read per engine: what a Stats answers while the engine is busy
+_last_read: weakref.WeakKeyDictionary[AsyncEngine, tuple] = weakref.WeakKeyDictionary()
 
 
 async def worker_stats(
     engine: AsyncEngine,
     num_active_handoffs: int = 0,
     num_kv_handoffs: Mapping[str, int] | None = None,
+    wait_s: float = STATS_WAIT_S,
 ) -> worker_pb2.WorkerStats:
     def collect():
         s = engine.engine.stats()
@@ -36,7 +46,18 @@ async def worker_stats(
         )
         return s, in_flight
 
-    s, in_flight = await engine.call(collect)
+    read = asyncio.ensure_future(engine.call(collect))
+    try:
+        s, in_flight = await asyncio.wait_for(asyncio.shield(read), wait_s)
+    except asyncio.TimeoutError:
+        if engine not in _last_read:
+            s, in_flight = await read  # nothing read yet: wait for the first figures
+        else:
+            s, in_flight = _last_read[engine]
+            # the read still lands later and refreshes the figures for the next Stats
+            read.add_done_callback(lambda f: _remember(engine, f))
+    else:
+        _last_read[engine] = (s, in_flight)
     return worker_pb2.WorkerStats(
         num_running=s.num_running,
         num_waiting=s.num_waiting,
@@ -50,6 +71,11 @@ async def worker_stats(
         in_flight_prompt_tokens=in_flight,
         num_kv_handoffs=dict(num_kv_handoffs or {}),
     )
+
+
+def _remember(engine: AsyncEngine, read: asyncio.Future) -> None:
+    if not read.cancelled() and read.exception() is None:
+        _last_read[engine] = read.result()
 
 
 class WorkerMetrics:

@@ -131,6 +131,8 @@ def _serve(args: argparse.Namespace, tls: TLSConfig) -> None:
         router_port = args.router_port or _free_port(host)
         router_cmd = [*py, "router", "--host", host, "--port", str(router_port), *common]
         router_cmd += ["--served-model-name", served, "--routing-policy", args.routing_policy]
+        router_cmd += ["--max-local-prefill-length", str(args.max_local_prefill_length)]
+        router_cmd += ["--stream-interval", str(args.stream_interval)]
         if args.max_model_len:
             router_cmd += ["--max-model-len", str(args.max_model_len)]
         for role, address, _ in workers:
@@ -216,6 +218,19 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "--routing-policy", default="prefix", choices=["prefix", "least_load", "round_robin"]
     )
     p.add_argument("--served-model-name", default=None)
+    p.add_argument(
+        "--max-local-prefill-length",
+        type=int,
+        default=0,
+        help="router: prefill on the decode server when the prompt's part not cached there is"
+        " shorter than this many tokens (conditional disaggregation; 0: always remote)",
+    )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="router: send a choice's tokens at most every N tokens (first and last at once)",
+    )
     p.add_argument(
         "--kv-transport",
         default="auto",

@@ -95,14 +95,21 @@ def test_client_disconnect_aborts_on_workers(stack):
     st = stack["stack"]
     before = len(st.decodes[0].state.aborted)
     body = {"model": "tiny", "prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", stack["url"] + "/v1/completions", json=body, timeout=10) as r:
-        assert r.status_code == 200
-        lines = r.iter_lines()
-        for _ in range(4):
-            next(lines)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and len(st.decodes[0].state.aborted) == before:
-        time.sleep(0.02)
+    # 200 tokens at 50 ms: the stream cannot finish before the disconnect is noticed (at the
+    # stack's 2 ms a loaded machine let it complete first, and coalescing lets a lagging
+    # stream catch up in one message, so then nothing was left to abort)
+    delay, st.decodes[0].state.token_delay_s = st.decodes[0].state.token_delay_s, 0.05
+    try:
+        with httpx.stream("POST", stack["url"] + "/v1/completions", json=body, timeout=10) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for _ in range(4):
+                next(lines)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(st.decodes[0].state.aborted) == before:
+            time.sleep(0.02)
+    finally:
+        st.decodes[0].state.token_delay_s = delay
     assert len(st.decodes[0].state.aborted) == before + 1
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and st.decodes[0].state.active:

@@ -45,12 +45,6 @@ async def _register(args, server, engine, address, offered, shm) -> WorkerParts:
     ledger = HandoffLedger(args.kv_lease_seconds, args.kv_stall_seconds)
     runner = engine.engine.runner
     kv_cache = runner.kv_cache
-    if runner.tp.size > 1 and offered != ["grpc"]:
-        # the same-host transports write one pool that holds every KV head; at TP > 1 each
-        # rank holds only its heads, so handoffs go over grpc (scattered over the ranks)
-        log.info("event=kv_transports_limited reason=tensor_parallel transports=grpc")
-        offered = ["grpc"]
-        shm = None
     export = None
     if shm is not None:
         export = shm.export(kv_cache)
@@ -93,17 +87,10 @@ async def _register(args, server, engine, address, offered, shm) -> WorkerParts:
 
 def run(args: argparse.Namespace, tls: TLSConfig) -> None:
     device_type = engine_config_from_args(args).torch_device().type
-    try:
-        offered = offered_transports(args.kv_transport, device_type)
+    try:  # at TP > 1 grpc only: no shm pool file, which every rank would map
+        offered = offered_transports(args.kv_transport, device_type, args.tensor_parallel_size)
     except ValueError as e:
         raise SystemExit(f"tandem decode: {e}") from None
-    if args.tensor_parallel_size > 1 and args.kv_transport not in ("auto", "grpc"):
-        raise SystemExit(
-            f"tandem decode: --kv-transport {args.kv_transport} needs --tensor-parallel-size 1"
-            " (each rank holds only its KV heads; grpc gathers them)"
-        )
-    if args.tensor_parallel_size > 1:  # no shm pool file: every rank would map the same one
-        offered = [t for t in offered if t == "grpc"]
     # the shm pool file must exist before the engine maps its KV pool into it
     shm = ShmPoolFile() if "shm" in offered else None
     args.kv_cache_file = shm.path if shm is not None else ""

@@ -31,10 +31,19 @@ class Endpoint:
     gpu_uuid: str  # "" when its KV cache is on the CPU
 
 
-def offered_transports(flag: str, device_type: str) -> list[str]:
-    """Receiver: the transports a decode server with its pool on device_type offers."""
+def offered_transports(flag: str, device_type: str, tensor_parallel_size: int = 1) -> list[str]:
+    """The transports a worker with its KV pool on device_type can use (a decode server
+    offers them; a prefill server is checked against them at start). At tensor-parallel size
+    > 1 only grpc: each rank's pool holds only its KV heads, and grpc gathers them."""
     if flag not in CHOICES:
         raise ValueError(f"--kv-transport must be one of {', '.join(CHOICES)}, not {flag!r}")
+    if tensor_parallel_size > 1:
+        if flag not in ("auto", "grpc"):
+            raise ValueError(
+                f"--kv-transport {flag} needs --tensor-parallel-size 1"
+                " (each rank holds only its KV heads; grpc gathers them)"
+            )
+        return ["grpc"]
     local = "cuda_ipc" if device_type == "cuda" else "shm"
     if flag == "auto":
         return [local, "grpc"]

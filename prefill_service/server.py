@@ -40,14 +40,10 @@ async def _register(args, tls, server, engine, address) -> WorkerParts:
 
 def run(args: argparse.Namespace, tls: TLSConfig) -> None:
     try:  # a transport forced on this server must fit where its KV cache lives
-        offered_transports(args.kv_transport, engine_config_from_args(args).torch_device().type)
+        device_type = engine_config_from_args(args).torch_device().type
+        offered_transports(args.kv_transport, device_type, args.tensor_parallel_size)
     except ValueError as e:
         raise SystemExit(f"tandem prefill: {e}") from None
-    if args.tensor_parallel_size > 1 and args.kv_transport not in ("auto", "grpc"):
-        raise SystemExit(
-            f"tandem prefill: --kv-transport {args.kv_transport} needs --tensor-parallel-size 1"
-            " (each rank holds only its KV heads; grpc gathers them)"
-        )
     run_worker(args, tls, SERVICES, lambda s, e, a: _register(args, tls, s, e, a))
 
 

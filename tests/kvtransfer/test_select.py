@@ -35,6 +35,18 @@ def test_decode_offers(flag, device, want):
     assert offered_transports(flag, device) == want
 
 
+@pytest.mark.parametrize(("flag", "device"), [("auto", "cuda"), ("auto", "cpu"), ("grpc", "cuda")])
+def test_tensor_parallel_workers_use_grpc_only(flag, device):
+    """Each rank's pool holds only its KV heads: no same-host pool to export or write."""
+    assert offered_transports(flag, device, tensor_parallel_size=2) == ["grpc"]
+
+
+@pytest.mark.parametrize(("flag", "device"), [("cuda_ipc", "cuda"), ("shm", "cpu")])
+def test_tensor_parallel_refuses_a_forced_same_host_transport(flag, device):
+    with pytest.raises(ValueError, match="needs --tensor-parallel-size 1"):
+        offered_transports(flag, device, tensor_parallel_size=2)
+
+
 @pytest.mark.parametrize(
     ("flag", "device"), [("shm", "cuda"), ("cuda_ipc", "cpu"), ("nccl", "cuda")]
 )

@@ -60,36 +60,52 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 class StepTimer:
-    """Wraps runner.execute: wall time of engine.step and GPU time between two CUDA events."""
+    """Per engine.step() call: its wall time, the GPU time of the step it launched (CUDA events
+    recorded before the launch and after the sampling: the GPU stamps them when it gets
+    there, so under async scheduling this is the step's own GPU time, not the host's), and
+    the time the call spent waiting for sampled tokens (runner.collect), so host CPU work =
+    wall - wait."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
         self.records: list[dict] = []
         runner = engine.runner
-        inner = runner.execute
+        launch, collect = runner.launch, runner.collect
 
-        def timed(chunks):
+        def timed_launch(chunks, sampling, prev):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
             start.record()
-            out = inner(chunks)  # ends with the host sync of the sampled tokens
+            out = launch(chunks, sampling, prev)
             end.record()
-            self._pending = (start, end, len(chunks), sum(n for _, n in chunks), chunks)
+            ctx = sum(r.num_computed_tokens for r, _ in chunks)
+            self._launched.append((start, end, len(chunks), sum(n for _, n in chunks), ctx))
             return out
 
-        runner.execute = timed
+        def timed_collect(launched):
+            t0 = time.perf_counter()
+            out = collect(launched)
+            self._wait += time.perf_counter() - t0
+            return out
+
+        runner.launch, runner.collect = timed_launch, timed_collect
+        self._launched: list = []
+        self._events = []
+        self._wait = 0.0
 
     def close(self) -> None:
-        del self.engine.runner.execute  # back to the class's method
+        del self.engine.runner.launch  # back to the class's methods
+        del self.engine.runner.collect
+        for rec, (start, end) in zip(self.records, self._events, strict=True):
+            end.synchronize()
+            rec["gpu_s"] = start.elapsed_time(end) / 1000
 
     def step(self):
-        self._pending = None
+        self._launched.clear()
+        self._wait = 0.0
         t0 = time.perf_counter()
         out = self.engine.step()
         wall = time.perf_counter() - t0
-        if self._pending is not None:
-            start, end, batch, tokens, chunks = self._pending
-            end.synchronize()
-            ctx = sum(r.num_computed_tokens for r, _ in chunks)
+        for start, end, batch, tokens, ctx in self._launched:
             self.records.append(
                 {
                     "batch": batch,
@@ -97,9 +113,10 @@ class StepTimer:
                     "context_tokens": ctx,
                     "decode_only": tokens == batch,
                     "wall_s": wall,
-                    "gpu_s": start.elapsed_time(end) / 1000,
+                    "wait_s": self._wait,
                 }
             )
+            self._events.append((start, end))
         return out
 
 
@@ -152,7 +169,8 @@ def run_w1(engine, args) -> dict:
 
 
 def steady_decode(engine, args) -> dict:
-    """profile_batch requests decoding at once; per-step times with graphs, then eager."""
+    """profile_batch requests decoding at once; per-step times with graphs (async scheduling,
+    then synchronous steps), then eager (synchronous)."""
     from tandem.sampling_params import SamplingParams
 
     vocab = engine.model_cfg.vocab_size
@@ -166,36 +184,50 @@ def steady_decode(engine, args) -> dict:
         engine.step()
     result = {"batch": n}
     graphs = engine.runner.graphs
-    for mode in ("graphs", "eager"):
-        engine.runner.graphs = graphs if mode == "graphs" else None
+    for mode in ("graphs_async", "graphs_sync", "eager_sync"):
+        engine.runner.graphs = graphs if mode.startswith("graphs") else None
+        engine.async_scheduling = mode.endswith("async")
         timer = StepTimer(engine)
         for _ in range(5):
             timer.step()
         timer.records.clear()
-        prof = cProfile.Profile() if mode == "graphs" else None
-        if prof:
-            prof.enable()
+        timer._events.clear()
+        t0 = time.perf_counter()
         for _ in range(args.profile_steps):
             timer.step()
-        if prof:
+        total = time.perf_counter() - t0
+        timer.close()
+        if mode != "eager_sync":  # then the host's work under cProfile, timed apart
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.profile_steps):
+                engine.step()
             prof.disable()
             s = io.StringIO()
             pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
-            result["cprofile_top"] = s.getvalue()
-        timer.close()
-        recs = timer.records
+            result[f"cprofile_top_{mode}"] = s.getvalue()
+        recs = [r for r in timer.records if r["decode_only"]]
         wall = statistics.median(r["wall_s"] for r in recs)
         gpu = statistics.median(r["gpu_s"] for r in recs)
+        cpu = statistics.median(r["wall_s"] - r["wait_s"] for r in recs)
+        gpu_total = sum(r["gpu_s"] for r in recs)
         result[mode] = {
+            "steps": len(recs),
             "step_wall_ms_p50": wall * 1e3,
             "step_gpu_ms_p50": gpu * 1e3,
-            "host_only_ms_p50": (wall - gpu) * 1e3,
-            "host_fraction": (wall - gpu) / wall,
-            "tok_s": n / wall,
+            # host work of one engine.step() (everything but waiting for the sampled tokens)
+            "host_cpu_ms_p50": cpu * 1e3,
+            "host_cpu_fraction": cpu / wall,
+            # the part of the steps' wall time the GPU sits idle, waiting for the host
+            "gpu_idle_fraction": max(0.0, 1 - gpu_total / total),
+            "tok_s": n * len(recs) / total,
         }
     engine.runner.graphs = graphs
+    engine.async_scheduling = engine.runner.device.type == "cuda"
     for i in range(n):
         engine.abort(f"prof-{i}")
+    while engine.has_unfinished():
+        engine.step()
     return result
 
 
@@ -240,8 +272,9 @@ def main() -> None:
     print(json.dumps(out), flush=True)
     with torch.inference_mode():
         out["steady_decode"] = steady_decode(engine, args)
-        print(json.dumps({k: v for k, v in out["steady_decode"].items() if k != "cprofile_top"}))
-        print(out["steady_decode"]["cprofile_top"], flush=True)
+        sd = out["steady_decode"]
+        print(json.dumps({k: v for k, v in sd.items() if not k.startswith("cprofile")}))
+        print(sd.get("cprofile_top_graphs_async", ""), flush=True)
         if not args.skip_w1:
             out["w1_engine"] = run_w1(engine, args)
             print(json.dumps(out["w1_engine"]), flush=True)

@@ -4,6 +4,8 @@
 #                              # transport), the decode server's token path (CPU model, 16 cores)
 #   bash bench/gpu_pass.sh B   # W1 via the gateway + HF static peer, W2 both modes, control plane
 #   bash bench/gpu_pass.sh C   # KV transports, W2 both modes and the token path again
+#   bash bench/gpu_pass.sh D   # async scheduling: GPU test, engine step + W1 engine-only, W1 stack
+#   bash bench/gpu_pass.sh E   # W1 via the gateway with async scheduling on and off + HF peer
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
 # Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
 set -u
@@ -42,6 +44,21 @@ C)  # the reruns after the Triton block copy: KV transports, W2 both modes, toke
   step 60 python3 bench/decode_token_path.py --streams 512 --out "$OUT/decode-token-path.json" \
     2>&1 | tail -4
   rm -f "$OUT"/serve-*.log  # at most 8 files come back
+  ;;
+D)  # async scheduling: GPU equality test, engine step and W1 engine-only, W1 via the gateway
+  step 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/core/test_async_scheduling_gpu.py \
+    2>&1 | tail -15
+  step 240 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --out "$OUT/engine.json" \
+    2>&1 | grep -v "^sweep" | tail -45
+  step 180 python3 bench/gpu_serving.py w1 --out "$OUT" 2>&1 | grep -E "^(CEILINGS|W1)" | cut -c1-900
+  tail -5 "$OUT"/serve-w1.log; rm -f "$OUT"/serve-*.log
+  ;;
+E)  # W1 via the gateway, async scheduling on and off, with the HF static peer in the same call
+  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
+    --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-900 | tail -8
+  step 150 python3 bench/gpu_serving.py w1 --out "$OUT" --serve-extra=--no-async-scheduling \
+    --tag=-sync 2>&1 | grep -E "^W1" | cut -c1-900
+  rm -f "$OUT"/serve-*.log
   ;;
 esac
 ls -la "$OUT"

@@ -110,12 +110,13 @@ def run_w1(a, model_dir: Path, out: Path) -> None:
     ceilings = measure_ceilings(a.ceilings)
     print("CEILINGS", json.dumps(ceilings), flush=True)
     (out / "ceilings.json").write_text(json.dumps(ceilings))
-    serve = Serve(model_dir, "aggregated", out / "serve-w1.log", engine_flags(a))
+    extra = engine_flags(a) + a.serve_extra.split()
+    serve = Serve(model_dir, "aggregated", out / f"serve-w1{a.tag}.log", extra)
     try:
         w1_args = ["--dataset-name", "random", "--num-prompts", str(a.requests)]
         w1_args += ["--random-input-len", "512", "--random-output-len", "256"]
         w1_args += ["--request-rate", "inf", "--num-warmups", "8", "--seed", "1"]
-        res = bench(serve.url, out / "w1-aggregated.json", w1_args)
+        res = bench(serve.url, out / f"w1-aggregated{a.tag}.json", w1_args)
         print("W1", json.dumps(summary(res)), f"startup_s={serve.startup_s:.0f}", flush=True)
     finally:
         serve.stop()
@@ -165,6 +166,8 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=ROOT / "tandem" / "configs" / "llama-3.1-8b")
     ap.add_argument("--tokenizer-from", type=Path, default=Path(".carry/smollm2-tokenizer"))
     ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--serve-extra", default="", help="more `tandem serve` flags (w1)")
+    ap.add_argument("--tag", default="", help="suffix of the w1 result and log file names")
     ap.add_argument("--rates", default="2,8,16,32")
     ap.add_argument("--modes", default="aggregated,disaggregated")
     ap.add_argument("--seconds-per-rate", type=float, default=15.0)

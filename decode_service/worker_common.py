@@ -114,6 +114,13 @@ def add_engine_args(p: argparse.ArgumentParser, default_port: int) -> None:
     )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="schedule and launch each step before the previous step's tokens reach the host"
+        " (default: on for CUDA at tensor-parallel size 1)",
+    )
+    p.add_argument(
         "--cuda-graph-max-batch-size",
         type=int,
         default=512,
@@ -153,6 +160,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
         kv_cache_file=getattr(args, "kv_cache_file", ""),  # set by `tandem decode` for shm
         tensor_parallel_size=args.tensor_parallel_size,

@@ -109,6 +109,10 @@ def _serve(args: argparse.Namespace, tls: TLSConfig) -> None:
             engine_flags += [f"--{name.replace('_', '-')}", str(value)]
     if not args.enable_prefix_caching:
         engine_flags.append("--no-enable-prefix-caching")
+    if args.async_scheduling is not None:
+        engine_flags.append(
+            "--async-scheduling" if args.async_scheduling else "--no-async-scheduling"
+        )
     common = ["--model", str(model_dir), "--log-level", args.log_level, *tls_argv(args)]
     worker_flags = ["--kv-transport", args.kv_transport]
 
@@ -243,6 +247,13 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--log-level", default="warning")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="workers launch each step before the previous one's tokens reach the host"
+        " (default: on for CUDA at tensor-parallel size 1)",
+    )
     for name in _ENGINE_FLAGS:
         kind = str if name in ("dtype", "device", "load_format", "kernel_backend") else int
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)

@@ -116,6 +116,9 @@ class EngineConfig:
     # CUDA graphs for decode-only steps of up to this many sequences (0 or enforce_eager: off)
     cuda_graph_max_batch_size: int = 512
     enforce_eager: bool = False
+    # launch step N+1 before step N's tokens reach the host (tandem/engine.py); None: on for
+    # CUDA at tensor-parallel size 1, off otherwise
+    async_scheduling: bool | None = None
     # CPU only: the KV pool lives in this file (a decode server's /dev/shm pool file), mapped
     # shared, so prefill servers on the host write it directly (the shm KV transport)
     kv_cache_file: str = ""

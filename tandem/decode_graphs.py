@@ -52,9 +52,18 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(mb, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(mb, nb, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(mb + 1, dtype=torch.int32, device=dev)
-        # pinned staging: [ids | positions | slots] as int64, [seq_lens | block tables] as int32
-        self._host64 = torch.zeros(3, mb, dtype=torch.long).pin_memory()
-        self._host32 = torch.zeros(mb * (1 + nb), dtype=torch.int32).pin_memory()
+        # pinned staging: [ids | positions | slots] as int64, [seq_lens | block tables] as int32;
+        # two sets, used in turn: under async scheduling the host fills step N+1's while step
+        # N's copies may still be queued (step N-1, the set's last user, has finished)
+        self._staging = [
+            (
+                torch.zeros(3, mb, dtype=torch.long).pin_memory(),
+                torch.zeros(mb * (1 + nb), dtype=torch.int32).pin_memory(),
+            )
+            for _ in range(2)
+        ]
+        self._turn = 0
+        self._host64, self._host32 = self._staging[0]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         t0 = time.perf_counter()
@@ -103,7 +112,21 @@ class DecodeGraphs:
             self.graphs[b] = g
         torch.cuda.synchronize()
 
+    def _next_staging(self) -> None:
+        self._turn ^= 1
+        self._host64, self._host32 = self._staging[self._turn]
+
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        return self.replay(*self.stage(chunks, []))
+
+    def stage(
+        self, chunks: list[ScheduledChunk], pending: list[tuple[int, int]]
+    ) -> tuple[int, int, int]:
+        """Fill the graph's input buffers for chunks (host staging, then async copies); returns
+        what replay() takes. A request whose input token is still on the GPU (async
+        scheduling) gets 0 here and (row, req.pending_row) in pending, for the caller to fill
+        in input_ids on the device before the replay."""
+        self._next_staging()
         r, bs = self.runner, self.runner.block_size
         n = len(chunks)
         b = next(s for s in self.sizes if s >= n)
@@ -115,15 +138,21 @@ class DecodeGraphs:
         for i, (req, _) in enumerate(chunks):
             c = req.num_computed_tokens
             row = r._table_row(req)
-            h64[0, i] = req.token_ids[c]
+            toks = req.token_ids
+            if c < len(toks):
+                h64[0, i] = toks[c]
+            else:
+                h64[0, i] = 0
+                pending.append((i, req.pending_row))
             h64[1, i] = c
             h64[2, i] = int(row[c // bs]) * bs + c % bs
             h32[i] = c + 1
             tables[i] = row[:width]
-        return self._launch(n, b, width)
+        return self._copy_in(n, b, width)
 
     def run_host(self, host: HostInputs) -> torch.Tensor:
         """run() from prepared host inputs (tensor parallel: every rank, the same inputs)."""
+        self._next_staging()
         n = len(host.seq_lens)
         b = next(s for s in self.sizes if s >= n)
         h64 = self._host64.numpy()
@@ -134,10 +163,10 @@ class DecodeGraphs:
         h64[2, :n] = host.slots
         h32[:n] = host.seq_lens
         h32[mb : mb + n * width] = host.block_tables.ravel()
-        return self._launch(n, b, width)
+        return self.replay(*self._copy_in(n, b, width))
 
-    def _launch(self, n: int, b: int, width: int) -> torch.Tensor:
-        """Pad rows n..b of the staged inputs, copy them to the graph's buffers, replay."""
+    def _copy_in(self, n: int, b: int, width: int) -> tuple[int, int, int]:
+        """Pad rows n..b of the staged inputs and copy them to the graph's buffers."""
         h64 = self._host64.numpy()
         h32 = self._host32.numpy()
         mb = self.max_batch_size
@@ -151,5 +180,8 @@ class DecodeGraphs:
         # only the columns in use: the kernel never reads a block past seq_len
         staged = self._host32[mb : mb + b * width].view(b, width)
         self.block_tables[:b, :width].copy_(staged, non_blocking=True)
+        return n, b, width
+
+    def replay(self, n: int, b: int, width: int) -> torch.Tensor:
         self.graphs[b].replay()
         return self.outputs[b][:n]

@@ -1,7 +1,28 @@
 """The engine one worker runs: receive -> schedule -> run -> process, one step at a time.
 
-Single-threaded by design: servers call it from one engine thread. Besides plain generation it
-has the two halves of a KV handoff:
+Single-threaded by design: servers call it from one engine thread.
+
+Async scheduling (on for CUDA at tensor-parallel size 1; EngineConfig.async_scheduling): a
+step is launched on the GPU and the engine goes on to schedule and launch the next one before
+the first one's tokens reach the host, so the host's work (scheduling, input preparation,
+processing outputs, the server's calls between steps) overlaps the GPU's instead of leaving it
+idle. One step is in flight at a time:
+
+    step() call k:  schedule N+1 -> launch N+1 (inputs of its decode rows taken on the GPU from
+                    N's sampled tokens) -> wait for N's tokens -> process N -> return N's outputs
+
+What follows from scheduling a step before the previous one's tokens are known:
+  - a request being sampled in the step in flight has num_pending_tokens = 1; the scheduler
+    counts that token, and does not schedule a request the pending token ends (max_tokens,
+    context length, a prefill server's one token);
+  - a request that stops on EOS or a stop token was already scheduled once more: that extra
+    token is dropped when its step is processed (its KV write is the EOS token's, correct);
+  - blocks of a request in the step in flight are freed only after that step is processed
+    (a same-host KV transport may write a freed block from another process at once);
+  - penalties and logprobs need the previous tokens on the host: while any request with them
+    is in the engine, steps run synchronously (the offline API and servers behave the same).
+
+Besides plain generation it has the two halves of a KV handoff:
     prefill side:  add_request(hold_blocks=True) ... finished -> read KV -> release(req_id)
     decode side:   reserve(...) -> KV written into the reserved blocks -> commit(...)
 """
@@ -18,7 +39,7 @@ from tandem.block_manager import BlockManager
 from tandem.config import EngineConfig, ModelConfig
 from tandem.loader import read_hf_config, resolve_model_dir
 from tandem.request import Logprob, Request, RequestStatus, finish_reason
-from tandem.runner import ModelRunner
+from tandem.runner import Launched, ModelRunner
 from tandem.sampling_params import SamplingParams
 from tandem.scheduler import Scheduler
 from tandem.tp.group import check_tensor_parallel
@@ -93,6 +114,14 @@ class LLMEngine:
         # Admission bound on the waiting queue (servers set it; None: unbounded, the offline
         # API). Preempted requests go back to the queue whatever its length.
         self.max_num_waiting: int | None = None
+        auto = self.runner.device.type == "cuda" and cfg.tensor_parallel_size == 1
+        self.async_scheduling = auto if cfg.async_scheduling is None else cfg.async_scheduling
+        if self.async_scheduling and cfg.tensor_parallel_size > 1:
+            raise ValueError("async scheduling needs tensor_parallel_size 1")
+        self._inflight: Launched | None = None  # the launched step not processed yet
+        self._step_id = 0
+        self._deferred_free: list[Request] = []  # finished while their step was in flight
+        self._sync_reqs: set[str] = set()  # requests whose sampling needs the host's tokens
 
     # -- receive ------------------------------------------------------------------------------
     def _new_request(
@@ -136,7 +165,14 @@ class LLMEngine:
             arrival_time=time.monotonic(),
         )
         self.requests[req_id] = req
+        if params.needs_penalties or params.logprobs is not None:
+            self._sync_reqs.add(req_id)
         return req
+
+    def _drop(self, req_id: str) -> None:
+        """req_id leaves the engine's table."""
+        self.requests.pop(req_id, None)
+        self._sync_reqs.discard(req_id)
 
     def add_request(
         self,
@@ -169,7 +205,7 @@ class LLMEngine:
         req.num_computed_tokens = num_cached
         if not self.block_manager.can_allocate(req, req.num_tokens - num_cached):
             self.block_manager.free(req)
-            del self.requests[req_id]
+            self._drop(req_id)
             return None
         self.block_manager.allocate(req, req.num_tokens - num_cached)
         req.num_cached_tokens = num_cached
@@ -195,7 +231,8 @@ class LLMEngine:
 
     def release(self, req_id: str) -> None:
         """Prefill side: the held blocks have been sent; give them back (they stay cached)."""
-        req = self.requests.pop(req_id, None)
+        req = self.requests.get(req_id)
+        self._drop(req_id)
         if req is not None and req.block_table:
             self.block_manager.free(req)
 
@@ -208,7 +245,7 @@ class LLMEngine:
             req.hold_blocks = False
             self.block_manager.free(req)
             req.status = RequestStatus.FINISHED_ABORTED
-            del self.requests[req_id]
+            self._drop(req_id)
         else:
             req.hold_blocks = False
             self._finish(req, RequestStatus.FINISHED_ABORTED)
@@ -216,18 +253,52 @@ class LLMEngine:
 
     # -- schedule, run, process -----------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None
 
     def step(self) -> list[StepOutput]:
+        """Schedule and launch a step; returns the outputs of the step this call finished
+        (under async scheduling, the one launched by the previous call)."""
+        prev = self._inflight
+        sync = not self.async_scheduling or bool(self._sync_reqs)
+        if prev is not None and sync:  # drain: the next call runs a synchronous step
+            self._inflight = None
+            return self._process(prev)
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
         if not sched.chunks:
-            return []
-        sampled, tokens, logprobs = self.runner.execute(sched.chunks)
-        for req, n in sched.chunks:
+            self._inflight = None
+            return self._process(prev) if prev is not None else []
+        launched = self._launch(sched.chunks, prev)
+        if sync:
+            return self._process(launched)
+        self._inflight = launched
+        return self._process(prev) if prev is not None else []
+
+    def _launch(self, chunks, prev: Launched | None) -> Launched:
+        self._step_id += 1
+        sid = self._step_id
+        sampling = [
+            req for req, n in chunks if req.num_computed_tokens + n == req.num_scheduled_tokens
+        ]
+        launched = self.runner.launch(chunks, sampling, prev)
+        for req, n in chunks:
             req.num_computed_tokens += n
+            req.step_id = sid
+        for i, req in enumerate(sampling):
+            req.num_pending_tokens += 1
+            req.pending_row = i
+        launched.chunk_reqs = [req for req, _ in chunks]
+        launched.step_id = sid
+        return launched
+
+    def _process(self, launched: Launched) -> list[StepOutput]:
+        """Wait for a launched step's tokens and hand them to their requests."""
+        tokens, logprobs = self.runner.collect(launched)
         outputs = []
-        for req, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+        for req, token, logprob in zip(launched.sampling, tokens, logprobs, strict=True):
+            req.num_pending_tokens -= 1
+            if req.status.finished:  # aborted, or stopped by the step before this one
+                continue
             self._append_token(req, token, logprob)
             outputs.append(
                 StepOutput(
@@ -236,9 +307,17 @@ class LLMEngine:
             )
             if req.status.finished:
                 self._finish(req, req.status)
-        for req, _ in sched.chunks:
+        for req in launched.chunk_reqs:
             if not req.status.finished:
                 self.block_manager.cache_full_blocks(req)
+        if self._deferred_free:
+            keep = []
+            for req in self._deferred_free:
+                if req.step_id <= launched.step_id:
+                    self.block_manager.free(req)
+                else:
+                    keep.append(req)
+            self._deferred_free = keep
         return outputs
 
     def _append_token(self, req: Request, token: int, logprob: Logprob | None) -> None:
@@ -256,10 +335,15 @@ class LLMEngine:
     def _finish(self, req: Request, status: RequestStatus) -> None:
         # the sampled token's KV is never computed: cache only blocks full of computed tokens
         self.block_manager.cache_full_blocks(req)
-        self.scheduler.finish(req, status)
+        inflight = self._inflight
+        defer = inflight is not None and req.step_id == inflight.step_id and not req.hold_blocks
+        self.scheduler.finish(req, status, free_blocks=not defer)
+        if defer:  # the step in flight still writes its KV: free after it is processed
+            self._deferred_free.append(req)
         self.runner.forget(req.req_id)
+        self._sync_reqs.discard(req.req_id)
         if not req.hold_blocks:
-            self.requests.pop(req.req_id, None)
+            self._drop(req.req_id)
 
     def shutdown(self) -> None:
         """Stops the other tensor-parallel ranks (idempotent; nothing to do at size 1)."""

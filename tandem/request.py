@@ -44,7 +44,7 @@ class Logprob:
     top: list[tuple[int, float]]  # the top-k (token_id, logprob), best first
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: queues look requests up by object
 class Request:
     req_id: str
     prompt_token_ids: list[int]
@@ -64,6 +64,12 @@ class Request:
     num_preemptions: int = 0
     # set by a prefill-only worker: keep the blocks after finishing until released
     hold_blocks: bool = False
+    # async scheduling (tandem/engine.py): tokens sampled by a launched step not processed yet
+    # (0 or 1), the row of the last one in that step's sampled tokens, and the id of the last
+    # step that computed this request (its KV writes may still be running on the GPU)
+    num_pending_tokens: int = 0
+    pending_row: int = -1
+    step_id: int = -1
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -76,6 +82,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens the scheduler counts: those known plus those being sampled on the GPU."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:

@@ -28,12 +28,28 @@ from tandem.host_inputs import HostInputs
 from tandem.loader import load_model
 from tandem.models.attention_metadata import AttentionMetadata
 from tandem.request import Logprob, Request
-from tandem.sampler import sample
+from tandem.sampler import gather_logprobs, sample_on_device
 from tandem.scheduler import ScheduledChunk
 from tandem.tp.group import TPGroup
 from tandem.tp.step_sync import KV_GATHER, KV_SCATTER, STEP, StepSync
 
 log = logging.getLogger(__name__)
+
+
+class Launched:
+    """One step on its way: the forward and the sampling are queued on the GPU; the sampled
+    tokens are being copied into pinned host memory (collect() waits for them)."""
+
+    __slots__ = ("sampling", "tokens", "host_tokens", "event", "logprobs", "chunk_reqs", "step_id")
+
+    def __init__(self, sampling, tokens=None, host_tokens=None, event=None, logprobs=None):
+        self.sampling: list[Request] = sampling  # the requests that sample, in row order
+        self.tokens: torch.Tensor | None = tokens  # [S] int64 on the device
+        self.host_tokens: torch.Tensor | None = host_tokens  # [S] int64, pinned
+        self.event: torch.cuda.Event | None = event  # recorded after the copy
+        self.logprobs: torch.Tensor | None = logprobs  # [S, V] when a request asked
+        self.chunk_reqs: list[Request] = []  # every request of the step (set by the engine)
+        self.step_id = -1
 
 
 def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -227,12 +243,17 @@ class ModelRunner:
         self._rows.pop(req_id, None)
 
     def prepare(
-        self, chunks: list[ScheduledChunk]
+        self, chunks: list[ScheduledChunk], pending: list[tuple[int, int]] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        host = self.prepare_host(chunks)
+        host = self.prepare_host(chunks, pending)
         return (*self._device_inputs(host), host.logits_rows)
 
-    def prepare_host(self, chunks: list[ScheduledChunk]) -> HostInputs:
+    def prepare_host(
+        self, chunks: list[ScheduledChunk], pending: list[tuple[int, int]] | None = None
+    ) -> HostInputs:
+        """pending: where to collect (packed row, row in the previous step's sampled tokens)
+        for decode chunks whose input token is still on the GPU (async scheduling); their
+        input_ids entry is left 0 for the caller to fill on the device."""
         bs = self.block_size
         n_seqs = len(chunks)
         lens = np.fromiter((n for _, n in chunks), dtype=np.int64, count=n_seqs)
@@ -253,7 +274,11 @@ class ModelRunner:
             rows.append(row)
             max_blocks = max(max_blocks, len(req.block_table))
             if n == 1:
-                input_ids[s] = req.token_ids[c]
+                if c < len(req.token_ids):
+                    input_ids[s] = req.token_ids[c]
+                else:
+                    input_ids[s] = 0
+                    pending.append((s, req.pending_row))
                 positions[s] = c
                 slots[s] = int(row[c // bs]) * bs + c % bs
             else:
@@ -262,7 +287,7 @@ class ModelRunner:
                 positions[s : s + n] = pos
                 slots[s : s + n] = row[pos // bs].astype(np.int64) * bs + pos % bs
             seq_lens[i] = c + n
-            if c + n == req.num_tokens:
+            if c + n == req.num_scheduled_tokens:  # the chunk reaches its end: it samples
                 logits_rows.append(s + n - 1)
         tables = np.zeros((n_seqs, max_blocks), dtype=np.int32)
         for i, row in enumerate(rows):
@@ -296,29 +321,71 @@ class ModelRunner:
         g = self.graphs
         return g is not None and decode_only and num_seqs <= g.max_batch_size
 
-    @torch.inference_mode()
     def execute(
         self, chunks: list[ScheduledChunk]
     ) -> tuple[list[Request], list[int], list[Logprob | None]]:
-        """Run one step; returns the requests that sampled, their tokens and logprobs."""
+        """Run one step and wait for it; returns the requests that sampled, their tokens and
+        logprobs (no token may be pending: this is the synchronous path)."""
         sampling = [req for req, n in chunks if req.num_computed_tokens + n == req.num_tokens]
+        launched = self.launch(chunks, sampling, None)
+        tokens, logprobs = self.collect(launched)
+        return launched.sampling, tokens, logprobs
+
+    @torch.inference_mode()
+    def launch(
+        self, chunks: list[ScheduledChunk], sampling: list[Request], prev: Launched | None
+    ) -> Launched:
+        """Queue one step's forward and sampling on the device and start copying the sampled
+        tokens to the host; returns without waiting for the GPU. sampling: the requests whose
+        chunk reaches their end, in chunk order. A decode chunk whose input token is not on the
+        host yet (c == len(token_ids): async scheduling) takes it from prev.tokens on the
+        device, at row req.pending_row."""
+        pending: list[tuple[int, int]] = []
         if self.sync is not None:  # tensor parallel: every rank runs the same inputs
-            host = self.prepare_host(chunks)
+            host = self.prepare_host(chunks, pending)
+            assert not pending, "async scheduling is off at tensor-parallel size > 1"
             self.sync.send_step(host)
             logits = self.run_host(host)
-            if not sampling:
-                return [], [], []
         elif self._graph_fits(len(chunks), all(n == 1 for _, n in chunks)):
-            hidden = self.graphs.run(chunks)  # decode: every chunk samples, rows 0..B-1
+            staged = self.graphs.stage(chunks, pending)
+            if pending:
+                self._fill_pending(self.graphs.input_ids, pending, prev)
+            hidden = self.graphs.replay(*staged)  # decode: every chunk samples, rows 0..B-1
             logits = self.model.compute_logits(hidden)
         else:
-            ids, pos, meta, rows = self.prepare(chunks)
+            ids, pos, meta, rows = self.prepare(chunks, pending)
+            if pending:
+                self._fill_pending(ids, pending, prev)
             hidden = self.model(ids, pos, meta, self.kv_caches)
-            if not sampling:
-                return [], [], []
-            logits = self.model.compute_logits(hidden[rows])
-        tokens, logprobs = sample(logits, sampling, self.gen)
-        return sampling, tokens, logprobs
+            if sampling:  # rows through pinned memory: indexing with a list would sync
+                idx = _to_device(np.asarray(rows, dtype=np.int64), self.device)
+                logits = self.model.compute_logits(hidden.index_select(0, idx))
+        if not sampling:
+            return Launched([])
+        tokens, logprobs = sample_on_device(logits, sampling, self.gen)
+        if self.device.type != "cuda":
+            return Launched(sampling, tokens, tokens, None, logprobs)
+        host = torch.empty(len(sampling), dtype=torch.long, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Launched(sampling, tokens, host, event, logprobs)
+
+    def _fill_pending(
+        self, input_ids: torch.Tensor, pending: list[tuple[int, int]], prev: Launched | None
+    ) -> None:
+        assert prev is not None and prev.tokens is not None, "a pending token needs its step"
+        idx = _to_device(np.asarray(pending, dtype=np.int64).T.copy(), self.device)
+        input_ids.index_copy_(0, idx[0], prev.tokens.index_select(0, idx[1]))
+
+    def collect(self, launched: Launched) -> tuple[list[int], list[Logprob | None]]:
+        """Wait for a launched step's sampled tokens (the one host sync of a step)."""
+        if not launched.sampling:
+            return [], []
+        if launched.event is not None:
+            launched.event.synchronize()  # releases the GIL while it waits
+        tokens = launched.host_tokens.tolist()
+        return tokens, gather_logprobs(tokens, launched.logprobs, launched.sampling)
 
     @torch.inference_mode()
     def run_host(self, host: HostInputs) -> torch.Tensor | None:

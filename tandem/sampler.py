@@ -20,12 +20,28 @@ from tandem.request import Logprob, Request
 _SEED_STRIDE = 1_000_003
 
 
+def _dev(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without a stream sync (a plain torch.tensor(...,
+    device=cuda) copies from pageable memory, which waits for the GPU: it would undo async
+    scheduling)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _output_index(req: Request) -> int:
+    """The output index of the token being sampled: under async scheduling the previous
+    step's token may still be on its way to the host (num_pending_tokens)."""
+    return req.num_output_tokens + req.num_pending_tokens
+
+
 def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
     for i, req in enumerate(reqs):
         p = req.params
         if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=logits.device)
-            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+            ids = _dev(list(p.logit_bias), torch.long, logits.device)
+            logits[i, ids] += _dev(list(p.logit_bias.values()), logits.dtype, logits.device)
         if not p.needs_penalties:
             continue
         if p.repetition_penalty != 1.0:
@@ -42,12 +58,12 @@ def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
 
 def _apply_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> None:
     for i, req in enumerate(reqs):
-        if req.num_output_tokens < req.params.min_tokens:
+        if _output_index(req) < req.params.min_tokens:
             banned = set(req.params.stop_token_ids)
             if not req.params.ignore_eos:
                 banned |= req.eos_token_ids
             if banned:
-                logits[i, list(banned)] = float("-inf")
+                logits[i, _dev(sorted(banned), torch.long, logits.device)] = float("-inf")
 
 
 def _filtered_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
@@ -59,7 +75,7 @@ def _filtered_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     """
     dev, vocab = logits.device, logits.shape[-1]
     params = [r.params for r in reqs]
-    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+    temps = _dev([p.temperature for p in params], torch.float32, dev)
     logits = logits / temps[:, None]
     top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     top_ps = [p.top_p for p in params]
@@ -68,14 +84,14 @@ def _filtered_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     if need_k or need_p:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         if need_k:
-            ks = torch.tensor(top_ks, dtype=torch.long, device=dev)
+            ks = _dev(top_ks, torch.long, dev)
             kth = sorted_logits.gather(1, (ks - 1)[:, None])
             logits = logits.masked_fill(logits < kth, float("-inf"))
             sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
         probs = logits.softmax(-1)
         if need_p:
             sorted_probs = sorted_logits.softmax(-1)
-            ps = torch.tensor(top_ps, dtype=torch.float32, device=dev)
+            ps = _dev(top_ps, torch.float32, dev)
             drop = (sorted_probs.cumsum(-1) - sorted_probs) >= ps[:, None]
             drop_unsorted = torch.zeros_like(drop).scatter_(1, order, drop)
             probs = probs.masked_fill(drop_unsorted, 0.0)
@@ -83,7 +99,7 @@ def _filtered_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         probs = logits.softmax(-1)
     min_ps = [p.min_p for p in params]
     if any(m > 0 for m in min_ps):
-        mp = torch.tensor(min_ps, dtype=torch.float32, device=dev)
+        mp = _dev(min_ps, torch.float32, dev)
         probs = probs.masked_fill(probs < mp[:, None] * probs.amax(-1, keepdim=True), 0.0)
     return probs / probs.sum(-1, keepdim=True)
 
@@ -98,16 +114,18 @@ def _noise(probs: torch.Tensor, reqs: list[Request], default_gen) -> torch.Tenso
         req = reqs[i]
         gen = torch.Generator(device=probs.device)
         gen.manual_seed(
-            (req.params.seed * _SEED_STRIDE + req.num_output_tokens) & 0x7FFF_FFFF_FFFF_FFFF
+            (req.params.seed * _SEED_STRIDE + _output_index(req)) & 0x7FFF_FFFF_FFFF_FFFF
         )
         noise[i].exponential_(generator=gen)
     return noise
 
 
-def sample(
+def sample_on_device(
     logits: torch.Tensor, reqs: list[Request], default_gen: torch.Generator | None = None
-) -> tuple[list[int], list[Logprob | None]]:
-    """logits [B, V] fp32 (modified in place) -> one token per request, and logprobs if asked."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [B, V] fp32 (modified in place) -> the chosen tokens [B] int64 on the logits'
+    device, and the log-probabilities [B, V] when any request asks for logprobs; no host sync
+    (penalties, which read the request's tokens, are the caller's to keep in step)."""
     _apply_penalties(logits, reqs)
     _apply_min_tokens(logits, reqs)
     want_logprobs = any(r.params.logprobs is not None for r in reqs)
@@ -117,26 +135,41 @@ def sample(
     rand = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if rand:
         rand_reqs = [reqs[i] for i in rand]
-        rows = logits if len(rand) == len(reqs) else logits[rand]
+        rows = logits if len(rand) == len(reqs) else logits[_dev(rand, torch.long, logits.device)]
         probs = _filtered_probs(rows, rand_reqs)
         # exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) draws from p
         drawn = (probs / _noise(probs, rand_reqs, default_gen)).argmax(-1)
         if len(rand) == len(reqs):
             tokens_t = drawn
         else:
-            tokens_t[torch.tensor(rand, device=logits.device)] = drawn
-    tokens = tokens_t.tolist()  # the one host sync of a step
+            tokens_t[_dev(rand, torch.long, logits.device)] = drawn
+    return tokens_t, logprobs
 
+
+def gather_logprobs(
+    tokens: list[int], logprobs: torch.Tensor | None, reqs: list[Request]
+) -> list[Logprob | None]:
+    """The Logprob of each request that asked (sampled token + its top-k), else None."""
     out: list[Logprob | None] = [None] * len(reqs)
-    if logprobs is not None:
-        for i, req in enumerate(reqs):
-            k = req.params.logprobs
-            if k is None:
-                continue
-            row = logprobs[i]
-            top = []
-            if k > 0:
-                vals, ids = row.topk(k)
-                top = list(zip(ids.tolist(), vals.tolist(), strict=True))
-            out[i] = Logprob(tokens[i], float(row[tokens[i]]), top)
-    return tokens, out
+    if logprobs is None:
+        return out
+    for i, req in enumerate(reqs):
+        k = req.params.logprobs
+        if k is None:
+            continue
+        row = logprobs[i]
+        top = []
+        if k > 0:
+            vals, ids = row.topk(k)
+            top = list(zip(ids.tolist(), vals.tolist(), strict=True))
+        out[i] = Logprob(tokens[i], float(row[tokens[i]]), top)
+    return out
+
+
+def sample(
+    logits: torch.Tensor, reqs: list[Request], default_gen: torch.Generator | None = None
+) -> tuple[list[int], list[Logprob | None]]:
+    """logits [B, V] fp32 (modified in place) -> one token per request, and logprobs if asked."""
+    tokens_t, logprobs = sample_on_device(logits, reqs, default_gen)
+    tokens = tokens_t.tolist()  # the one host sync of a step
+    return tokens, gather_logprobs(tokens, logprobs, reqs)

@@ -71,8 +71,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if num_new <= 0:
+            num_new = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0 or (req.num_pending_tokens and self._ends_with_pending(req)):
                 i += 1
                 continue
             if num_new == 1 and req.num_computed_tokens < len(req.block_table) * self.block_size:
@@ -97,6 +97,8 @@ class Scheduler:
             self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
         ):
             req = self.waiting[0]
+            if req.num_pending_tokens:  # preempted while its last token was being sampled
+                break
             if not req.block_table:
                 req.num_computed_tokens = req.num_cached_tokens = self.bm.match_prefix(req)
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -115,6 +117,14 @@ class Scheduler:
             budget -= num_new
         return SchedulerOutput(chunks, preempted)
 
+    @staticmethod
+    def _ends_with_pending(req: Request) -> bool:
+        """The token being sampled for req ends it (max_tokens, context length) or req is a
+        prefill server's (hold_blocks: it returns one token): nothing to schedule after it."""
+        return req.hold_blocks or req.num_output_tokens + req.num_pending_tokens >= (
+            req.max_output_tokens
+        )
+
     def _preempt(self, req: Request) -> None:
         self.bm.free(req)
         req.num_computed_tokens = 0
@@ -122,12 +132,13 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
-    def finish(self, req: Request, status: RequestStatus) -> None:
-        """Take req out of the queues; free its blocks unless it holds them for a KV handoff."""
+    def finish(self, req: Request, status: RequestStatus, free_blocks: bool = True) -> None:
+        """Take req out of the queues; free its blocks unless it holds them for a KV handoff
+        or the caller frees them later (free_blocks=False: a launched step still writes them)."""
         req.status = status
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if not req.hold_blocks:
+        if free_blocks and not req.hold_blocks:
             self.bm.free(req)

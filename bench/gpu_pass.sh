@@ -6,6 +6,7 @@
 #   bash bench/gpu_pass.sh C   # KV transports, W2 both modes and the token path again
 #   bash bench/gpu_pass.sh D   # async scheduling: GPU test, engine step + W1 engine-only, W1 stack
 #   bash bench/gpu_pass.sh E   # W1 via the gateway with async scheduling on and off + HF peer
+#   bash bench/gpu_pass.sh F   # W1 via the gateway under py-spy (decode phase, every process)
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
 # Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
 set -u
@@ -59,6 +60,11 @@ E)  # W1 via the gateway, async scheduling on and off, with the HF static peer i
   step 150 python3 bench/gpu_serving.py w1 --out "$OUT" --serve-extra=--no-async-scheduling \
     --tag=-sync 2>&1 | grep -E "^W1" | cut -c1-900
   rm -f "$OUT"/serve-*.log
+  ;;
+F)  # where the stack's time goes in W1: py-spy of every server process in the decode phase
+  export PATH=/tmp/site/bin:$PATH
+  step 200 python3 bench/gpu_w1_profile.py --out "$OUT" 2>&1 | tail -150
+  rm -f "$OUT"/pyspy-*-gil.txt
   ;;
 esac
 ls -la "$OUT"

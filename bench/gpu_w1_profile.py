@@ -40,7 +40,7 @@ def children_by_role(root_pid: int) -> dict[str, int]:
 
 
 def record(pid: int, path: Path, seconds: float, gil: bool) -> subprocess.Popen:
-    cmd = ["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "-f", "raw"]
+    cmd = ["py-spy", "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200", "-f", "raw"]
     cmd += ["-o", str(path), "--threads", "--nonblocking"]
     cmd += ["--gil"] if gil else ["--idle"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/tandem-dummy-model"))
     ap.add_argument("--serve-extra", default="")
     ap.add_argument("--at-s", type=float, default=11.0, help="start recording this late")
-    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=2048)

@@ -10,6 +10,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from tandem.host_inputs import HostInputs
@@ -133,21 +134,27 @@ class DecodeGraphs:
         h64 = self._host64.numpy()
         h32 = self._host32.numpy()
         mb = self.max_batch_size
-        width = max(len(req.block_table) for req, _ in chunks)
-        tables = h32[mb : mb + b * width].reshape(b, width)  # contiguous [b, width]
+        slot = r._slot
+        slots, starts, width = [], [], 1
+        ids = h64[0]
         for i, (req, _) in enumerate(chunks):
             c = req.num_computed_tokens
-            row = r._table_row(req)
+            slots.append(slot(req))
+            starts.append(c)
             toks = req.token_ids
             if c < len(toks):
-                h64[0, i] = toks[c]
+                ids[i] = toks[c]
             else:
-                h64[0, i] = 0
+                ids[i] = 0
                 pending.append((i, req.pending_row))
-            h64[1, i] = c
-            h64[2, i] = int(row[c // bs]) * bs + c % bs
-            h32[i] = c + 1
-            tables[i] = row[:width]
+            if len(req.block_table) > width:
+                width = len(req.block_table)
+        pos = np.asarray(starts, dtype=np.int64)
+        rows = r._tables[np.asarray(slots), :width]  # [n, width]: only the columns in use
+        h64[1, :n] = pos
+        h64[2, :n] = rows[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
+        h32[:n] = pos + 1
+        h32[mb : mb + n * width].reshape(n, width)[:] = rows
         return self._copy_in(n, b, width)
 
     def run_host(self, host: HostInputs) -> torch.Tensor:

@@ -295,21 +295,30 @@ class LLMEngine:
         """Wait for a launched step's tokens and hand them to their requests."""
         tokens, logprobs = self.runner.collect(launched)
         outputs = []
+        append, running, bs = self._append_token, RequestStatus.RUNNING, self.cfg.block_size
         for req, token, logprob in zip(launched.sampling, tokens, logprobs, strict=True):
             req.num_pending_tokens -= 1
-            if req.status.finished:  # aborted, or stopped by the step before this one
+            status = req.status
+            if status is not running and status.finished:  # aborted, or stopped already
                 continue
-            self._append_token(req, token, logprob)
-            outputs.append(
-                StepOutput(
-                    req.req_id, [token], [logprob], finish_reason(req.status), req.num_cached_tokens
+            append(req, token, logprob)
+            if req.status is running:
+                outputs.append(
+                    StepOutput(req.req_id, [token], [logprob], None, req.num_cached_tokens)
                 )
+                continue
+            reason = finish_reason(req.status)
+            outputs.append(
+                StepOutput(req.req_id, [token], [logprob], reason, req.num_cached_tokens)
             )
-            if req.status.finished:
+            if reason is not None:
                 self._finish(req, req.status)
+        cache = self.block_manager.cache_full_blocks
         for req in launched.chunk_reqs:
-            if not req.status.finished:
-                self.block_manager.cache_full_blocks(req)
+            # only when a block filled up (every block_size tokens of a decode)
+            if req.num_computed_tokens // bs > req.num_registered_blocks:
+                if not req.status.finished:
+                    cache(req)
         if self._deferred_free:
             keep = []
             for req in self._deferred_free:
@@ -320,16 +329,16 @@ class LLMEngine:
             self._deferred_free = keep
         return outputs
 
-    def _append_token(self, req: Request, token: int, logprob: Logprob | None) -> None:
-        req.token_ids.append(token)
-        if req.params.logprobs is not None:
+    @staticmethod
+    def _append_token(req: Request, token: int, logprob: Logprob | None) -> None:
+        toks = req.token_ids
+        toks.append(token)
+        if logprob is not None:
             req.logprobs.append(logprob)
-        p = req.params
-        if req.num_output_tokens >= p.min_tokens and (
-            (not p.ignore_eos and token in req.eos_token_ids) or token in p.stop_token_ids
-        ):
+        n = len(toks)
+        if token in req.stop_ids and n >= req.min_num_tokens:
             req.status = RequestStatus.FINISHED_STOPPED
-        elif req.num_output_tokens >= req.max_output_tokens:
+        elif n >= req.max_num_tokens:
             req.status = RequestStatus.FINISHED_LENGTH
 
     def _finish(self, req: Request, status: RequestStatus) -> None:

@@ -70,6 +70,17 @@ class Request:
     num_pending_tokens: int = 0
     pending_row: int = -1
     step_id: int = -1
+    # set when the scheduler takes the request (prepare_limits), read on every step
+    max_num_tokens: int = 0  # prompt + max_output_tokens: "length" when reached
+    min_num_tokens: int = 0  # prompt + min_tokens: no stop before it
+    stop_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) and stop_token_ids
+
+    def prepare_limits(self) -> None:
+        p = self.params
+        self.max_num_tokens = self.num_prompt_tokens + self.max_output_tokens
+        self.min_num_tokens = self.num_prompt_tokens + p.min_tokens
+        eos = frozenset() if p.ignore_eos else self.eos_token_ids
+        self.stop_ids = eos | frozenset(p.stop_token_ids)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -115,7 +115,14 @@ class ModelRunner:
             (self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model_cfg.num_layers)
         ]
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
-        self._rows: dict[str, list] = {}  # req_id -> [block_table list, int32 row, filled]
+        # block tables as int32 rows of one array, a slot per request, extended in place as
+        # blocks are appended: a step copies only new entries (preparation does not grow with
+        # context) and gathers a batch's rows in one numpy operation
+        self._tables = np.zeros((64, self.max_blocks_per_seq), dtype=np.int32)
+        self._slot_of: dict[str, int] = {}
+        self._slot_src: list[list[int] | None] = [None] * 64  # the block_table a row mirrors
+        self._slot_filled = [0] * 64
+        self._free_slots = list(range(63, -1, -1))
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not cfg.enforce_eager and cfg.cuda_graph_max_batch_size:
             sizes = graph_batch_sizes(min(cfg.cuda_graph_max_batch_size, cfg.max_num_seqs))
@@ -219,28 +226,46 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return peak
 
-    def _table_row(self, req: Request) -> np.ndarray:
-        """req's block table as an int32 row, extended in place as blocks are appended, so a
-        step copies only the new entries (input preparation does not grow with context)."""
-        cached = self._rows.get(req.req_id)
+    def _slot(self, req: Request) -> int:
+        """req's row in self._tables, brought up to date with its block table."""
+        slot = self._slot_of.get(req.req_id)
         table = req.block_table
-        if cached is None or cached[0] is not table:  # new request, or its table was reset
-            row = np.zeros(max(self.max_blocks_per_seq, len(table)), dtype=np.int32)
-            row[: len(table)] = table
-            self._rows[req.req_id] = [table, row, len(table)]
-            return row
-        _, row, filled = cached
-        if len(table) > len(row):  # longer than max_model_len / block_size (pool-capped runs)
-            row = np.concatenate([row, np.zeros(len(table) - len(row) + 16, dtype=np.int32)])
-            cached[1] = row
-        if len(table) > filled:
-            row[filled : len(table)] = table[filled:]
-            cached[2] = len(table)
-        return row
+        if slot is None:
+            if not self._free_slots:
+                self._grow_slots()
+            slot = self._slot_of[req.req_id] = self._free_slots.pop()
+            self._slot_src[slot], filled = table, 0
+        elif self._slot_src[slot] is not table:  # its table was reset (preempted)
+            self._slot_src[slot], filled = table, 0
+        else:
+            filled = self._slot_filled[slot]
+        n = len(table)
+        if n > filled:
+            if n > self._tables.shape[1]:  # longer than max_model_len (pool-capped runs)
+                wider = np.zeros((len(self._tables), n + 16), dtype=np.int32)
+                wider[:, : self._tables.shape[1]] = self._tables
+                self._tables = wider
+            self._tables[slot, filled:n] = table[filled:]
+            self._slot_filled[slot] = n
+        return slot
+
+    def _grow_slots(self) -> None:
+        old = len(self._tables)
+        self._tables = np.concatenate([self._tables, np.zeros_like(self._tables)])
+        self._slot_src += [None] * old
+        self._slot_filled += [0] * old
+        self._free_slots += range(2 * old - 1, old - 1, -1)
+
+    def _table_row(self, req: Request) -> np.ndarray:
+        return self._tables[self._slot(req)]
 
     def forget(self, req_id: str) -> None:
         """The request left this runner (finished, aborted, released)."""
-        self._rows.pop(req_id, None)
+        slot = self._slot_of.pop(req_id, None)
+        if slot is not None:
+            self._slot_src[slot] = None
+            self._slot_filled[slot] = 0
+            self._free_slots.append(slot)
 
     def prepare(
         self, chunks: list[ScheduledChunk], pending: list[tuple[int, int]] | None = None

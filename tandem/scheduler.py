@@ -58,6 +58,7 @@ class Scheduler:
         # it ends with "length" when its KV fills the pool (the last sampled token needs none).
         pool_tokens = self.bm.num_blocks * self.bm.block_size
         req.max_total_tokens = min(req.max_total_tokens or pool_tokens, pool_tokens)
+        req.prepare_limits()
 
     @property
     def num_unfinished(self) -> int:
@@ -71,8 +72,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
-            if num_new <= 0 or (req.num_pending_tokens and self._ends_with_pending(req)):
+            pend = req.num_pending_tokens
+            num_new = min(len(req.token_ids) + pend - req.num_computed_tokens, budget)
+            if num_new <= 0 or (
+                # the token being sampled ends it (max_tokens, context), or it is a prefill
+                # server's (hold_blocks: one token): nothing to schedule after it
+                pend and (req.hold_blocks or len(req.token_ids) + pend >= req.max_num_tokens)
+            ):
                 i += 1
                 continue
             if num_new == 1 and req.num_computed_tokens < len(req.block_table) * self.block_size:
@@ -116,14 +122,6 @@ class Scheduler:
             chunks.append(ScheduledChunk(req, num_new))
             budget -= num_new
         return SchedulerOutput(chunks, preempted)
-
-    @staticmethod
-    def _ends_with_pending(req: Request) -> bool:
-        """The token being sampled for req ends it (max_tokens, context length) or req is a
-        prefill server's (hold_blocks: it returns one token): nothing to schedule after it."""
-        return req.hold_blocks or req.num_output_tokens + req.num_pending_tokens >= (
-            req.max_output_tokens
-        )
 
     def _preempt(self, req: Request) -> None:
         self.bm.free(req)

@@ -61,6 +61,17 @@ E)  # W1 via the gateway, async scheduling on and off, with the HF static peer i
     --tag=-sync 2>&1 | grep -E "^W1" | cut -c1-900
   rm -f "$OUT"/serve-*.log
   ;;
+G)  # after the host-path changes: GPU test, engine step + W1 engine-only, W1 stack at
+    # stream interval 1 and 4
+  step 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/core/test_async_scheduling_gpu.py \
+    2>&1 | tail -3
+  step 200 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --out "$OUT/engine.json" \
+    2>&1 | grep -v "^sweep" | grep -E '^\{|function calls|engine.py|scheduler.py|graphs.py|runner.py'
+  step 150 python3 bench/gpu_serving.py w1 --out "$OUT" 2>&1 | grep -E "^W1" | cut -c1-700
+  step 150 python3 bench/gpu_serving.py w1 --out "$OUT" --serve-extra="--stream-interval 4" \
+    --tag=-si4 2>&1 | grep -E "^W1" | cut -c1-700
+  rm -f "$OUT"/serve-*.log
+  ;;
 F)  # where the stack's time goes in W1: py-spy of every server process in the decode phase
   export PATH=/tmp/site/bin:$PATH
   step 200 python3 bench/gpu_w1_profile.py --out "$OUT" 2>&1 | tail -150

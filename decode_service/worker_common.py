@@ -140,6 +140,13 @@ def add_engine_args(p: argparse.ArgumentParser, default_port: int) -> None:
         " (CPU pool) and grpc; prefill servers pick cuda_ipc on the same GPU, shm between CPU"
         " servers of one host, else grpc. Any other value forces that one on this server",
     )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="hand a request's tokens to its stream N at a time (first and last at once):"
+        " N times fewer gRPC messages per step at large batches, coarser streaming",
+    )
     p.add_argument("--log-level", default="warning")
     add_tls_args(p)
 
@@ -214,7 +221,9 @@ async def serve(
     # event loop to hand it back, many times a step. A short interval bounds that wait.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     engine = AsyncEngine(
-        LLMEngine(engine_config_from_args(args)), max_num_waiting=args.max_num_waiting
+        LLMEngine(engine_config_from_args(args)),
+        max_num_waiting=args.max_num_waiting,
+        stream_interval=args.stream_interval,
     )
     model_name = served_model_name(args, engine.engine)
     in_flight = InFlightRpcs()

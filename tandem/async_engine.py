@@ -34,12 +34,21 @@ class EngineDeadError(RuntimeError):
 
 class AsyncEngine:
     def __init__(
-        self, engine: LLMEngine, max_num_waiting: int | None = DEFAULT_MAX_NUM_WAITING
+        self,
+        engine: LLMEngine,
+        max_num_waiting: int | None = DEFAULT_MAX_NUM_WAITING,
+        stream_interval: int = 1,
     ) -> None:
         """max_num_waiting bounds the engine's waiting queue: beyond it `generate` raises
         EngineFullError (the servicers answer RESOURCE_EXHAUSTED; the router tries another
-        server or refuses with a retryable status)."""
+        server or refuses with a retryable status). stream_interval N (vLLM's and SGLang's
+        --stream-interval): a stream's tokens are handed to its consumer N at a time (its
+        first and its last at once), so a large batch costs the event loop N times fewer
+        wake-ups and gRPC messages per step."""
+        if stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1")
         self.engine = engine
+        self.stream_interval = stream_interval
         engine.max_num_waiting = max_num_waiting
         self._calls: queue.SimpleQueue[
             tuple[Callable, tuple, asyncio.Future, asyncio.AbstractEventLoop]
@@ -181,20 +190,33 @@ class AsyncEngine:
                 log.exception("engine step failed; failing every open stream")
                 self._error = e
                 for stream in list(self._streams.values()):
-                    stream.loop.call_soon_threadsafe(_deliver, [(stream, e)])
+                    stream.loop.call_soon_threadsafe(_deliver, [(stream, [*stream._held, e])])
                 return
             if outputs:
                 # one wake-up of each event loop per step, not one per request: at a batch
                 # of hundreds, per-token call_soon_threadsafe calls saturate the loop
                 by_loop: dict[asyncio.AbstractEventLoop, list] = {}
                 streams = self._streams
+                interval = self.stream_interval
                 for out in outputs:
                     stream = streams.get(out.req_id)
-                    if stream is not None:
-                        items = by_loop.get(stream.loop)
-                        if items is None:
-                            items = by_loop[stream.loop] = []
-                        items.append((stream, out))
+                    if stream is None:
+                        continue
+                    held = stream._held
+                    if interval > 1 and out.finish_reason is None and stream._handed:
+                        held.append(out)  # engine thread only: no lock
+                        if len(held) < interval:
+                            continue
+                        stream._held, batch = [], held
+                    elif held:
+                        stream._held, batch = [], [*held, out]
+                    else:
+                        batch = [out]
+                    stream._handed = True
+                    items = by_loop.get(stream.loop)
+                    if items is None:
+                        items = by_loop[stream.loop] = []
+                    items.append((stream, batch))
                 for loop, items in by_loop.items():
                     loop.call_soon_threadsafe(_deliver, items)
 
@@ -210,7 +232,17 @@ class OutputStream:
     returned, then EngineDeadError is raised.
     """
 
-    __slots__ = ("req_id", "loop", "_engine", "_pending", "_waiter", "_finished", "_closed")
+    __slots__ = (
+        "req_id",
+        "loop",
+        "_engine",
+        "_pending",
+        "_waiter",
+        "_finished",
+        "_closed",
+        "_held",
+        "_handed",
+    )
 
     def __init__(self, engine: AsyncEngine, req_id: str, loop: asyncio.AbstractEventLoop):
         self.req_id = req_id
@@ -220,6 +252,9 @@ class OutputStream:
         self._waiter: asyncio.Future | None = None  # set while the consumer waits
         self._finished = False  # the output with a finish_reason was returned
         self._closed = False
+        # engine thread only: outputs held back by stream_interval, and whether any was handed
+        self._held: list[StepOutput] = []
+        self._handed = False
 
     def __aiter__(self) -> OutputStream:
         return self
@@ -281,9 +316,9 @@ def _with(first: StepOutput, token_ids, logprobs, last: StepOutput) -> StepOutpu
     return StepOutput(first.req_id, token_ids, logprobs, last.finish_reason, last.num_cached_tokens)
 
 
-def _deliver(items: list[tuple[OutputStream, StepOutput | BaseException]]) -> None:
-    for stream, out in items:
-        stream._pending.append(out)
+def _deliver(items: list[tuple[OutputStream, list[StepOutput | BaseException]]]) -> None:
+    for stream, outs in items:
+        stream._pending += outs
         waiter = stream._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

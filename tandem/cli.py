@@ -125,6 +125,8 @@ def _serve(args: argparse.Namespace, tls: TLSConfig) -> None:
                 port = _free_port(host)
                 cmd = [*py, role, "--host", host, "--port", str(port), *common, *engine_flags]
                 cmd += worker_flags
+                if role == "decode":
+                    cmd += ["--stream-interval", str(args.stream_interval)]
                 cmd += ["--served-model-name", served]  # the label of the workers' metrics
                 if shares[role] is not None:
                     cmd += ["--gpu-memory-utilization", str(shares[role])]
@@ -233,7 +235,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "--stream-interval",
         type=int,
         default=1,
-        help="router: send a choice's tokens at most every N tokens (first and last at once)",
+        help="decode servers and router: send a request's tokens N at a time (first and last"
+        " at once); fewer messages per step at large batches, coarser streaming",
     )
     p.add_argument(
         "--kv-transport",

@@ -212,3 +212,38 @@ def test_token_event_matches_the_message_built_field_by_field():
     assert _token_event(last, 40) == worker_pb2.DecodeEvent(tokens=want)
     length = StepOutput("r", [1], [None], "length", 0)
     assert _token_event(length, 1).tokens.finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+
+def test_stream_interval_hands_tokens_n_at_a_time_first_and_last_at_once(
+    llm_engine, reference, monkeypatch
+):
+    """stream_interval=3 over 8 tokens: the engine thread hands the first alone, then 3, 3,
+    and the last 1 with the finish; nothing lost or reordered."""
+    import tandem.async_engine as ae
+
+    handed: list[int] = []
+    deliver = ae._deliver
+
+    def recorded(items):
+        handed.extend(len(outs) for _, outs in items)
+        deliver(items)
+
+    monkeypatch.setattr(ae, "_deliver", recorded)
+    engine = AsyncEngine(llm_engine, stream_interval=3)
+
+    async def body():
+        outs = [o async for o in engine.generate("si", PROMPT, _greedy(8, logprobs=2))]
+        return outs, await engine.call(engine.engine.stats)
+
+    try:
+        outs, stats = asyncio.run(body())
+    finally:
+        engine.shutdown()
+    assert handed == [1, 3, 3, 1]
+    assert [t for o in outs for t in o.new_token_ids] == reference[0]
+    assert [lp for o in outs for lp in o.new_logprobs] == reference[1]
+    assert outs[-1].finish_reason == "length"
+    assert all(o.finish_reason is None for o in outs[:-1])
+    assert stats.num_free_blocks == stats.num_total_blocks
+    with pytest.raises(ValueError, match="stream_interval"):
+        AsyncEngine(llm_engine, stream_interval=0)

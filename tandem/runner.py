@@ -257,7 +257,8 @@ class ModelRunner:
         self._free_slots += range(2 * old - 1, old - 1, -1)
 
     def _table_row(self, req: Request) -> np.ndarray:
-        return self._tables[self._slot(req)]
+        slot = self._slot(req)  # first: it may grow (replace) the array
+        return self._tables[slot]
 
     def forget(self, req_id: str) -> None:
         """The request left this runner (finished, aborted, released)."""

@@ -152,3 +152,14 @@ def test_prefill_side_request_is_not_scheduled_past_its_token(async_llm, prompts
     assert req.num_computed_tokens == len(prompts[2]) and req.block_table  # no extra step
     eng.release("held")
     _all_free(async_llm)
+
+
+def test_more_requests_than_the_first_block_table_rows(async_llm, smollm, corpus_ids):
+    """100 requests at once: the runner's block-table array grows past its first 64 rows
+    while steps run, and the rows of finished requests are reused."""
+    prompts = [corpus_ids[i : i + 3 + i % 7] for i in range(100)]
+    params = greedy(3)
+    assert _tokens(async_llm, prompts, params) == _tokens(smollm, prompts, params)
+    runner = async_llm.engine.runner
+    assert len(runner._tables) >= 100 and not runner._slot_of
+    _all_free(async_llm)

@@ -77,5 +77,14 @@ F)  # where the stack's time goes in W1: py-spy of every server process in the d
   step 200 python3 bench/gpu_w1_profile.py --out "$OUT" 2>&1 | tail -150
   rm -f "$OUT"/pyspy-*-gil.txt
   ;;
+H)  # final W1 pair with the HF static peer in the same call, then the end-of-run stall under
+    # py-spy (every server process and the client, stream interval 4)
+  export PATH=/tmp/site/bin:$PATH
+  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
+    --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-700 | tail -8
+  step 150 python3 bench/gpu_w1_profile.py --out "$OUT" --serve-extra="--stream-interval 4" \
+    --at-s 13 --seconds 6 2>&1 | grep -v "^\(Mean\|Median\|P90\|P99\|Total\|Request\)" | tail -120
+  rm -f "$OUT"/serve-*.log "$OUT"/pyspy-*-gil.txt
+  ;;
 esac
 ls -la "$OUT"

@@ -36,6 +36,8 @@ def children_by_role(root_pid: int) -> dict[str, int]:
         for role in ("decode", "prefill", "router", "gateway"):
             if f"tandem.cli {role}" in cmd or f"tandem {role}" in cmd:
                 roles.setdefault(role, pid)
+        if "tandem.benchmark" in cmd and "--base-url" in cmd:
+            roles.setdefault("client", pid)
     return roles
 
 
@@ -94,8 +96,8 @@ def main() -> None:
             done.set()
 
         threading.Thread(target=run, daemon=True).start()
-        roles = children_by_role(serve.proc.pid)
         time.sleep(a.at_s)
+        roles = children_by_role(serve.proc.pid)
         procs = []
         for role, pid in roles.items():
             for gil in (False, True):

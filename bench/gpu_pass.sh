@@ -77,6 +77,17 @@ F)  # where the stack's time goes in W1: py-spy of every server process in the d
   step 200 python3 bench/gpu_w1_profile.py --out "$OUT" 2>&1 | tail -150
   rm -f "$OUT"/pyspy-*-gil.txt
   ;;
+I)  # final: W1 at stream interval 1 with the HF static peer, W1 at stream interval 4, W2
+  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
+    --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-600 | tail -8
+  step 100 python3 bench/gpu_serving.py w1 --out "$OUT" --serve-extra="--stream-interval 4" \
+    --tag=-si4 2>&1 | grep -E "^W1" | cut -c1-600
+  rm -f "$OUT"/serve-*.log
+  step 200 python3 bench/gpu_serving.py w2 --out "$OUT" --rates 2,8,16,32 --seconds-per-rate 6 \
+    2>&1 | grep -E "^W2" | cut -c1-60
+  python3 bench/w2_table.py "$OUT/w2.json"
+  rm -f "$OUT"/serve-*.log
+  ;;
 H)  # final W1 pair with the HF static peer in the same call, then the end-of-run stall under
     # py-spy (every server process and the client, stream interval 4)
   export PATH=/tmp/site/bin:$PATH

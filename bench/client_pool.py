@@ -15,8 +15,6 @@ import subprocess
 import sys
 import time
 
-import httpx
-
 SERVER = r"""
 import asyncio, sys, time
 n, events, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])

@@ -88,12 +88,13 @@ I)  # final: W1 at stream interval 1 with the HF static peer, W1 at stream inter
   python3 bench/w2_table.py "$OUT/w2.json"
   rm -f "$OUT"/serve-*.log
   ;;
-J)  # after the bench client fix: W1 at stream interval 4, then 1 with the HF static peer
+J)  # after the bench client fix: W1 at stream interval 4 and 1, then the HF static peer
   step 100 python3 bench/gpu_serving.py w1 --out "$OUT" --serve-extra="--stream-interval 4" \
-    --tag=-si4 2>&1 | grep -E "^W1" | cut -c1-600
-  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
-    --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-600 | tail -8
+    --tag=-si4 2>&1 | grep -E "^W1" | cut -c1-500
+  step 100 python3 bench/gpu_serving.py w1 --out "$OUT" 2>&1 | grep -E "^W1" | cut -c1-500
   rm -f "$OUT"/serve-*.log
+  step 120 python3 .carry/hf_peers.py --requests 512 --peers static > "$OUT/hf-peers.txt" 2>&1
+  tail -2 "$OUT/hf-peers.txt"
   ;;
 H)  # final W1 pair with the HF static peer in the same call, then the end-of-run stall under
     # py-spy (every server process and the client, stream interval 4)

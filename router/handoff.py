@@ -21,13 +21,15 @@ blame:    Prefill RPC failed or timed out                -> that prefill server
 exit:     finished normally: nothing to clean. Closed early (stop string, client cancel,
           error): cancel the decode stream and Abort(req_id) on both workers.
 deadlines: every call here has one (Prefill: prefill_timeout_s; each decode read: the
-          handoff, local-prefill or idle timeout; Abort: ABORT_TIMEOUT_S).
+          handoff, local-prefill or idle timeout, kept by _DecodeStream without a timer per
+          token; Abort: ABORT_TIMEOUT_S).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import NamedTuple
@@ -118,21 +120,82 @@ def _worker_error(e: grpc.aio.AioRpcError, worker: WorkerHandle) -> Exception:
     return RequestError(ErrorKind.INTERNAL, f"worker {worker.address}: {code.name} {e.details()}")
 
 
-async def _read(call, worker: WorkerHandle, timeout_s: float, waiting_for: str, blame=None):
-    """The next decode event within timeout_s. Failures blame `worker`, except ABORTED (a
-    failed KV handoff) and a timeout, which blame `blame` when given (the prefill server)."""
-    try:
-        return await asyncio.wait_for(call.read(), timeout=timeout_s)
-    except asyncio.TimeoutError:
-        raise _WorkerFailed(
-            blame or worker,
-            f"no {waiting_for} within {timeout_s:g}s",
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-        ) from None
-    except grpc.aio.AioRpcError as e:
-        if blame is not None and e.code() == grpc.StatusCode.ABORTED:
-            raise _WorkerFailed(blame, f"ABORTED: {e.details()}", e.code()) from e
-        raise _worker_error(e, worker) from e
+class _DecodeStream:
+    """A decode server's Generate stream, each read with a deadline, for a float per read.
+
+    asyncio.wait_for around every read made a task, a future and a timer per token (512
+    streams x 50 tokens/s: 25k of each a second). Here a read only writes its deadline down;
+    one timer per stream sleeps until the earliest deadline written and, woken to find that
+    the deadline moved on (events kept coming), sleeps until the new one: a stream that keeps
+    streaming wakes it once per idle timeout, not once per token. Past the deadline with a
+    read waiting, the call is cancelled, which ends that read with CancelledError; read()
+    turns it into the timeout's _WorkerFailed. Between reads (the Prefill call) none runs.
+    """
+
+    __slots__ = ("call", "worker", "_loop", "_deadline", "_due", "_timer", "_waiting", "_expired")
+
+    def __init__(self, call, worker: WorkerHandle):
+        self.call = call
+        self.worker = worker  # the decode server
+        self._loop = asyncio.get_running_loop()
+        self._deadline = math.inf  # the read's (loop.time()); the last read's between reads
+        self._due = math.inf  # when the timer fires: never after _deadline
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting = False  # a read is waiting
+        self._expired = False  # the timer cancelled the call
+
+    async def read(self, timeout_s: float, waiting_for: str, blame: WorkerHandle | None = None):
+        """The next decode event within timeout_s. Failures blame the decode server, except
+        ABORTED (a failed KV handoff) and a timeout, which blame `blame` when given (the
+        prefill server)."""
+        deadline = self._loop.time() + timeout_s
+        self._deadline = deadline
+        if deadline < self._due:  # sooner than the timer (the first read, a shorter timeout)
+            if self._timer is not None:
+                self._timer.cancel()
+            self._due = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._waiting = True
+        try:
+            return await self.call.read()
+        except asyncio.CancelledError:
+            if not self._expired or _cancel_requested():
+                raise  # cancelled from outside: client gone, Abort, shutdown
+            raise _WorkerFailed(
+                blame or self.worker,
+                f"no {waiting_for} within {timeout_s:g}s",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ) from None
+        except grpc.aio.AioRpcError as e:
+            if blame is not None and e.code() == grpc.StatusCode.ABORTED:
+                raise _WorkerFailed(blame, f"ABORTED: {e.details()}", e.code()) from e
+            raise _worker_error(e, self.worker) from e
+        finally:
+            self._waiting = False
+
+    def _on_timer(self) -> None:
+        self._timer, self._due = None, math.inf
+        if not self._waiting:
+            return  # between reads: the next read starts it again
+        if self._loop.time() < self._deadline:  # an event came since it was set
+            self._due = self._deadline
+            self._timer = self._loop.call_at(self._due, self._on_timer)
+        else:
+            self._expired = True
+            self.call.cancel()
+
+    def close(self) -> None:
+        """Stop the timer and cancel the call (a no-op when the stream already ended)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.call.cancel()
+
+
+def _cancel_requested() -> bool:
+    """The current task is being cancelled (Python >= 3.11 can tell; before, assume not)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is not None and cancelling() > 0
 
 
 async def stream_choice(
@@ -200,14 +263,17 @@ async def _attempt(
     pool.prefill_decisions["local" if local else "remote"] += 1
     timing.decode_worker = decode.address
     pb_sampling = sampling_to_proto(sampling)
-    call = decode.stub.Generate(
-        worker_pb2.DecodeRequest(
-            req_id=req_id,
-            prompt_token_ids=token_ids,
-            sampling=pb_sampling,
-            prefill_locally=local,
-            num_output_tokens=len(generated),
-        )
+    stream = _DecodeStream(
+        decode.stub.Generate(
+            worker_pb2.DecodeRequest(
+                req_id=req_id,
+                prompt_token_ids=token_ids,
+                sampling=pb_sampling,
+                prefill_locally=local,
+                num_output_tokens=len(generated),
+            )
+        ),
+        decode,
     )
     decode.active += 1
     prefill: WorkerHandle | None = None
@@ -219,7 +285,7 @@ async def _attempt(
             # the first event carries the token sampled after the decode server's own prefill
             first_wait = (limits.prefill_timeout_s, "token from a local prefill", None)
         else:
-            ev = await _read(call, decode, limits.idle_timeout_s, "KVTarget")
+            ev = await stream.read(limits.idle_timeout_s, "KVTarget")
             if ev is grpc.aio.EOF or ev.WhichOneof("event") != "kv_target":
                 raise _WorkerFailed(decode, "decode stream did not start with a KVTarget")
             prefill = policy.choose(prefills, token_ids)
@@ -234,7 +300,7 @@ async def _attempt(
             first_wait = (limits.handoff_timeout_s, "KV handoff", prefill)
         timeout_s, waiting_for, blame = first_wait
         while True:
-            ev = await _read(call, decode, timeout_s, waiting_for, blame)
+            ev = await stream.read(timeout_s, waiting_for, blame)
             if ev is grpc.aio.EOF:
                 raise _WorkerFailed(decode, "decode stream ended before a finish_reason")
             if ev.WhichOneof("event") != "tokens":
@@ -256,7 +322,7 @@ async def _attempt(
                 return
     finally:
         decode.active -= 1
-        call.cancel()  # no-op when the stream already ended
+        stream.close()
         if not finished:
             # Stop string, client cancel or a failure: free the request everywhere.
             _fire_abort(decode, req_id)

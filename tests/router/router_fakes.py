@@ -1,7 +1,7 @@
 """In-process FAKE prefill/decode workers implementing worker.proto's semantics.
 
-Deterministic: the i-th output token of a request is script[i] (script given per test), so
-expected text is known exactly. The fake prefill really pushes one KVChunk (last=True, with
+Deterministic: the i-th output token of a request is script[i] (script given per test; a
+migrated attempt's i starts at its num_output_tokens), so expected text is known exactly. The fake prefill really pushes one KVChunk (last=True, with
 the first token) to the fake decode's KVTransfer service; the fake decode waits for it before
 streaming tokens 1.., as a real decode server does. The prefill fake keeps a prefix cache of
 block hashes and streams KV events; both fakes record aborts and active requests.
@@ -44,6 +44,9 @@ class FakeState:
     active: set[str] = field(default_factory=set)
     aborted: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
+    # decode: a request's first attempt (req_id without a ".N" migration suffix) goes silent
+    # after this many DecodeEvents (its KVTarget counts), as a stuck server does; None: never
+    stall_after: int | None = None
 
 
 class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServicer):
@@ -61,9 +64,12 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free KV blocks")
         st.requests.append(request.req_id)
         st.active.add(request.req_id)
+        stall_at = st.stall_after if "." not in request.req_id else None
         try:
             s = request.sampling
-            start = 0
+            start = request.num_output_tokens  # a migrated attempt goes on from there
+            if stall_at == 0:
+                await asyncio.Event().wait()  # silent until the router cancels the call
             if not request.prefill_locally:
                 hid = f"h{next(self._ids)}"
                 fut = asyncio.get_running_loop().create_future()
@@ -78,12 +84,16 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
                     )
                 )
                 first = await fut  # the final KVChunk
-                if _finish(0, first, s):
-                    return  # finished at token 0: nothing left for decode
-                start = 1
+                if _finish(start, first, s):
+                    return  # finished at the prefill's token: nothing left for decode
+                start += 1
+            sent = 1 if not request.prefill_locally else 0  # the KVTarget
             for i in itertools.count(start):
                 if st.token_delay_s:
                     await asyncio.sleep(st.token_delay_s)
+                if sent == stall_at:
+                    await asyncio.Event().wait()
+                sent += 1
                 tok = st.script[i % len(st.script)]
                 fin = _finish(i, tok, s)
                 ev = worker_pb2.TokenEvent(
@@ -151,7 +161,8 @@ class FakePrefill(worker_pb2_grpc.PrefillServicer):
                 q.put_nowait(worker_pb2.KVEventBatch(stored_block_hashes=new))
             if self.prefill_delay_s:
                 await asyncio.sleep(self.prefill_delay_s)
-            tok = st.script[0]
+            n = request.num_output_tokens
+            tok = st.script[n % len(st.script)]
             s = request.sampling
             target = request.kv_target
             async with grpc.aio.insecure_channel(target.decode_kv_address) as ch:
@@ -167,7 +178,7 @@ class FakePrefill(worker_pb2_grpc.PrefillServicer):
                 await context.abort(grpc.StatusCode.INTERNAL, result.error)
             resp = worker_pb2.PrefillResponse(
                 token_id=tok,
-                finish_reason=_finish(0, tok, s),
+                finish_reason=_finish(n, tok, s),
                 num_cached_tokens=hit * BLOCK_SIZE,
                 prefill_ms=1.0,
                 kv_transfer_ms=0.5,

@@ -154,12 +154,14 @@ def test_prefill_side_request_is_not_scheduled_past_its_token(async_llm, prompts
     _all_free(async_llm)
 
 
-def test_more_requests_than_the_first_block_table_rows(async_llm, smollm, corpus_ids):
-    """100 requests at once: the runner's block-table array grows past its first 64 rows
-    while steps run, and the rows of finished requests are reused."""
+def test_more_requests_than_the_first_block_table_rows(corpus_ids):
+    """100 requests at once (engines of their own): the runner's block-table array grows past
+    its first 64 rows while steps run, and the rows of finished requests are reused."""
     prompts = [corpus_ids[i : i + 3 + i % 7] for i in range(100)]
     params = greedy(3)
-    assert _tokens(async_llm, prompts, params) == _tokens(smollm, prompts, params)
-    runner = async_llm.engine.runner
+    llm = _llm(num_blocks=256, async_scheduling=True)
+    want = _tokens(_llm(num_blocks=256, async_scheduling=False), prompts, params)
+    assert _tokens(llm, prompts, params) == want
+    runner = llm.engine.runner
     assert len(runner._tables) >= 100 and not runner._slot_of
-    _all_free(async_llm)
+    _all_free(llm)

@@ -95,6 +95,13 @@ def measure_ceilings(path: str) -> dict:
     return mod.measure()
 
 
+def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    """The engine settings of W1/W2 (read back by engine_flags)."""
+    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+
+
 def engine_flags(a) -> list[str]:
     return [
         "--max-num-seqs",
@@ -171,9 +178,7 @@ def main() -> None:
     ap.add_argument("--rates", default="2,8,16,32")
     ap.add_argument("--modes", default="aggregated,disaggregated")
     ap.add_argument("--seconds-per-rate", type=float, default=15.0)
-    ap.add_argument("--max-num-seqs", type=int, default=512)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--max-model-len", type=int, default=2048)
+    add_engine_args(ap)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     model_dir = make_dummy_model_dir(a.config, a.tokenizer_from, Path("/tmp/tandem-dummy-model"))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from gpu_serving import Serve, bench, engine_flags, summary  # noqa: E402
+from gpu_serving import Serve, add_engine_args, bench, engine_flags, summary  # noqa: E402
 
 
 def children_by_role(root_pid: int) -> dict[str, int]:
@@ -77,9 +77,7 @@ def main() -> None:
     ap.add_argument("--serve-extra", default="")
     ap.add_argument("--at-s", type=float, default=11.0, help="start recording this late")
     ap.add_argument("--seconds", type=int, default=4)
-    ap.add_argument("--max-num-seqs", type=int, default=512)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--max-model-len", type=int, default=2048)
+    add_engine_args(ap)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     extra = engine_flags(a) + a.serve_extra.split()

@@ -38,6 +38,9 @@ log = logging.getLogger("tandem.worker")
 
 
 GIL_SWITCH_INTERVAL_S = 0.0002
+# grpc turns SO_REUSEPORT on by default, under which a second server binding a taken port
+# succeeds and the two split the connections
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
 # Young-generation threshold once serving: every token allocates a few short-lived containers
 # (outputs, futures, coroutine frames), so at the default 700 a batch of 512 triggers several
 # collections per step, each paid on whichever thread (engine or loop) holds the GIL.
@@ -220,16 +223,30 @@ async def serve(
     # and with the default 5 ms switch interval the engine thread then waits for a busy
     # event loop to hand it back, many times a step. A short interval bounds that wait.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    # Both ports are bound before the model loads (seconds to minutes), so that a port the
+    # launcher picked cannot be taken by another socket in between; and with SO_REUSEPORT
+    # off, a port that is taken fails here instead of being shared with another server.
+    # Until start() the gRPC port queues connections and the health service is not there.
+    in_flight = InFlightRpcs()
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[in_flight])
+    role_name = service_names[0].rsplit(".", 1)[-1].lower()
+    metrics_registry = None
+    try:
+        port = add_port(server, f"{args.host}:{args.port}", tls)
+        if args.metrics_port:
+            from prometheus_client import CollectorRegistry, start_http_server
+
+            metrics_registry = CollectorRegistry()  # empty until the engine is up
+            start_http_server(args.metrics_port, addr=args.host, registry=metrics_registry)
+    except OSError as e:
+        raise SystemExit(f"tandem {role_name}: {e}") from None
+    address = f"{advertised_host(args)}:{port}"
     engine = AsyncEngine(
         LLMEngine(engine_config_from_args(args)),
         max_num_waiting=args.max_num_waiting,
         stream_interval=args.stream_interval,
     )
     model_name = served_model_name(args, engine.engine)
-    in_flight = InFlightRpcs()
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[in_flight])
-    port = add_port(server, f"{args.host}:{args.port}", tls)
-    address = f"{advertised_host(args)}:{port}"
     parts = await register(server, engine, address)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -240,15 +257,9 @@ async def serve(
     await server.start()
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    role_name = service_names[0].rsplit(".", 1)[-1].lower()
     print(f"{role_name} server listening on {address} (tls: {tls.mode})", flush=True)
 
-    metrics = None
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        metrics = WorkerMetrics(model_name)
-        start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
+    metrics = None if metrics_registry is None else WorkerMetrics(model_name, metrics_registry)
     load = LoadSampler(engine, parts.num_active_handoffs, metrics, parts.num_kv_handoffs)
     await load.refresh()
     load.start()

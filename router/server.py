@@ -148,6 +148,7 @@ async def start_router(config: RouterConfig, metrics: RouterMetrics | None = Non
         options=[
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.so_reuseport", 0),  # a taken port fails at bind instead of being shared
         ]
     )
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(engine), server)

@@ -138,12 +138,15 @@ def _read_pem(flag: str, path: str, marker: str) -> bytes:
 
 def add_port(server, address: str, tls: TLSConfig) -> int:
     """Bind `address` on a grpc or grpc.aio server, with TLS when configured; the port."""
-    if tls.enabled:
-        port = server.add_secure_port(address, tls.server_credentials())
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if tls.enabled:
+            port = server.add_secure_port(address, tls.server_credentials())
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind" (port taken, address not local)
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind {address}")
+        raise OSError(f"cannot bind {address}: the port is taken or the address is not local")
     return port
 
 

@@ -67,15 +67,15 @@ class PoolStack:
         cmd = self._cli("router", self.router)
         cmd += ["--served-model-name", DEFAULT_MODEL_NAME, "--metrics-port"]
         cmd += [str(self.router_metrics_port), "--heartbeat-interval-ms", str(HEARTBEAT_MS)]
-        static_decode = f"{HOST}:{_free_port(HOST)}"
+        # The static decode server listens before the router starts: a client that keeps
+        # dialing a loopback port in the ephemeral range with nothing listening can be handed
+        # that very port as its source (TCP self-connect), and the server then cannot bind.
+        self.static_decode = self.start_worker("decode", register=False)
         self.router_proc, self.router_log_path = self._spawn(
-            [*cmd, "--decode", static_decode], "router"
+            [*cmd, "--decode", self.static_decode.address], "router"
         )
-        # the static decode server and a self-registering prefill server load in parallel
-        self.static_decode = self.start_worker("decode", address=static_decode, register=False)
         self.prefill = self.start_worker("prefill", wait=False)
         _wait_grpc_healthy(self.router, self.router_proc, 60)
-        self.wait_healthy(self.static_decode)
         self.wait_healthy(self.prefill)
         self.wait_members("prefill", 1)
 
@@ -113,7 +113,11 @@ class PoolStack:
         return w
 
     def wait_healthy(self, w: Worker) -> None:
-        _wait_grpc_healthy(w.address, w.proc, 180)
+        try:
+            _wait_grpc_healthy(w.address, w.proc, 180)
+        except (RuntimeError, TimeoutError) as e:  # say why: the worker's own last words
+            tail = "\n".join(w.log_text().splitlines()[-40:])
+            raise RuntimeError(f"{w.role} worker {w.address}: {e}\n--- its log ---\n{tail}") from e
 
     # -- the router's view ----------------------------------------------------------------
 

@@ -57,9 +57,8 @@ async def _register(args, server, engine, address, offered, shm) -> WorkerParts:
             log.warning("event=kv_pool_not_exported transport=cuda_ipc error=%s", e)
             offered = [t for t in offered if t != "cuda_ipc"]
     offer = KVOffer(offered, pool_to_proto(export) if export else None)
-    worker_pb2_grpc.add_DecodeServicer_to_server(
-        DecodeServicer(engine, ledger, address, offer), server
-    )
+    servicer = DecodeServicer(engine, ledger, address, offer)
+    worker_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
     tp_write = None
     if runner.tp.size > 1:  # the scatter to every rank runs between engine steps
 
@@ -82,6 +81,7 @@ async def _register(args, server, engine, address, offered, shm) -> WorkerParts:
         close=close,
         kv_address=address,  # KVTransfer shares the Decode port
         num_kv_handoffs=lambda: ledger.num_completed,
+        num_session_requests=lambda: servicer.num_session_requests,
     )
 
 

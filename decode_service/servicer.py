@@ -7,6 +7,10 @@ A request's life on a decode server:
     stream cancelled / error    -> engine.abort (idempotent) frees the blocks
     Abort(req_id)               -> reclaims its open handoff (the waiting stream ends at once)
                                    and aborts it in the engine; idempotent
+    Session (the router's path) -> the same per request, many requests on one stream: the
+                                   events of every request go out batched, one message per
+                                   engine step (more while the router lags), and a refusal is
+                                   an `error` event for that request instead of a status
 
 Status codes the router acts on: RESOURCE_EXHAUSTED (no blocks / queue full: try another
 server), ABORTED (the KV handoff failed: the sender's fault, retry with another prefill),
@@ -15,6 +19,7 @@ INVALID_ARGUMENT (the request itself is bad).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -32,10 +37,38 @@ from tandem.engine import EngineFullError, StepOutput
 log = logging.getLogger(__name__)
 
 
+class _Refused(Exception):
+    """A request the server does not serve: Generate ends with this status, a Session
+    request with an `error` event carrying it."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _refusal(e: Exception) -> _Refused | None:
+    if isinstance(e, _Refused):
+        return e
+    if isinstance(e, ValueError):
+        return _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, EngineFullError):
+        return _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode queue full: {e}")
+    if isinstance(e, HandoffFailed):
+        return _Refused(grpc.StatusCode.ABORTED, f"KV handoff failed: {e}")
+    if isinstance(e, EngineDeadError):
+        return _Refused(grpc.StatusCode.INTERNAL, str(e))
+    return None
+
+
 def _token_event(out: StepOutput, num_prompt_tokens: int) -> worker_pb2.DecodeEvent:
     # filled in place: a third of the cost of building a TokenEvent and wrapping it
     ev = worker_pb2.DecodeEvent()
-    tokens = ev.tokens
+    _fill_tokens(ev.tokens, out, num_prompt_tokens)
+    return ev
+
+
+def _fill_tokens(tokens: worker_pb2.TokenEvent, out: StepOutput, num_prompt_tokens: int) -> None:
     tokens.token_ids.extend(out.new_token_ids)
     tokens.num_prompt_tokens = num_prompt_tokens
     if out.num_cached_tokens:
@@ -45,7 +78,41 @@ def _token_event(out: StepOutput, num_prompt_tokens: int) -> worker_pb2.DecodeEv
     for lp in out.new_logprobs:
         if lp is not None:
             logprob_to_proto(lp, tokens.logprobs.add())
-    return ev
+
+
+class _Outbox:
+    """A session's events not yet written, in the one message the next write sends: the
+    requests' tasks add to it, the session's writer swaps it for an empty one and writes."""
+
+    __slots__ = ("msg", "_waiter")
+
+    def __init__(self) -> None:
+        self.msg = worker_pb2.SessionEvents()
+        self._waiter: asyncio.Future | None = None
+
+    def add(self, req_id: str) -> worker_pb2.SessionEvent:
+        ev = self.msg.events.add()
+        ev.req_id = req_id
+        self.wake()
+        return ev
+
+    def wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def take(self, finished) -> worker_pb2.SessionEvents | None:
+        """What queued, once there is something; None when finished() and nothing is left."""
+        while not self.msg.events:
+            if finished():
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        msg, self.msg = self.msg, worker_pb2.SessionEvents()
+        return msg
 
 
 @dataclass(frozen=True)
@@ -74,47 +141,110 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         self.kv_address = kv_address
         self.offer = offer or KVOffer()
         self._handoff_ids = itertools.count()
+        self._session_tasks: dict[str, asyncio.Task] = {}  # req_id -> its task, every session
 
-    async def Generate(self, request, context):
-        req_id = request.req_id
-        try:
-            params = sampling_from_proto(request.sampling)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    @property
+    def num_session_requests(self) -> int:
+        """Requests admitted on a Session and not ended (the drain waits for them)."""
+        return len(self._session_tasks)
+
+    async def _open(self, request):
+        """The request's events: KVTarget (remote prefill) then StepOutputs. Raises what
+        _refusal maps to a status."""
+        params = sampling_from_proto(request.sampling)
         prompt = list(request.prompt_token_ids)
         num_out = request.num_output_tokens
+        if request.prefill_locally:
+            return await self.engine.open_stream(
+                request.req_id, prompt, params, num_output_tokens=num_out
+            )
+        return self._remote_prefill(request.req_id, prompt, params, num_out)
+
+    async def Generate(self, request, context):
+        # context.write, not yield: no async generator between the engine and gRPC (nor the
+        # interceptor's wrapper around one), a few µs less per token on the loop
+        write, num_prompt = context.write, len(request.prompt_token_ids)
         try:
-            if request.prefill_locally:
-                stream = await self.engine.open_stream(
-                    req_id, prompt, params, num_output_tokens=num_out
-                )
-            else:
-                stream = self._remote_prefill(req_id, prompt, params, num_out, context)
-            # context.write, not yield: no async generator between the engine and gRPC (nor
-            # the interceptor's wrapper around one), a few µs less per token on the loop
-            write, num_prompt = context.write, len(prompt)
+            stream = await self._open(request)
             try:
                 async for item in stream:
                     if type(item) is StepOutput:
                         await write(_token_event(item, num_prompt))
                     else:
-                        await write(item)
+                        await write(worker_pb2.DecodeEvent(kv_target=item))
             finally:
                 await stream.aclose()  # unfinished (client gone, error): abort, free blocks
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except EngineFullError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode queue full: {e}")
-        except HandoffFailed as e:
-            await context.abort(grpc.StatusCode.ABORTED, f"KV handoff failed: {e}")
-        except EngineDeadError as e:
-            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        except Exception as e:
+            refused = _refusal(e)
+            if refused is None:
+                raise
+            await context.abort(refused.code, refused.message)
 
-    async def _remote_prefill(self, req_id, prompt, params, num_out, context):
+    async def Session(self, request_iterator, context):
+        out = _Outbox()
+        tasks: dict[str, asyncio.Task] = {}  # this session's requests
+
+        def ended(task: asyncio.Task, req_id: str) -> None:
+            if tasks.get(req_id) is task:
+                del tasks[req_id]
+            if self._session_tasks.get(req_id) is task:
+                del self._session_tasks[req_id]
+            out.wake()  # the writer may be waiting for the last request to end
+
+        async def read_requests() -> None:
+            async for msg in request_iterator:
+                if msg.WhichOneof("op") == "abort":
+                    await self._abort(msg.abort.req_id)
+                    continue
+                req_id = msg.generate.req_id
+                if req_id in self._session_tasks:
+                    ev = out.add(req_id)
+                    ev.error.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                    ev.error.message = f"request id {req_id!r} is already in use"
+                    continue
+                task = asyncio.ensure_future(self._session_request(msg.generate, out))
+                tasks[req_id] = self._session_tasks[req_id] = task
+                task.add_done_callback(lambda t, r=req_id: ended(t, r))
+            out.wake()
+
+        reader = asyncio.ensure_future(read_requests())
+        try:
+            # ends once the router half-closed and every request on it ended
+            while (msg := await out.take(lambda: reader.done() and not tasks)) is not None:
+                await context.write(msg)
+            reader.result()  # a broken request stream ends the session with its error
+        finally:
+            reader.cancel()
+            for task in list(tasks.values()):
+                task.cancel()  # each one's cleanup aborts it in the engine, frees its blocks
+
+    async def _session_request(self, request, out: _Outbox) -> None:
+        req_id, num_prompt = request.req_id, len(request.prompt_token_ids)
+        try:
+            stream = await self._open(request)
+            try:
+                async for item in stream:
+                    ev = out.add(req_id)
+                    if type(item) is StepOutput:
+                        _fill_tokens(ev.tokens, item, num_prompt)
+                    else:
+                        ev.kv_target.CopyFrom(item)
+            finally:
+                await stream.aclose()
+        except Exception as e:
+            refused = _refusal(e)
+            if refused is None:
+                log.exception("event=session_request_failed req_id=%s", req_id)
+                refused = _Refused(grpc.StatusCode.INTERNAL, f"decode server error: {e!r}")
+            ev = out.add(req_id)
+            ev.error.code = refused.code.value[0]
+            ev.error.message = refused.message
+
+    async def _remote_prefill(self, req_id, prompt, params, num_out):
         eng = self.engine.engine
         target = await self.engine.call(eng.reserve, req_id, prompt, params, num_out)
         if target is None:
-            await context.abort(
+            raise _Refused(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "no free KV blocks for this prompt right now"
             )
         handoff_id = f"{req_id}#{next(self._handoff_ids)}"
@@ -132,7 +262,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             )
             if self.offer.pool is not None:
                 kv_target.pool.CopyFrom(self.offer.pool)
-            yield worker_pb2.DecodeEvent(kv_target=kv_target)
+            yield kv_target
             await self.ledger.wait(h)
             committed = True
             async for out in self.engine.commit(req_id, h.first_token_id, h.first_logprob):
@@ -145,11 +275,19 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             self.ledger.close(handoff_id)
 
     async def Abort(self, request, context):
-        reclaimed = self.ledger.abort_request(request.req_id, "aborted by Abort RPC")
+        return worker_pb2.AbortResponse(found=await self._abort(request.req_id))
+
+    async def _abort(self, req_id: str) -> bool:
+        task = self._session_tasks.pop(req_id, None)
+        if task is not None:
+            task.cancel()  # its events stop; its cleanup aborts it in the engine
+        reclaimed = self.ledger.abort_request(req_id, "aborted")
         for h in reclaimed:
             await self.ledger.settle(h)
-        found = await self.engine.abort(request.req_id)
-        return worker_pb2.AbortResponse(found=found or bool(reclaimed))
+        found = await self.engine.abort(req_id)
+        return found or bool(reclaimed) or task is not None
 
     async def Stats(self, request, context):
-        return await worker_stats(self.engine, self.ledger.num_active, self.ledger.num_completed)
+        st = await worker_stats(self.engine, self.ledger.num_active, self.ledger.num_completed)
+        st.decode_session = True
+        return st

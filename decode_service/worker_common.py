@@ -194,6 +194,9 @@ class WorkerParts:
     kv_address: str = ""  # decode: host:port of its KVTransfer service
     # completed KV handoffs by transport (decode: received; prefill: sent)
     num_kv_handoffs: Callable[[], Mapping[str, int]] = dict
+    # decode: requests admitted on a Session stream and not ended (a session itself is not
+    # counted as in-flight work: the router keeps it open while idle)
+    num_session_requests: Callable[[], int] = lambda: 0
 
 
 def advertised_host(args: argparse.Namespace) -> str:
@@ -322,7 +325,8 @@ async def _drain(args, address, engine, in_flight, parts, registry, force) -> No
         return s.num_running + s.num_waiting
 
     async def busy() -> int:
-        return in_flight.count + await engine_requests() + parts.num_active_handoffs()
+        n = in_flight.count + parts.num_session_requests() + parts.num_active_handoffs()
+        return n + await engine_requests()
 
     t0 = time.monotonic()
     deregistered = registry is not None and await registry.deregister()

@@ -27,9 +27,7 @@ deadlines: every call here has one (Prefill: prefill_timeout_s; each decode read
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from typing import NamedTuple
@@ -38,23 +36,18 @@ import grpc
 
 from protos import worker_pb2
 from router.convert import logprob_from_proto, sampling_to_proto
+from router.decode_stream import (  # noqa: F401 - _DecodeStream: tests import it from here
+    _DecodeStream,
+    _fire_abort,
+    _worker_error,
+    _WorkerFailed,
+    open_decode_stream,
+)
 from router.prefix_index import hash_prompt_blocks
 from router.types import ErrorKind, FinishReason, Logprob, RequestError, Sampling, Timing
 from router.workers import Role, WorkerHandle, WorkerPool
 
 log = logging.getLogger("tandem.router.handoff")
-
-ABORT_TIMEOUT_S = 2.0
-_RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.CANCELLED,
-}
-_background: set[asyncio.Task] = set()  # fire-and-forget aborts, kept alive until done
 
 
 class HandoffLimits(NamedTuple):
@@ -84,118 +77,6 @@ class WorkerTokens(NamedTuple):
     finish_reason: FinishReason
     stop_token_id: int | None
     num_cached_tokens: int
-
-
-class _WorkerFailed(Exception):
-    def __init__(self, worker: WorkerHandle, detail: str, code=None):
-        super().__init__(detail)
-        self.worker = worker
-        self.code = code  # grpc.StatusCode when the worker answered with one
-
-
-def _fire_abort(worker: WorkerHandle, req_id: str) -> None:
-    async def abort():
-        try:
-            await worker.stub.Abort(worker_pb2.AbortRequest(req_id=req_id), timeout=ABORT_TIMEOUT_S)
-        except grpc.aio.AioRpcError as e:
-            log.debug(
-                "event=abort_failed worker=%s req_id=%s code=%s", worker.worker_id, req_id, e.code()
-            )
-
-    task = asyncio.get_running_loop().create_task(abort())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-
-
-def _worker_error(e: grpc.aio.AioRpcError, worker: WorkerHandle) -> Exception:
-    code = e.code()
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return RequestError(ErrorKind.INVALID_ARGUMENT, e.details() or "invalid request")
-    if code == grpc.StatusCode.OUT_OF_RANGE:
-        return RequestError(ErrorKind.CONTEXT_LENGTH, e.details() or "context length exceeded")
-    if code in _RETRYABLE:
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            worker.healthy = False  # the poller restores it
-        return _WorkerFailed(worker, f"{code.name}: {e.details()}", code)
-    return RequestError(ErrorKind.INTERNAL, f"worker {worker.address}: {code.name} {e.details()}")
-
-
-class _DecodeStream:
-    """A decode server's Generate stream, each read with a deadline, for a float per read.
-
-    asyncio.wait_for around every read made a task, a future and a timer per token (512
-    streams x 50 tokens/s: 25k of each a second). Here a read only writes its deadline down;
-    one timer per stream sleeps until the earliest deadline written and, woken to find that
-    the deadline moved on (events kept coming), sleeps until the new one: a stream that keeps
-    streaming wakes it once per idle timeout, not once per token. Past the deadline with a
-    read waiting, the call is cancelled, which ends that read with CancelledError; read()
-    turns it into the timeout's _WorkerFailed. Between reads (the Prefill call) none runs.
-    """
-
-    __slots__ = ("call", "worker", "_loop", "_deadline", "_due", "_timer", "_waiting", "_expired")
-
-    def __init__(self, call, worker: WorkerHandle):
-        self.call = call
-        self.worker = worker  # the decode server
-        self._loop = asyncio.get_running_loop()
-        self._deadline = math.inf  # the read's (loop.time()); the last read's between reads
-        self._due = math.inf  # when the timer fires: never after _deadline
-        self._timer: asyncio.TimerHandle | None = None
-        self._waiting = False  # a read is waiting
-        self._expired = False  # the timer cancelled the call
-
-    async def read(self, timeout_s: float, waiting_for: str, blame: WorkerHandle | None = None):
-        """The next decode event within timeout_s. Failures blame the decode server, except
-        ABORTED (a failed KV handoff) and a timeout, which blame `blame` when given (the
-        prefill server)."""
-        deadline = self._loop.time() + timeout_s
-        self._deadline = deadline
-        if deadline < self._due:  # sooner than the timer (the first read, a shorter timeout)
-            if self._timer is not None:
-                self._timer.cancel()
-            self._due = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-        self._waiting = True
-        try:
-            return await self.call.read()
-        except asyncio.CancelledError:
-            if not self._expired or _cancel_requested():
-                raise  # cancelled from outside: client gone, Abort, shutdown
-            raise _WorkerFailed(
-                blame or self.worker,
-                f"no {waiting_for} within {timeout_s:g}s",
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-            ) from None
-        except grpc.aio.AioRpcError as e:
-            if blame is not None and e.code() == grpc.StatusCode.ABORTED:
-                raise _WorkerFailed(blame, f"ABORTED: {e.details()}", e.code()) from e
-            raise _worker_error(e, self.worker) from e
-        finally:
-            self._waiting = False
-
-    def _on_timer(self) -> None:
-        self._timer, self._due = None, math.inf
-        if not self._waiting:
-            return  # between reads: the next read starts it again
-        if self._loop.time() < self._deadline:  # an event came since it was set
-            self._due = self._deadline
-            self._timer = self._loop.call_at(self._due, self._on_timer)
-        else:
-            self._expired = True
-            self.call.cancel()
-
-    def close(self) -> None:
-        """Stop the timer and cancel the call (a no-op when the stream already ended)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.call.cancel()
-
-
-def _cancel_requested() -> bool:
-    """The current task is being cancelled (Python >= 3.11 can tell; before, assume not)."""
-    cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    return cancelling is not None and cancelling() > 0
 
 
 async def stream_choice(
@@ -263,21 +144,19 @@ async def _attempt(
     pool.prefill_decisions["local" if local else "remote"] += 1
     timing.decode_worker = decode.address
     pb_sampling = sampling_to_proto(sampling)
-    stream = _DecodeStream(
-        decode.stub.Generate(
-            worker_pb2.DecodeRequest(
-                req_id=req_id,
-                prompt_token_ids=token_ids,
-                sampling=pb_sampling,
-                prefill_locally=local,
-                num_output_tokens=len(generated),
-            )
-        ),
+    stream = open_decode_stream(
         decode,
+        worker_pb2.DecodeRequest(
+            req_id=req_id,
+            prompt_token_ids=token_ids,
+            sampling=pb_sampling,
+            prefill_locally=local,
+            num_output_tokens=len(generated),
+        ),
     )
     decode.active += 1
     prefill: WorkerHandle | None = None
-    finished = False
+    finished = decode_done = False
     try:
         if local:
             timing.queue_ms = (time.monotonic() - t_arrival) * 1000
@@ -292,9 +171,8 @@ async def _attempt(
             first = await _prefill(prefill, req_id, token_ids, generated, pb_sampling, ev, timing,
                                    t_arrival, limits)  # fmt: skip
             finished = first.finish_reason != FinishReason.NONE
-            yield first
+            yield first  # the consumer may stop here: the decode server's copy is open
             if finished:
-                _fire_abort(decode, req_id)  # decode knows too; Abort is idempotent
                 return
             # The decode stream says nothing until the KV arrived and it sampled token 1.
             first_wait = (limits.handoff_timeout_s, "KV handoff", prefill)
@@ -316,18 +194,18 @@ async def _attempt(
                 t.stop_token_id if t.HasField("stop_token_id") else None,
                 t.num_cached_tokens,
             )
-            finished = batch.finish_reason != FinishReason.NONE
+            finished = decode_done = batch.finish_reason != FinishReason.NONE
             yield batch
             if finished:
                 return
     finally:
         decode.active -= 1
-        stream.close()
-        if not finished:
-            # Stop string, client cancel or a failure: free the request everywhere.
-            _fire_abort(decode, req_id)
-            if prefill is not None:
-                _fire_abort(prefill, req_id)
+        # not finished on the decode server (the prefill's token ended the choice, a stop
+        # string, client cancel, a failure): its copy goes with its stream (a cancelled
+        # Generate call, or an abort on the session); unfinished, the prefill server's too
+        stream.close(decode_done)
+        if not finished and prefill is not None:
+            _fire_abort(prefill, req_id)
 
 
 def _short_enough_for_local(decode: WorkerHandle, token_ids: list[int], limits) -> bool:

@@ -21,6 +21,9 @@ from router.prefix_index import hash_prompt_blocks
 
 BLOCK_SIZE = 4
 EOS = 2  # <|im_end|> in SmolLM2's vocabulary
+# Whether fake decode servers serve Decode.Session (and say so in Stats): the router then
+# streams its choices over it; False, over a Generate call each (tests/router runs both).
+DECODE_SESSION = True
 
 
 def _finish(i: int, tok: int, s: common_pb2.SamplingParams) -> int:
@@ -57,6 +60,52 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
         self._ids = itertools.count()
         self.num_total_blocks = 64
         self.full = False  # True: refuse admissions like a decode server out of KV blocks
+        self.session = DECODE_SESSION
+        self.num_sessions = 0  # Session calls opened
+
+    async def Session(self, request_iterator, context):
+        """Generate's behaviour per request, many requests on one stream, events batched as
+        they queue; a status Generate would end with becomes an `error` event."""
+        if not self.session:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no Session here")
+        self.num_sessions += 1
+        out: asyncio.Queue = asyncio.Queue()
+        tasks: dict[str, asyncio.Task] = {}
+
+        async def run(request):
+            try:
+                async for ev in self.Generate(request, _RequestContext()):
+                    se = worker_pb2.SessionEvent(req_id=request.req_id)
+                    if ev.WhichOneof("event") == "kv_target":
+                        se.kv_target.CopyFrom(ev.kv_target)
+                    else:
+                        se.tokens.CopyFrom(ev.tokens)
+                    out.put_nowait(se)
+            except _Refused as e:
+                err = worker_pb2.SessionError(code=e.code.value[0], message=e.details)
+                out.put_nowait(worker_pb2.SessionEvent(req_id=request.req_id, error=err))
+
+        async def read_requests():
+            async for msg in request_iterator:
+                if msg.WhichOneof("op") == "abort":
+                    self.state.aborted.append(msg.abort.req_id)
+                    task = tasks.pop(msg.abort.req_id, None)
+                    if task is not None:
+                        task.cancel()
+                else:
+                    tasks[msg.generate.req_id] = asyncio.ensure_future(run(msg.generate))
+
+        reader = asyncio.ensure_future(read_requests())
+        try:
+            while True:
+                batch = worker_pb2.SessionEvents(events=[await out.get()])
+                while not out.empty():
+                    batch.events.append(out.get_nowait())
+                await context.write(batch)
+        finally:
+            reader.cancel()
+            for task in tasks.values():
+                task.cancel()
 
     async def Generate(self, request, context):
         st = self.state
@@ -130,7 +179,21 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
             num_free_blocks=self.num_total_blocks,
             num_total_blocks=self.num_total_blocks,
             block_size=BLOCK_SIZE,
+            decode_session=self.session,
         )
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _RequestContext:
+    """What Generate uses of a servicer context, for a request on a Session."""
+
+    async def abort(self, code: grpc.StatusCode, details: str):
+        raise _Refused(code, details)
 
 
 class FakePrefill(worker_pb2_grpc.PrefillServicer):

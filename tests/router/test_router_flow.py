@@ -259,3 +259,33 @@ def test_aggregated_mode_without_prefill_servers(model_dir):
     lps = [lp for c in chunks for lp in c.logprobs]
     assert [lp.token_id for lp in lps] == script[:3]
     assert len(lps[0].top) == 2 and lps[0].token == tok.decode([script[0]])
+
+
+def test_choices_share_one_session_per_decode_server(model_dir, decode_streams):
+    """With Session served (Stats says so) every choice on a decode server, remote or local
+    prefill, rides one Session call; without it, each has a Generate call of its own."""
+    tok = RouterTokenizer(model_dir)
+    script = tok.encode("Hello world, this is a tiny corpus")
+
+    async def scenario():
+        stack = await start_stack(model_dir, script, num_decode=2)
+        try:
+            outs = await asyncio.gather(
+                *(collect(stack, text=f"x{i}", sampling=sampling(max_tokens=4)) for i in range(8)),
+                collect(stack, text="y", n=3, sampling=common_pb2.SamplingParams(max_tokens=4)),
+            )
+            return stack, outs
+        finally:
+            await stack.stop()
+
+    stack, outs = run(scenario())
+    for chunks in outs:
+        for index in {c.index for c in chunks}:
+            assert [t for c in chunks if c.index == index for t in c.token_ids] == script[:4]
+    sessions = [d.servicer.num_sessions for d in stack.decodes]
+    assert sum(len(d.state.requests) for d in stack.decodes) == 11
+    if decode_streams == "session":
+        assert all(n == 1 for n in sessions if n), sessions  # one each, reused
+        assert sum(sessions) >= 1
+    else:
+        assert sessions == [0, 0]

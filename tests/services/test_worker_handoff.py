@@ -246,3 +246,179 @@ def test_bad_kv_target_is_invalid_argument(engines):
             return err.value.code()
 
     assert asyncio.run(main()) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- Decode.Session: many requests on one stream ------------------------------------------
+
+
+class _Session:
+    """The client side of one Decode.Session call: requests go up through a queue, events
+    are collected per req_id, messages counted."""
+
+    def __init__(self, channel) -> None:
+        self.up: asyncio.Queue = asyncio.Queue()
+        self.call = worker_pb2_grpc.DecodeStub(channel).Session(self._requests())
+        self.events: dict[str, list] = {}
+        self.num_messages = 0
+
+    async def _requests(self):
+        while (msg := await self.up.get()) is not None:
+            yield msg
+
+    def generate(self, req_id, prompt, max_tokens, local=True, **sampling):
+        sampling = common_pb2.SamplingParams(
+            temperature=0, max_tokens=max_tokens, ignore_eos=True, **sampling
+        )
+        request = worker_pb2.DecodeRequest(
+            req_id=req_id, prompt_token_ids=prompt, sampling=sampling, prefill_locally=local
+        )
+        self.up.put_nowait(worker_pb2.SessionRequest(generate=request))
+
+    def abort(self, req_id):
+        self.up.put_nowait(worker_pb2.SessionRequest(abort=worker_pb2.AbortRequest(req_id=req_id)))
+
+    async def read_until(self, done) -> None:
+        """Read messages until done(events) holds."""
+        while not done(self.events):
+            msg = await asyncio.wait_for(self.call.read(), 60)
+            assert msg is not grpc.aio.EOF
+            self.num_messages += 1
+            for ev in msg.events:
+                self.events.setdefault(ev.req_id, []).append(ev)
+
+    def tokens(self, req_id) -> list[int]:
+        return [t for ev in self.events.get(req_id, []) for t in ev.tokens.token_ids]
+
+
+def _ended(ev) -> bool:
+    return ev.WhichOneof("event") == "error" or ev.tokens.finish_reason != 0
+
+
+def _all_ended(req_ids):
+    return lambda events: all(events.get(r) and _ended(events[r][-1]) for r in req_ids)
+
+
+async def _idle(channel, timeout=30.0) -> worker_pb2.WorkerStats:
+    stub = worker_pb2_grpc.DecodeStub(channel)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        s = await stub.Stats(worker_pb2.StatsRequest())
+        idle = s.num_running + s.num_waiting + s.num_active_handoffs == 0
+        if (idle and s.num_free_blocks == s.num_total_blocks) or (
+            asyncio.get_running_loop().time() > deadline
+        ):
+            return s
+        await asyncio.sleep(0.05)
+
+
+def test_session_streams_many_requests_batched_and_equal_to_generate(engines):
+    prefill_engine, decode_engine = engines
+    want = [_reference(decode_engine, p, 12) for p in PROMPTS]
+    decode_engine.block_manager.reset_prefix_cache()
+
+    async def main():
+        async with _start(prefill_engine, decode_engine) as channel:
+            s = _Session(channel)
+            for i, p in enumerate(PROMPTS):
+                s.generate(f"m{i}", p, 12)
+            names = [f"m{i}" for i in range(len(PROMPTS))]
+            await s.read_until(_all_ended(names))
+            stats = await worker_pb2_grpc.DecodeStub(channel).Stats(worker_pb2.StatsRequest())
+            s.up.put_nowait(None)  # half-close: the server ends the call, nothing is left
+            end = await asyncio.wait_for(s.call.read(), 30)
+            return s, names, stats, end, await s.call.code()
+
+    s, names, stats, end, code = asyncio.run(main())
+    assert [s.tokens(n) for n in names] == want
+    for n, p in zip(names, PROMPTS, strict=True):
+        evs = s.events[n]
+        assert all(ev.WhichOneof("event") == "tokens" for ev in evs)
+        assert [ev.tokens.finish_reason for ev in evs][-1] == common_pb2.FINISH_REASON_LENGTH
+        assert evs[0].tokens.num_prompt_tokens == len(p)
+    # one message carries the step's tokens of every request, not one message per token
+    num_events = sum(len(evs) for evs in s.events.values())
+    assert s.num_messages < num_events
+    assert stats.decode_session  # what tells the router to use a session
+    assert end is grpc.aio.EOF and code == grpc.StatusCode.OK
+
+
+def test_session_refuses_a_bad_request_with_an_error_event_and_serves_the_others(engines):
+    prefill_engine, decode_engine = engines
+    want = _reference(decode_engine, PROMPTS[0], 6)
+    decode_engine.block_manager.reset_prefix_cache()
+
+    async def main():
+        async with _start(prefill_engine, decode_engine) as channel:
+            s = _Session(channel)
+            s.generate("long", PROMPTS[1], 10_000)
+            await s.read_until(lambda ev: "long" in ev)
+            s.generate("bad", PROMPTS[0], 6, top_p=2.0)  # out of range: INVALID_ARGUMENT
+            s.generate("long", PROMPTS[0], 6)  # its id is in use on this server
+            s.generate("good", PROMPTS[0], 6)
+            await s.read_until(lambda ev: _all_ended(["bad", "good"])(ev) and len(ev["long"]) > 1)
+            s.abort("long")
+            s.abort("never-seen")  # unknown ids are ignored
+            stats = await _idle(channel)
+            return s, stats
+
+    s, stats = asyncio.run(main())
+    bad = s.events["bad"]
+    assert len(bad) == 1 and bad[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "top_p" in bad[0].error.message
+    # the second "long" is refused; the first one's tokens go on around that event
+    dup = [ev.error for ev in s.events["long"] if ev.WhichOneof("event") == "error"]
+    assert [e.code for e in dup] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+    assert "in use" in dup[0].message
+    assert s.tokens("good") == want
+    # the aborted request's events stopped without a final one; nothing leaked
+    assert not any(ev.tokens.finish_reason for ev in s.events["long"])
+    assert (stats.num_running, stats.num_waiting) == (0, 0)
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_session_remote_prefill_handoff_and_abort_while_the_kv_is_awaited(engines):
+    prefill_engine, decode_engine = engines
+    want = _reference(prefill_engine, PROMPTS[1], 8)
+    prefill_engine.block_manager.reset_prefix_cache()
+    decode_engine.block_manager.reset_prefix_cache()
+
+    async def main():
+        async with _start(prefill_engine, decode_engine) as channel:
+            s = _Session(channel)
+            s.generate("h", PROMPTS[1], 8, local=False)
+            s.generate("waits", PROMPTS[2], 8, local=False)  # its KV never comes
+            await s.read_until(lambda ev: "h" in ev and "waits" in ev)
+            first = s.events["h"][0]
+            assert first.WhichOneof("event") == "kv_target"
+            assert s.events["waits"][0].WhichOneof("event") == "kv_target"
+            sampling = common_pb2.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+            resp = await worker_pb2_grpc.PrefillStub(channel).Prefill(
+                worker_pb2.PrefillRequest(
+                    req_id="h", prompt_token_ids=PROMPTS[1], sampling=sampling,
+                    kv_target=first.kv_target,
+                )
+            )  # fmt: skip
+            await s.read_until(_all_ended(["h"]))
+            s.abort("waits")  # reclaims its reserved blocks
+            return resp.token_id, s, await _idle(channel)
+
+    token0, s, stats = asyncio.run(main())
+    assert [token0, *s.tokens("h")] == want
+    assert len(s.events["waits"]) == 1  # the KVTarget, then nothing
+    assert stats.num_active_handoffs == 0
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_ending_the_session_aborts_every_request_on_it(engines):
+    async def main():
+        async with _start(*engines) as channel:
+            s = _Session(channel)
+            for i, p in enumerate(PROMPTS):
+                s.generate(f"e{i}", p, 10_000, local=i != 2)  # e2 waits for its KV
+            await s.read_until(lambda ev: len(ev) == len(PROMPTS))
+            s.call.cancel()  # the router went away
+            return await _idle(channel)
+
+    stats = asyncio.run(main())
+    assert (stats.num_running, stats.num_waiting, stats.num_active_handoffs) == (0, 0, 0)
+    assert stats.num_free_blocks == stats.num_total_blocks

@@ -1,0 +1,338 @@
+"""A choice's events from its decode server, read with deadlines: over the server's Session
+stream (one per decode server, shared by every choice routed there), or over a Generate
+stream of its own when the server has no Session (an older or a fake one).
+
+    DecodeSession ── one Decode.Session call per decode server ──────────────────────────
+      up:   SessionRequest(generate=DecodeRequest) per choice attempt, (abort=...) when a
+            choice ends early
+      down: SessionEvents, one message per engine step for the whole batch; the reader
+            task hands each event to its choice's _SessionStream
+      the call ends (server stopped, channel closed, error): every open choice fails over
+      opened only once the server's Stats said it serves Session; until then, or after an
+            UNIMPLEMENTED, each choice on that server uses a Generate call of its own
+
+Both kinds of stream have the same read(timeout_s, waiting_for, blame) -> event with a
+`kv_target` or `tokens`, raising _WorkerFailed (migrate) or RequestError (the request is
+bad); each read's deadline is kept by one lazily re-armed timer per stream, not a timer per
+token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+
+import grpc
+
+from protos import worker_pb2
+from router.types import ErrorKind, RequestError
+
+log = logging.getLogger("tandem.router.decode_stream")
+
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+}
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+ABORT_TIMEOUT_S = 2.0
+_background: set[asyncio.Task] = set()  # fire-and-forget aborts, kept alive until done
+
+
+class _WorkerFailed(Exception):
+    def __init__(self, worker, detail: str, code=None):
+        super().__init__(detail)
+        self.worker = worker
+        self.code = code  # grpc.StatusCode when the worker answered with one
+
+
+def _status_error(code: grpc.StatusCode, details: str, worker) -> Exception:
+    """A worker's status -> RequestError (the request's fault) or _WorkerFailed (retry)."""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return RequestError(ErrorKind.INVALID_ARGUMENT, details or "invalid request")
+    if code == grpc.StatusCode.OUT_OF_RANGE:
+        return RequestError(ErrorKind.CONTEXT_LENGTH, details or "context length exceeded")
+    if code in _RETRYABLE:
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            worker.healthy = False  # the poller restores it
+        return _WorkerFailed(worker, f"{code.name}: {details}", code)
+    return RequestError(ErrorKind.INTERNAL, f"worker {worker.address}: {code.name} {details}")
+
+
+def _worker_error(e: grpc.aio.AioRpcError, worker) -> Exception:
+    return _status_error(e.code(), e.details(), worker)
+
+
+def _fire_abort(worker, req_id: str) -> None:
+    async def abort():
+        try:
+            await worker.stub.Abort(worker_pb2.AbortRequest(req_id=req_id), timeout=ABORT_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            log.debug(
+                "event=abort_failed worker=%s req_id=%s code=%s", worker.worker_id, req_id, e.code()
+            )
+
+    task = asyncio.get_running_loop().create_task(abort())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+def _cancel_requested() -> bool:
+    """The current task is being cancelled (Python >= 3.11 can tell; before, assume not)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is not None and cancelling() > 0
+
+
+class _Deadline:
+    """A read's deadline for a float per read: the read writes its deadline down; one timer
+    sleeps until the earliest deadline written and, woken to find that the deadline moved on
+    (events kept coming), sleeps until the new one. A stream that keeps streaming wakes it
+    once per idle timeout, not once per token. Past the deadline with a read waiting, it
+    calls _expire(). Between reads none runs."""
+
+    __slots__ = ("_loop", "_deadline", "_due", "_timer", "_waiting", "_expired")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._deadline = math.inf  # the read's (loop.time()); the last read's between reads
+        self._due = math.inf  # when the timer fires: never after _deadline
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting = False  # a read is waiting
+        self._expired = False  # the deadline passed with a read waiting
+
+    def _arm(self, timeout_s: float) -> None:
+        deadline = self._loop.time() + timeout_s
+        self._deadline = deadline
+        if deadline < self._due:  # sooner than the timer (the first read, a shorter timeout)
+            if self._timer is not None:
+                self._timer.cancel()
+            self._due = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._due = None, math.inf
+        if not self._waiting:
+            return  # between reads: the next read starts it again
+        if self._loop.time() < self._deadline:  # an event came since it was set
+            self._due = self._deadline
+            self._timer = self._loop.call_at(self._due, self._on_timer)
+        else:
+            self._expired = True
+            self._expire()
+
+    def _expire(self) -> None:
+        raise NotImplementedError
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self, blame, timeout_s: float, waiting_for: str) -> _WorkerFailed:
+        return _WorkerFailed(
+            blame or self.worker,
+            f"no {waiting_for} within {timeout_s:g}s",
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+
+
+class _DecodeStream(_Deadline):
+    """A decode server's Generate stream of one choice attempt. Past a read's deadline the
+    call is cancelled, which ends that read with CancelledError; read() turns it into the
+    timeout's _WorkerFailed."""
+
+    __slots__ = ("call", "worker", "call_req_id")
+
+    def __init__(self, call, worker, req_id: str = ""):
+        super().__init__()
+        self.call = call
+        self.worker = worker  # the decode server
+        self.call_req_id = req_id
+
+    async def read(self, timeout_s: float, waiting_for: str, blame=None):
+        """The next decode event within timeout_s. Failures blame the decode server, except
+        ABORTED (a failed KV handoff) and a timeout, which blame `blame` when given (the
+        prefill server)."""
+        self._arm(timeout_s)
+        self._waiting = True
+        try:
+            return await self.call.read()
+        except asyncio.CancelledError:
+            if not self._expired or _cancel_requested():
+                raise  # cancelled from outside: client gone, Abort, shutdown
+            raise self._timed_out(blame, timeout_s, waiting_for) from None
+        except grpc.aio.AioRpcError as e:
+            if blame is not None and e.code() == grpc.StatusCode.ABORTED:
+                raise _WorkerFailed(blame, f"ABORTED: {e.details()}", e.code()) from e
+            raise _worker_error(e, self.worker) from e
+        finally:
+            self._waiting = False
+
+    def _expire(self) -> None:
+        self.call.cancel()
+
+    def close(self, finished: bool = True) -> None:
+        """Stop the timer and cancel the call (a no-op when the stream already ended), which
+        aborts the request on the decode server; unfinished, an Abort RPC makes sure."""
+        self._stop_timer()
+        self.call.cancel()
+        if not finished:
+            _fire_abort(self.worker, self.call_req_id)
+
+
+class _SessionStream(_Deadline):
+    """One choice attempt's events on its decode server's session."""
+
+    __slots__ = ("session", "worker", "request", "_events", "_error", "_waiter", "_fallback")
+
+    def __init__(self, session: DecodeSession, request: worker_pb2.DecodeRequest):
+        super().__init__()
+        self.session = session
+        self.worker = session.worker
+        self.request = request
+        self._events: collections.deque = collections.deque()
+        self._error: Exception | None = None  # the session ended under it
+        self._waiter: asyncio.Future | None = None
+        self._fallback: _DecodeStream | None = None  # the server has no Session
+
+    async def read(self, timeout_s: float, waiting_for: str, blame=None):
+        """As _DecodeStream.read."""
+        if self._fallback is None and not self._events and self._error is None:
+            self._arm(timeout_s)
+            self._waiting, self._expired = True, False
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                self._waiting = False
+            if self._expired and not self._events:
+                raise self._timed_out(blame, timeout_s, waiting_for)
+        if self._events:
+            ev = self._events.popleft()
+            if ev.WhichOneof("event") == "error":
+                raise self._event_error(ev.error, blame)
+            return ev
+        if self._fallback is not None:
+            return await self._fallback.read(timeout_s, waiting_for, blame)
+        raise self._error
+
+    def _event_error(self, err: worker_pb2.SessionError, blame) -> Exception:
+        code = _CODES.get(err.code, grpc.StatusCode.UNKNOWN)
+        if blame is not None and code == grpc.StatusCode.ABORTED:
+            return _WorkerFailed(blame, f"ABORTED: {err.message}", code)
+        return _status_error(code, err.message, self.worker)
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _push(self, ev: worker_pb2.SessionEvent) -> None:
+        self._events.append(ev)
+        self._wake()
+
+    def _fail(self, error: Exception) -> None:
+        self._error = error
+        self._wake()
+
+    def _use_generate(self) -> None:
+        call = self.worker.stub.Generate(self.request)
+        self._fallback = _DecodeStream(call, self.worker, self.request.req_id)
+        self._wake()
+
+    def _expire(self) -> None:
+        self._wake()
+
+    def close(self, finished: bool = True) -> None:
+        """Leave the session; unfinished, the request is aborted on the decode server."""
+        self._stop_timer()
+        if self._fallback is not None:
+            self._fallback.close(finished)
+        else:
+            self.session.leave(self.request.req_id, self, abort=not finished)
+
+
+class DecodeSession:
+    """One Decode.Session call to a decode server, for every choice routed there."""
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+        self.closed = False
+        self._streams: dict[str, _SessionStream] = {}
+        self._up: asyncio.Queue[worker_pb2.SessionRequest | None] = asyncio.Queue()
+        self._call = worker.stub.Session(self._requests())
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    def open(self, request: worker_pb2.DecodeRequest) -> _SessionStream:
+        stream = _SessionStream(self, request)
+        self._streams[request.req_id] = stream
+        self._up.put_nowait(worker_pb2.SessionRequest(generate=request))
+        return stream
+
+    def leave(self, req_id: str, stream: _SessionStream, abort: bool) -> None:
+        if self._streams.get(req_id) is stream:
+            del self._streams[req_id]
+        if abort and not self.closed:
+            self._up.put_nowait(
+                worker_pb2.SessionRequest(abort=worker_pb2.AbortRequest(req_id=req_id))
+            )
+
+    async def _requests(self):
+        while (msg := await self._up.get()) is not None:
+            yield msg
+
+    async def _read(self) -> None:
+        error: Exception | None = None
+        try:
+            async for batch in self._call:
+                streams = self._streams
+                for ev in batch.events:
+                    stream = streams.get(ev.req_id)
+                    if stream is not None:  # else: a choice that already left
+                        stream._push(ev)
+            error = _WorkerFailed(
+                self.worker, "the decode session ended", grpc.StatusCode.UNAVAILABLE
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self.worker.session_supported = False
+                log.info("event=decode_session_unsupported worker=%s", self.worker.address)
+            else:
+                error = _worker_error(e, self.worker)
+                if not isinstance(error, _WorkerFailed):  # the session's fault, not a request's
+                    error = _WorkerFailed(self.worker, str(error), e.code())
+        except asyncio.CancelledError:
+            error = _WorkerFailed(self.worker, "the decode session was cancelled")
+            raise
+        finally:
+            self.closed = True
+            if self.worker.session is self:
+                self.worker.session = None
+            streams, self._streams = self._streams, {}
+            for stream in streams.values():
+                if error is None:
+                    stream._use_generate()
+                else:
+                    stream._fail(error)
+            if error is not None:
+                log.debug(
+                    "event=decode_session_ended worker=%s detail=%s", self.worker.address, error
+                )
+
+
+def open_decode_stream(worker, request: worker_pb2.DecodeRequest):
+    """The choice attempt's stream on `worker`: on its session (opened on first use), or a
+    Generate call of its own when the server has no Session."""
+    if not worker.session_supported:
+        return _DecodeStream(worker.stub.Generate(request), worker, request.req_id)
+    session = worker.session
+    if session is None or session.closed:
+        session = worker.session = DecodeSession(worker)
+    return session.open(request)

@@ -18,6 +18,8 @@ microsecond the event loop takes the GIL during it lengthens the step. Per N the
     delivery only: N in-process consumers of the engine's output streams that do nothing
                    (the loop's cost of handing tokens over, no protobuf, no gRPC)
     streams:       N Generate streams from a separate client process (its own GIL)
+    session:       the same N requests on one Decode.Session stream (the router's path):
+                   one message per step carries every request's tokens
 
 and reports the engine's mean step time while all N run (wall between step starts, on the
 engine thread), tokens/s, and CPU per token of the event-loop thread, the engine thread and
@@ -264,11 +266,11 @@ class Bench:
         await asyncio.gather(*(consume(i) for i in range(n)))
         return {**self._step_stats(n), **meter.stop(num_tokens[0])}
 
-    async def streams(self, n: int, profile: str | None = None) -> dict:
+    async def streams(self, n: int, profile: str | None = None, api: str = "generate") -> dict:
         self.fake.step_log.clear()
         cmd = [sys.executable, __file__, "--code-root", str(_code_root(sys.argv))]
         cmd += ["--client", self.address, "--streams", str(n), "--tokens", str(self.args.tokens)]
-        cmd += ["--logprobs", str(self.args.logprobs)]
+        cmd += ["--logprobs", str(self.args.logprobs), "--client-api", api]
         client = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE)
         await client.stdout.readline()  # connected: its imports are not part of the run
         meter = CpuMeter(self.engine._thread.native_id)
@@ -347,6 +349,12 @@ async def serve_and_measure(args) -> dict:
                     streamed["mean_step_ms"] / alone["mean_step_ms"], 3
                 ),
             }
+            if "session" in args.apis:
+                session = await bench.streams(n, api="session")
+                runs[str(n)]["session"] = session
+                runs[str(n)]["step_ratio_session_vs_alone"] = round(
+                    session["mean_step_ms"] / alone["mean_step_ms"], 3
+                )
             print(json.dumps({n: _brief(runs[str(n)])}), file=sys.stderr, flush=True)
         if args.profile:
             kind = "py-spy" if _have_py_spy() else "cprofile"
@@ -368,6 +376,16 @@ def _brief(run: dict) -> dict:
         "loop_us_msg": s["loop_us_per_message"],
         "gc_ms": s["gc_ms"],
         "gc_n": s["gc_collections_by_gen"],
+        **(
+            {
+                "session_ms": run["session"]["mean_step_ms"],
+                "session_ratio": run["step_ratio_session_vs_alone"],
+                "session_tok_s": run["session"]["tokens_per_s"],
+                "session_loop_us_tok": run["session"]["loop_us_per_token"],
+            }
+            if "session" in run
+            else {}
+        ),
     }
 
 
@@ -413,7 +431,10 @@ async def client_main(args) -> dict:
 
     num_streams = args.streams[0]
     t0 = time.perf_counter()
-    msgs = await asyncio.gather(*(one(i) for i in range(num_streams)))
+    if args.client_api == "session":
+        msgs = [await _session_client(stub, args, sampling, num_streams, errors, last)]
+    else:
+        msgs = await asyncio.gather(*(one(i) for i in range(num_streams)))
     await channel.close()
     wall = last[0] - t0
     if errors:
@@ -425,6 +446,48 @@ async def client_main(args) -> dict:
         "messages": sum(msgs),
         "tokens_per_message": round(n_tok / sum(msgs), 3),
     }
+
+
+async def _session_client(stub, args, sampling, num_streams, errors, last) -> int:
+    """The N requests on one Session; the number of messages read."""
+
+    async def requests():
+        for i in range(num_streams):
+            req = worker_pb2.DecodeRequest(
+                req_id=f"s-{i}", prompt_token_ids=[1, 2, 3], sampling=sampling,
+                prefill_locally=True,
+            )  # fmt: skip
+            yield worker_pb2.SessionRequest(generate=req)
+        await done.wait()  # half-close only once every request ended
+
+    done = asyncio.Event()
+    tokens: dict[str, list[int]] = {}
+    finish: dict[str, int] = {}
+    call = stub.Session(requests())
+    msgs = 0
+    while len(finish) < num_streams:
+        batch = await call.read()
+        if batch is grpc.aio.EOF:
+            break
+        msgs += 1
+        for ev in batch.events:
+            t = ev.tokens
+            tokens.setdefault(ev.req_id, []).extend(t.token_ids)
+            if args.logprobs and len(t.logprobs) != len(t.token_ids):
+                errors.append(f"{ev.req_id}: logprobs not parallel to token_ids")
+            if t.finish_reason or ev.WhichOneof("event") == "error":
+                finish[ev.req_id] = t.finish_reason
+    last[0] = time.perf_counter()
+    done.set()
+    await call.code()
+    for i in range(num_streams):
+        rid = f"s-{i}"
+        if (
+            tokens.get(rid) != list(range(args.tokens))
+            or finish.get(rid) != common_pb2.FINISH_REASON_LENGTH
+        ):
+            errors.append(f"{rid}: {len(tokens.get(rid, []))} tokens, finish {finish.get(rid)}")
+    return msgs
 
 
 def main() -> None:
@@ -446,6 +509,14 @@ def main() -> None:
         default="worker",
         help="worker (as the worker does) | default (untouched) | freeze | threshold=N",
     )
+    p.add_argument(
+        "--apis",
+        nargs="+",
+        choices=["generate", "session"],
+        default=["generate", "session"],
+        help="client APIs measured per N (Generate streams always; Session if listed)",
+    )
+    p.add_argument("--client-api", default="generate", help=argparse.SUPPRESS)
     p.add_argument("--label", default="")
     p.add_argument("--out", default="")
     p.add_argument("--client", default="", help=argparse.SUPPRESS)  # the client process
@@ -468,7 +539,7 @@ def main() -> None:
         "code_root": str(_code_root(sys.argv)),
         "settings": {
             k: getattr(args, k)
-            for k in ("streams", "tokens", "host_ms", "gpu_ms", "logprobs", "loop", "gc")
+            for k in ("streams", "tokens", "host_ms", "gpu_ms", "logprobs", "loop", "gc", "apis")
         },
         "machine": machine(),
         **_run_server(args),

@@ -71,10 +71,13 @@ CLIENT_STARTUP_S = 6.0  # imports + dataset before the common start time
 #   interval4  the same, the router sending at most every 4 tokens (--stream-interval 4)
 #   coalesce   the fake decode steps on its own clock as fast as it can and merges what a
 #              lagging stream queued, as the real decode server does
+#   session    the same clock, every choice on one Decode.Session stream to the router, as
+#              the real decode server and router do since the session was added
 MODES = {
     "lockstep": {},
     "interval4": {"stream_interval": 4},
     "coalesce": {"worker_coalesce": True},
+    "session": {"worker_session": True},
 }
 
 
@@ -266,6 +269,10 @@ def main() -> None:
         "--worker-coalesce", action="store_true",
         help="fake decode steps on its own clock and merges what a lagging stream queued",
     )  # fmt: skip
+    p.add_argument(
+        "--worker-session", action="store_true",
+        help="fake decode serves Decode.Session (one stream to the router, one engine clock)",
+    )  # fmt: skip
     p.add_argument("--stream-interval", type=int, default=1, help="router --stream-interval")
     p.add_argument(
         "--modes", default="",
@@ -318,7 +325,7 @@ def measure(args, info: dict) -> dict:
     )
     with FakeStack(
         args.model, args.num_decode, args.num_prefill, itl_ms=args.itl_ms,
-        coalesce=args.worker_coalesce, router_args=router_args,
+        coalesce=args.worker_coalesce, session=args.worker_session, router_args=router_args,
     ) as stack:  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)

@@ -28,6 +28,7 @@ class FakeStack:
         num_prefill: int = 0,
         itl_ms: float = 0.0,
         coalesce: bool = False,
+        session: bool = False,
         router_args: tuple[str, ...] = (),
         served_model_name: str = "fake",
         startup_timeout: float = 60.0,
@@ -44,6 +45,7 @@ class FakeStack:
                     cmd = [py, "-m", "tandem.benchmark.fake_worker", "--role", role]
                     cmd += ["--port", addr.rsplit(":", 1)[1], "--itl-ms", str(itl_ms)]
                     cmd += ["--coalesce"] if coalesce else []
+                    cmd += ["--session"] if session and role == "decode" else []
                     workers.append((role, addr, self._spawn(f"{role}-{k}", cmd)))
             for _, addr, proc in workers:
                 _wait_grpc_healthy(addr, proc, startup_timeout)

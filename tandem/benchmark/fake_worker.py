@@ -13,6 +13,10 @@ decode   Generate(prefill_locally=true): stream every token, one TokenEvent each
          its queued tokens as one TokenEvent
          Generate(prefill_locally=false): send a KVTarget, wait for the fake prefill's one
          KVChunk (last=true, token 0), then stream tokens 1..
+         Session (--session, and Stats says so, so the router uses it): like the real
+         decode server's, every request on the stream steps on one engine clock (one token
+         each per --itl-ms, or per event-loop turn at 0) and each write carries every event
+         queued since the last one
 prefill  Prefill: push one empty final KVChunk with token 0 to the decode server, answer
          token 0. No KV events (the router then approximates its prefix index).
 both     Abort, Stats (no KV blocks: the pool is reported as effectively unbounded), health.
@@ -57,10 +61,13 @@ def output_token(prompt: list[int], i: int) -> int:
 
 
 class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServicer):
-    def __init__(self, address: str, itl_s: float = 0.0, coalesce: bool = False):
+    def __init__(
+        self, address: str, itl_s: float = 0.0, coalesce: bool = False, session: bool = False
+    ):
         self.address = address  # KVTransfer is served on the same port
         self.itl_s = itl_s
         self.coalesce = coalesce
+        self.session = session
         self.active: set[str] = set()
         self.handoffs: dict[str, asyncio.Future] = {}
         self._ids = itertools.count()
@@ -144,6 +151,95 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
         finally:
             task.cancel()
 
+    async def Session(self, request_iterator, context):
+        if not self.session:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "started without --session")
+        running: dict[str, list] = {}  # req_id -> [prompt, sampling, next output index]
+        waiting: dict[str, asyncio.Task] = {}  # remote prefill: waiting for the KV push
+        out = [worker_pb2.SessionEvents()]
+        queued, have_work = asyncio.Event(), asyncio.Event()
+
+        def event(req_id: str) -> worker_pb2.SessionEvent:
+            ev = out[0].events.add()
+            ev.req_id = req_id
+            queued.set()
+            return ev
+
+        async def handoff(req_id, prompt, s, hid, fut):
+            try:
+                first = await asyncio.wait_for(fut, HANDOFF_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                err = event(req_id).error
+                err.code, err.message = grpc.StatusCode.UNAVAILABLE.value[0], "no KV push"
+                return
+            finally:
+                self.handoffs.pop(hid, None)
+                waiting.pop(req_id, None)
+            if not finish_reason(0, first, s):
+                running[req_id] = [prompt, s, 1]
+                have_work.set()
+
+        async def read_requests():
+            async for msg in request_iterator:
+                if msg.WhichOneof("op") == "abort":
+                    rid = msg.abort.req_id
+                    running.pop(rid, None)
+                    task = waiting.pop(rid, None)
+                    if task is not None:
+                        task.cancel()
+                    self.active.discard(rid)
+                    continue
+                r = msg.generate
+                prompt = list(r.prompt_token_ids)
+                self.active.add(r.req_id)
+                if r.prefill_locally:
+                    running[r.req_id] = [prompt, r.sampling, 0]
+                    have_work.set()
+                    continue
+                hid = f"{r.req_id}#{next(self._ids)}"
+                fut = asyncio.get_running_loop().create_future()
+                self.handoffs[hid] = fut
+                target = event(r.req_id).kv_target
+                target.handoff_id, target.decode_kv_address = hid, self.address
+                target.block_ids.extend(range(-(-len(prompt) // BLOCK_SIZE)))
+                target.block_size, target.transport = BLOCK_SIZE, "grpc"
+                waiting[r.req_id] = asyncio.ensure_future(
+                    handoff(r.req_id, prompt, r.sampling, hid, fut)
+                )
+
+        async def engine():
+            while True:
+                if not running:
+                    have_work.clear()
+                    await have_work.wait()
+                await asyncio.sleep(self.itl_s)  # one decode step (0: one loop turn)
+                for rid, st in list(running.items()):
+                    prompt, s, i = st
+                    tok = output_token(prompt, i)
+                    reason = finish_reason(i, tok, s)
+                    t = event(rid).tokens
+                    t.token_ids.append(tok)
+                    t.num_prompt_tokens = len(prompt)
+                    if reason:
+                        t.finish_reason = reason
+                        del running[rid]
+                        self.active.discard(rid)
+                    else:
+                        st[2] = i + 1
+
+        tasks = [asyncio.ensure_future(read_requests()), asyncio.ensure_future(engine())]
+        try:
+            while True:
+                await queued.wait()
+                queued.clear()
+                msg, out[0] = out[0], worker_pb2.SessionEvents()
+                await context.write(msg)
+        finally:
+            for task in [*tasks, *waiting.values()]:
+                task.cancel()
+            for rid in [*running, *waiting]:
+                self.active.discard(rid)
+
     async def Push(self, request_iterator, context):
         async for chunk in request_iterator:
             if chunk.last:
@@ -163,6 +259,7 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
             num_total_blocks=NUM_BLOCKS,
             num_active_handoffs=len(self.handoffs),
             block_size=BLOCK_SIZE,
+            decode_session=self.session,
         )
 
 
@@ -221,7 +318,7 @@ async def serve(args: argparse.Namespace) -> None:
     address = f"{args.host}:{port}"
     prefill = None
     if args.role == "decode":
-        decode = FakeDecode(address, args.itl_ms / 1000, args.coalesce)
+        decode = FakeDecode(address, args.itl_ms / 1000, args.coalesce, args.session)
         worker_pb2_grpc.add_DecodeServicer_to_server(decode, server)
         worker_pb2_grpc.add_KVTransferServicer_to_server(decode, server)
         services = ["Decode", "KVTransfer"]
@@ -255,6 +352,11 @@ def main(argv: list[str] | None = None) -> None:
         "--coalesce",
         action="store_true",
         help="decode: make tokens on the engine's clock and merge those a lagging stream queued",
+    )
+    p.add_argument(
+        "--session",
+        action="store_true",
+        help="decode: serve Decode.Session (one stream per router, one engine clock)",
     )
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)

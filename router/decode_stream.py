@@ -214,10 +214,14 @@ class _SessionStream(_Deadline):
                 self._waiting = False
             if self._expired and not self._events:
                 raise self._timed_out(blame, timeout_s, waiting_for)
-        if self._events:
-            ev = self._events.popleft()
-            if ev.WhichOneof("event") == "error":
+        events = self._events
+        if events:
+            ev = events.popleft()
+            kind = ev.WhichOneof("event")
+            if kind == "error":
                 raise self._event_error(ev.error, blame)
+            if kind == "tokens" and events and events[0].WhichOneof("event") == "tokens":
+                _merge_tokens(ev.tokens, events)  # it lagged: what queued, as one event
             return ev
         if self._fallback is not None:
             return await self._fallback.read(timeout_s, waiting_for, blame)
@@ -257,6 +261,22 @@ class _SessionStream(_Deadline):
             self._fallback.close(finished)
         else:
             self.session.leave(self.request.req_id, self, abort=not finished)
+
+
+def _merge_tokens(into: worker_pb2.TokenEvent, events: collections.deque) -> None:
+    """Append the token events at the front of `events` to `into` (in place, consumed)."""
+    while events and events[0].WhichOneof("event") == "tokens":
+        t = events.popleft().tokens
+        into.token_ids.extend(t.token_ids)
+        into.logprobs.extend(t.logprobs)
+        into.num_cached_tokens = t.num_cached_tokens
+        if t.HasField("stop_token_id"):
+            into.stop_token_id = t.stop_token_id
+        if t.error:
+            into.error = t.error
+        if t.finish_reason:
+            into.finish_reason = t.finish_reason
+            return  # a request's last event
 
 
 class DecodeSession:

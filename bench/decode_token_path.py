@@ -358,7 +358,7 @@ async def serve_and_measure(args) -> dict:
             print(json.dumps({n: _brief(runs[str(n)])}), file=sys.stderr, flush=True)
         if args.profile:
             kind = "py-spy" if _have_py_spy() else "cprofile"
-            runs["profile"] = await bench.streams(args.streams[-1], profile=kind)
+            runs["profile"] = await bench.streams(args.streams[-1], kind, args.apis[-1])
     finally:
         await bench.stop()
     return {"spin_iters_for_host_ms": bench.spin_iters, "runs": runs}
@@ -514,7 +514,8 @@ def main() -> None:
         nargs="+",
         choices=["generate", "session"],
         default=["generate", "session"],
-        help="client APIs measured per N (Generate streams always; Session if listed)",
+        help="client APIs measured per N (Generate streams always; Session if listed); "
+        "--profile profiles the last one",
     )
     p.add_argument("--client-api", default="generate", help=argparse.SUPPRESS)
     p.add_argument("--label", default="")

@@ -20,6 +20,7 @@ INVALID_ARGUMENT (the request itself is bad).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -29,9 +30,9 @@ import grpc
 from decode_service.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
 from decode_service.worker_common import worker_stats
 from kvtransfer.base import HandoffState
-from kvtransfer.ledger import HandoffFailed, HandoffLedger
+from kvtransfer.ledger import Handoff, HandoffFailed, HandoffLedger
 from protos import worker_pb2, worker_pb2_grpc
-from tandem.async_engine import AsyncEngine, EngineDeadError
+from tandem.async_engine import AsyncEngine, EngineDeadError, OutputStream, outputs_of
 from tandem.engine import EngineFullError, StepOutput
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,16 @@ def _fill_tokens(tokens: worker_pb2.TokenEvent, out: StepOutput, num_prompt_toke
     for lp in out.new_logprobs:
         if lp is not None:
             logprob_to_proto(lp, tokens.logprobs.add())
+
+
+@dataclass
+class _Handoff:
+    """A remote-prefill request's reservation on this server."""
+
+    req_id: str
+    handoff: Handoff
+    kv_target: worker_pb2.KVTarget | None = None
+    committed: bool = False  # the KV arrived and the request joined the batch
 
 
 class _Outbox:
@@ -220,17 +231,29 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
 
     async def _session_request(self, request, out: _Outbox) -> None:
         req_id, num_prompt = request.req_id, len(request.prompt_token_ids)
+
+        def emit(o: StepOutput) -> None:  # on the loop, from the engine's step callback
+            _fill_tokens(out.add(req_id).tokens, o, num_prompt)
+
         try:
-            stream = await self._open(request)
-            try:
-                async for item in stream:
-                    ev = out.add(req_id)
-                    if type(item) is StepOutput:
-                        _fill_tokens(ev.tokens, item, num_prompt)
+            params = sampling_from_proto(request.sampling)
+            prompt = list(request.prompt_token_ids)
+            num_out = request.num_output_tokens
+            if request.prefill_locally:
+                await self._pump(
+                    await self.engine.open_stream(
+                        req_id, prompt, params, num_output_tokens=num_out
+                    ),
+                    emit,
+                )
+            else:
+                async with self._handoff(req_id, prompt, params, num_out) as hs:
+                    out.add(req_id).kv_target.CopyFrom(hs.kv_target)
+                    stream = await self._commit_after_kv(hs)
+                    if type(stream) is StepOutput:
+                        emit(stream)
                     else:
-                        ev.kv_target.CopyFrom(item)
-            finally:
-                await stream.aclose()
+                        await self._pump(stream, emit)
         except Exception as e:
             refused = _refusal(e)
             if refused is None:
@@ -240,7 +263,23 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             ev.error.code = refused.code.value[0]
             ev.error.message = refused.message
 
+    async def _pump(self, stream: OutputStream, emit) -> None:
+        try:
+            await self.engine.pump(stream, emit)
+        finally:
+            await stream.aclose()  # unfinished (cancelled, error): abort, free blocks
+
     async def _remote_prefill(self, req_id, prompt, params, num_out):
+        """Generate's remote prefill: KVTarget, then the tokens sampled here."""
+        async with self._handoff(req_id, prompt, params, num_out) as hs:
+            yield hs.kv_target
+            async for out in outputs_of(await self._commit_after_kv(hs)):
+                yield out
+
+    @contextlib.asynccontextmanager
+    async def _handoff(self, req_id, prompt, params, num_out):
+        """Reserve the prompt's blocks and open its handoff; on the way out (finished,
+        failed or cancelled) the handoff is closed and, unless committed, the blocks freed."""
         eng = self.engine.engine
         target = await self.engine.call(eng.reserve, req_id, prompt, params, num_out)
         if target is None:
@@ -249,9 +288,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             )
         handoff_id = f"{req_id}#{next(self._handoff_ids)}"
         h = self.ledger.open(handoff_id, req_id, target.block_ids, target.num_cached_tokens)
-        committed = False
+        hs = _Handoff(req_id, h)
         try:
-            kv_target = worker_pb2.KVTarget(
+            hs.kv_target = worker_pb2.KVTarget(
                 handoff_id=handoff_id,
                 decode_kv_address=self.kv_address,
                 block_ids=target.block_ids,
@@ -261,18 +300,20 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 transports=self.offer.transports,
             )
             if self.offer.pool is not None:
-                kv_target.pool.CopyFrom(self.offer.pool)
-            yield kv_target
-            await self.ledger.wait(h)
-            committed = True
-            async for out in self.engine.commit(req_id, h.first_token_id, h.first_logprob):
-                yield out
+                hs.kv_target.pool.CopyFrom(self.offer.pool)
+            yield hs
         finally:
             self.ledger.fail(handoff_id, HandoffState.RECLAIMED, "request ended")
-            if not committed:  # blocks still reserved: take them back (idempotent)
+            if not hs.committed:  # blocks still reserved: take them back (idempotent)
                 await self.ledger.settle(h)  # no chunk write may land after the free
                 await self.engine.abort(req_id)
             self.ledger.close(handoff_id)
+
+    async def _commit_after_kv(self, hs: _Handoff):
+        """Wait for the KV push, then join the batch (AsyncEngine.open_commit's result)."""
+        h = await self.ledger.wait(hs.handoff)
+        hs.committed = True
+        return await self.engine.open_commit(hs.req_id, h.first_token_id, h.first_logprob)
 
     async def Abort(self, request, context):
         return worker_pb2.AbortResponse(found=await self._abort(request.req_id))

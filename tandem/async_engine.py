@@ -5,6 +5,7 @@
     call(fn) / generate(...) --queue-->  run pending calls between steps
                                          step() -> outputs
     per-request OutputStream <--one loop.call_soon_threadsafe per step-- outputs
+      consumed by `async for`, or handed to a callback by pump() (no task per output)
 
 Everything that touches the engine (add, abort, reserve, commit, KV reads) runs on the engine
 thread, so the engine itself needs no locks.
@@ -112,10 +113,12 @@ class AsyncEngine:
         finally:
             await stream.aclose()
 
-    async def commit(
+    async def open_commit(
         self, req_id: str, first_token_id: int, first_logprob: Logprob | None
-    ) -> AsyncIterator[StepOutput]:
-        """Decode side of a handoff: join the batch, then stream the tokens sampled here."""
+    ) -> OutputStream | StepOutput:
+        """Decode side of a handoff: join the batch; the stream of the tokens sampled here
+        (the caller must `aclose()` it), or the request's last output when the first token
+        already finished it."""
         stream = self._open_stream(req_id)
         try:
             done = await self.call(self.engine.commit, req_id, first_token_id, first_logprob)
@@ -124,13 +127,22 @@ class AsyncEngine:
             raise
         if done is not None:
             self._streams.pop(req_id, None)
-            yield done
-            return
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            await stream.aclose()
+            return done
+        return stream
+
+    async def pump(self, stream: OutputStream, sink: Callable[[StepOutput], None]) -> None:
+        """Hand each of the stream's outputs to sink(output), called on the loop from the
+        engine's per-step callback itself: no consumer task is woken per output (a session
+        carrying hundreds of requests pays one callback per step, not one wake-up each).
+        Returns once the output with a finish_reason was handed; raises EngineDeadError if
+        the engine failed. The caller still `aclose()`s the stream (that aborts it when the
+        wait is cancelled)."""
+        done = stream.loop.create_future()
+        stream._sink, stream._done = sink, done
+        pending, stream._pending = stream._pending, []
+        if pending:
+            stream._feed(pending)
+        await done
 
     async def abort(self, req_id: str) -> bool:
         return await self.call(self.engine.abort, req_id)
@@ -242,6 +254,8 @@ class OutputStream:
         "_closed",
         "_held",
         "_handed",
+        "_sink",
+        "_done",
     )
 
     def __init__(self, engine: AsyncEngine, req_id: str, loop: asyncio.AbstractEventLoop):
@@ -255,6 +269,9 @@ class OutputStream:
         # engine thread only: outputs held back by stream_interval, and whether any was handed
         self._held: list[StepOutput] = []
         self._handed = False
+        # AsyncEngine.pump: outputs go to _sink as they arrive; _done ends the wait
+        self._sink: Callable[[StepOutput], None] | None = None
+        self._done: asyncio.Future | None = None
 
     def __aiter__(self) -> OutputStream:
         return self
@@ -282,6 +299,24 @@ class OutputStream:
             self._engine._streams.pop(self.req_id, None)
         return out
 
+    def _feed(self, outs: list[StepOutput | BaseException]) -> None:
+        """pump's delivery: each output to the sink, up to the finish or an engine error."""
+        done = self._done
+        if self._closed or done.done():
+            return
+        sink = self._sink
+        for out in outs:
+            if isinstance(out, BaseException):
+                done.set_exception(EngineDeadError(f"engine failed: {out!r}"))
+                return
+            sink(out)
+            if out.finish_reason is not None:
+                self._finished = True
+                if self._engine._streams.get(self.req_id) is self:
+                    del self._engine._streams[self.req_id]
+                done.set_result(None)
+                return
+
     async def aclose(self) -> None:
         """Idempotent; aborts the request in the engine unless it finished."""
         if self._closed:
@@ -291,6 +326,18 @@ class OutputStream:
             del self._engine._streams[self.req_id]
         if not self._finished:
             await self._engine._abort_unfinished(self.req_id)
+
+
+async def outputs_of(opened: OutputStream | StepOutput) -> AsyncIterator[StepOutput]:
+    """open_commit's result as outputs: the stream's (closed at the end), or the one."""
+    if type(opened) is StepOutput:
+        yield opened
+        return
+    try:
+        async for out in opened:
+            yield out
+    finally:
+        await opened.aclose()
 
 
 def _merge(
@@ -318,6 +365,9 @@ def _with(first: StepOutput, token_ids, logprobs, last: StepOutput) -> StepOutpu
 
 def _deliver(items: list[tuple[OutputStream, list[StepOutput | BaseException]]]) -> None:
     for stream, outs in items:
+        if stream._sink is not None:
+            stream._feed(outs)
+            continue
         stream._pending += outs
         waiter = stream._waiter
         if waiter is not None and not waiter.done():

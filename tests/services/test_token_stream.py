@@ -157,6 +157,58 @@ def test_an_engine_failure_reaches_the_stream_after_the_tokens_before_it(llm_eng
     assert first.finish_reason is None
 
 
+def test_pump_hands_every_output_to_the_sink_in_order_then_returns(llm_engine, reference):
+    async def body(engine):
+        got: list = []
+        stream = await engine.open_stream("p", PROMPT, _greedy(8, logprobs=2))
+        await _until(lambda: _no_requests(engine))  # all 8 steps wait in the stream first
+        await engine.pump(stream, got.append)  # what queued is handed over at once
+        await stream.aclose()
+        live: list = []
+        stream = await engine.open_stream("q", PROMPT, _greedy(8, logprobs=2))
+        await engine.pump(stream, live.append)  # and as the steps come
+        await stream.aclose()
+        return got, live, dict(engine._streams), await engine.call(engine.engine.stats)
+
+    got, live, streams, stats = _run(llm_engine, body)
+    for outs in (got, live):
+        assert [t for o in outs for t in o.new_token_ids] == reference[0]
+        assert [lp for o in outs for lp in o.new_logprobs] == reference[1]
+        assert [o.finish_reason for o in outs][-1] == "length"
+    assert len(live) > 1  # one sink call per step, not one merged output
+    assert streams == {} and stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_cancelling_a_pump_aborts_the_request_and_frees_its_blocks(llm_engine):
+    async def body(engine):
+        got: list = []
+        stream = await engine.open_stream("r", PROMPT, _greedy(10_000))
+
+        async def pump():
+            try:
+                await engine.pump(stream, got.append)
+            finally:
+                await stream.aclose()
+
+        task = asyncio.create_task(pump())
+        await _until(lambda: _async_true(len(got) >= 2))
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await _until(lambda: _no_requests(engine))
+        n = len(got)
+        await asyncio.sleep(0.2)
+        return n, len(got), await engine.call(engine.engine.stats), dict(engine._streams)
+
+    n, later, stats, streams = _run(llm_engine, body)
+    assert later == n  # nothing reached the sink after the cancel
+    assert stats.num_free_blocks == stats.num_total_blocks and streams == {}
+
+
+async def _async_true(value: bool) -> bool:
+    return value
+
+
 def test_a_request_id_in_use_is_refused_without_touching_the_open_stream(llm_engine):
     async def body(engine):
         stream = await engine.open_stream("g", PROMPT, _greedy(3))

@@ -2,8 +2,9 @@
 
 local?    no prefill server, or the prompt's part not cached on the chosen decode server
           is shorter than max_local_prefill_length -> the decode server prefills it
-          (Decode.Generate(prefill_locally), no handoff); counted local / remote
-attempt:  choose decode ─ Decode.Generate ──> KVTarget (remote prefill only)
+          (prefill_locally, no handoff); counted local / remote
+attempt:  choose decode ─ its Decode.Session (or a Decode.Generate call, for a server
+          without one: router/decode_stream.py) ──> KVTarget (remote prefill only)
           choose prefill ─ Prefill.Prefill(kv_target) ──> token 0   (yielded at once)
           decode stream ──> tokens 1.. until a finish_reason
 failure:  a worker error before the choice finished starts a new attempt on other workers
@@ -18,10 +19,11 @@ blame:    Prefill RPC failed or timed out                -> that prefill server
                                                              never arrived); the decode
                                                              server is tried again
           decode stream error or silent for idle timeout  -> that decode server
-exit:     finished normally: nothing to clean. Closed early (stop string, client cancel,
-          error): cancel the decode stream and Abort(req_id) on both workers.
+exit:     finished on the decode server: nothing to clean. Otherwise (the prefill's token
+          ended it, stop string, client cancel, error): abort it on the decode server (on
+          the session, or cancel the Generate call and Abort) and Abort on the prefill one.
 deadlines: every call here has one (Prefill: prefill_timeout_s; each decode read: the
-          handoff, local-prefill or idle timeout, kept by _DecodeStream without a timer per
+          handoff, local-prefill or idle timeout, kept by the stream without a timer per
           token; Abort: ABORT_TIMEOUT_S).
 """
 

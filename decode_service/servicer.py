@@ -91,6 +91,11 @@ class _Handoff:
     committed: bool = False  # the KV arrived and the request joined the batch
 
 
+# events per Session message: a router that lagged gets what queued in messages of at most
+# this many (one step of a full batch fits in one), far below the gRPC message size limits
+MAX_SESSION_EVENTS = 4096
+
+
 class _Outbox:
     """A session's events not yet written, in the one message the next write sends: the
     requests' tasks add to it, the session's writer swaps it for an empty one and writes."""
@@ -122,7 +127,13 @@ class _Outbox:
                 await self._waiter
             finally:
                 self._waiter = None
-        msg, self.msg = self.msg, worker_pb2.SessionEvents()
+        queued = self.msg.events
+        if len(queued) <= MAX_SESSION_EVENTS:
+            msg, self.msg = self.msg, worker_pb2.SessionEvents()
+            return msg
+        msg = worker_pb2.SessionEvents()
+        msg.events.extend(queued[:MAX_SESSION_EVENTS])
+        del queued[:MAX_SESSION_EVENTS]
         return msg
 
 

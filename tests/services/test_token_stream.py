@@ -299,3 +299,21 @@ def test_stream_interval_hands_tokens_n_at_a_time_first_and_last_at_once(
     assert stats.num_free_blocks == stats.num_total_blocks
     with pytest.raises(ValueError, match="stream_interval"):
         AsyncEngine(llm_engine, stream_interval=0)
+
+
+def test_a_session_outbox_that_lagged_is_written_in_bounded_messages():
+    from decode_service import servicer
+
+    async def body():
+        out = servicer._Outbox()
+        n = servicer.MAX_SESSION_EVENTS * 2 + 5
+        for i in range(n):
+            out.add(f"r{i % 7}").tokens.token_ids.append(i)
+        msgs = []
+        while (m := await out.take(lambda: True)) is not None:
+            msgs.append(m)
+        return n, msgs
+
+    n, msgs = asyncio.run(body())
+    assert [len(m.events) for m in msgs] == [servicer.MAX_SESSION_EVENTS] * 2 + [5]
+    assert [ev.tokens.token_ids[0] for m in msgs for ev in m.events] == list(range(n))

@@ -215,14 +215,22 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
 
         async def read_requests() -> None:
             async for msg in request_iterator:
-                if msg.WhichOneof("op") == "abort":
+                op = msg.WhichOneof("op")
+                if op == "abort":
                     await self._abort(msg.abort.req_id)
                     continue
                 req_id = msg.generate.req_id
-                if req_id in self._session_tasks:
+                refused = (
+                    "a SessionRequest needs generate or abort"
+                    if op is None
+                    else f"request id {req_id!r} is already in use"
+                    if req_id in self._session_tasks
+                    else None
+                )
+                if refused is not None:
                     ev = out.add(req_id)
                     ev.error.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-                    ev.error.message = f"request id {req_id!r} is already in use"
+                    ev.error.message = refused
                     continue
                 task = asyncio.ensure_future(self._session_request(msg.generate, out))
                 tasks[req_id] = self._session_tasks[req_id] = task

@@ -356,6 +356,8 @@ def test_session_refuses_a_bad_request_with_an_error_event_and_serves_the_others
             s.generate("long", PROMPTS[0], 6)  # its id is in use on this server
             s.generate("good", PROMPTS[0], 6)
             await s.read_until(lambda ev: _all_ended(["bad", "good"])(ev) and len(ev["long"]) > 1)
+            s.up.put_nowait(worker_pb2.SessionRequest())  # neither generate nor abort
+            await s.read_until(lambda ev: "" in ev)
             s.abort("long")
             s.abort("never-seen")  # unknown ids are ignored
             stats = await _idle(channel)
@@ -369,6 +371,8 @@ def test_session_refuses_a_bad_request_with_an_error_event_and_serves_the_others
     dup = [ev.error for ev in s.events["long"] if ev.WhichOneof("event") == "error"]
     assert [e.code for e in dup] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]]
     assert "in use" in dup[0].message
+    empty = s.events[""]
+    assert len(empty) == 1 and empty[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert s.tokens("good") == want
     # the aborted request's events stopped without a final one; nothing leaked
     assert not any(ev.tokens.finish_reason for ev in s.events["long"])

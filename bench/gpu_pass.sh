@@ -7,6 +7,8 @@
 #   bash bench/gpu_pass.sh D   # async scheduling: GPU test, engine step + W1 engine-only, W1 stack
 #   bash bench/gpu_pass.sh E   # W1 via the gateway with async scheduling on and off + HF peer
 #   bash bench/gpu_pass.sh F   # W1 via the gateway under py-spy (decode phase, every process)
+#   bash bench/gpu_pass.sh K   # Decode.Session: W1 at stream interval 1 and 4 + HF static peer,
+#                              # token path (Generate vs Session), control plane coalesce/session
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
 # Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
 set -u
@@ -104,6 +106,19 @@ H)  # final W1 pair with the HF static peer in the same call, then the end-of-ru
   step 150 python3 bench/gpu_w1_profile.py --out "$OUT" --serve-extra="--stream-interval 4" \
     --at-s 13 --seconds 6 2>&1 | grep -v "^\(Mean\|Median\|P90\|P99\|Total\|Request\)" | tail -120
   rm -f "$OUT"/serve-*.log "$OUT"/pyspy-*-gil.txt
+  ;;
+K)  # after Decode.Session (session 5): W1 at interval 1 and 4 with the HF static peer in the
+    # same call, the decode token path and the control plane, Generate against Session
+  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
+    --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-700 | tail -8
+  step 100 python3 bench/gpu_serving.py w1 --out "$OUT" --serve-extra="--stream-interval 4" \
+    --tag=-si4 2>&1 | grep -E "^W1" | cut -c1-500
+  rm -f "$OUT"/serve-*.log
+  step 60 python3 bench/decode_token_path.py --streams 512 --out "$OUT/decode-token-path.json" \
+    2>&1 | grep '^{"'
+  step 200 python3 bench/control_plane.py --modes coalesce,session --itl-ms 20 \
+    --num-prompts 512 --output-len 256 --repeats 1 \
+    --out "$OUT/control-plane-session.json" 2>&1 | grep -E "^(run|mode|\{)"
   ;;
 esac
 ls -la "$OUT"

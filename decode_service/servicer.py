@@ -164,6 +164,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         self.offer = offer or KVOffer()
         self._handoff_ids = itertools.count()
         self._session_tasks: dict[str, asyncio.Task] = {}  # req_id -> its task, every session
+        self._aborting: set[asyncio.Task] = set()  # session aborts in progress
 
     @property
     def num_session_requests(self) -> int:
@@ -216,8 +217,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         async def read_requests() -> None:
             async for msg in request_iterator:
                 op = msg.WhichOneof("op")
-                if op == "abort":
-                    await self._abort(msg.abort.req_id)
+                if op == "abort":  # not awaited here: later admissions do not wait for it
+                    aborting = asyncio.ensure_future(self._abort(msg.abort.req_id))
+                    self._aborting.add(aborting)
+                    aborting.add_done_callback(self._aborting.discard)
                     continue
                 req_id = msg.generate.req_id
                 refused = (

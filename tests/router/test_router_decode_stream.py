@@ -154,3 +154,34 @@ def test_a_cancel_from_outside_at_the_deadline_stays_a_cancel():
             await task
 
     asyncio.run(scenario())
+
+
+def test_a_lagging_session_choice_reads_its_queued_token_events_as_one():
+    import collections
+
+    from protos import common_pb2, worker_pb2
+    from router.decode_stream import _merge_tokens
+
+    def ev(tokens, finish=0, stop=None):
+        e = worker_pb2.SessionEvent(req_id="r")
+        e.tokens.token_ids.extend(tokens)
+        for t in tokens:
+            e.tokens.logprobs.add(token_id=t, logprob=-0.1 * t)
+        e.tokens.num_cached_tokens = 16
+        if finish:
+            e.tokens.finish_reason = finish
+        if stop is not None:
+            e.tokens.stop_token_id = stop
+        return e
+
+    first = ev([1])
+    queued = collections.deque(
+        [ev([2, 3]), ev([4], common_pb2.FINISH_REASON_STOP, stop=4), ev([99])]
+    )
+    _merge_tokens(first.tokens, queued)
+    t = first.tokens
+    assert list(t.token_ids) == [1, 2, 3, 4]
+    assert [lp.token_id for lp in t.logprobs] == [1, 2, 3, 4]
+    assert t.finish_reason == common_pb2.FINISH_REASON_STOP and t.stop_token_id == 4
+    assert t.num_cached_tokens == 16
+    assert [list(e.tokens.token_ids) for e in queued] == [[99]]  # not past the finish

@@ -81,6 +81,15 @@ def _fill_tokens(tokens: worker_pb2.TokenEvent, out: StepOutput, num_prompt_toke
             logprob_to_proto(lp, tokens.logprobs.add())
 
 
+def _forget_abort(tasks: set):
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("event=abort_failed error=%r", task.exception())
+
+    return done
+
+
 @dataclass
 class _Handoff:
     """A remote-prefill request's reservation on this server."""
@@ -218,9 +227,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             async for msg in request_iterator:
                 op = msg.WhichOneof("op")
                 if op == "abort":  # not awaited here: later admissions do not wait for it
-                    aborting = asyncio.ensure_future(self._abort(msg.abort.req_id))
-                    self._aborting.add(aborting)
-                    aborting.add_done_callback(self._aborting.discard)
+                    self._abort_soon(msg.abort.req_id)
                     continue
                 req_id = msg.generate.req_id
                 refused = (
@@ -238,9 +245,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 task = asyncio.ensure_future(self._session_request(msg.generate, out))
                 tasks[req_id] = self._session_tasks[req_id] = task
                 task.add_done_callback(lambda t, r=req_id: ended(t, r))
-            out.wake()
 
         reader = asyncio.ensure_future(read_requests())
+        reader.add_done_callback(lambda _: out.wake())  # half-closed, or broken
         try:
             # ends once the router half-closed and every request on it ended
             while (msg := await out.take(lambda: reader.done() and not tasks)) is not None:
@@ -248,8 +255,15 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             reader.result()  # a broken request stream ends the session with its error
         finally:
             reader.cancel()
-            for task in list(tasks.values()):
-                task.cancel()  # each one's cleanup aborts it in the engine, frees its blocks
+            # Abort, not just cancel: a task may be waiting on an engine call (add_request,
+            # reserve, commit) that runs anyway; the engine's abort queues after it.
+            for req_id in list(tasks):
+                self._abort_soon(req_id)
+
+    def _abort_soon(self, req_id: str) -> None:
+        task = asyncio.ensure_future(self._abort(req_id))
+        self._aborting.add(task)
+        task.add_done_callback(_forget_abort(self._aborting))
 
     async def _session_request(self, request, out: _Outbox) -> None:
         req_id, num_prompt = request.req_id, len(request.prompt_token_ids)
@@ -311,7 +325,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         handoff_id = f"{req_id}#{next(self._handoff_ids)}"
         h = self.ledger.open(handoff_id, req_id, target.block_ids, target.num_cached_tokens)
         hs = _Handoff(req_id, h)
-        try:
+        try:  # (reserve ran before: a cancel during it is the caller's abort to clean up)
             hs.kv_target = worker_pb2.KVTarget(
                 handoff_id=handoff_id,
                 decode_kv_address=self.kv_address,
@@ -326,9 +340,19 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             yield hs
         finally:
             self.ledger.fail(handoff_id, HandoffState.RECLAIMED, "request ended")
+            # its own task: a second cancel (an abort, then the session ending) must not cut
+            # it short between the settle and the free
+            release = asyncio.ensure_future(self._release(hs, handoff_id))
+            self._aborting.add(release)
+            release.add_done_callback(_forget_abort(self._aborting))
+            await asyncio.shield(release)
+
+    async def _release(self, hs: _Handoff, handoff_id: str) -> None:
+        try:
             if not hs.committed:  # blocks still reserved: take them back (idempotent)
-                await self.ledger.settle(h)  # no chunk write may land after the free
-                await self.engine.abort(req_id)
+                await self.ledger.settle(hs.handoff)  # no chunk write may land after the free
+                await self.engine.abort(hs.req_id)
+        finally:
             self.ledger.close(handoff_id)
 
     async def _commit_after_kv(self, hs: _Handoff):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import math
 
@@ -286,11 +287,15 @@ class DecodeSession:
         self.worker = worker
         self.closed = False
         self._streams: dict[str, _SessionStream] = {}
+        self._seq = itertools.count()
         self._up: asyncio.Queue[worker_pb2.SessionRequest | None] = asyncio.Queue()
         self._call = worker.stub.Session(self._requests())
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     def open(self, request: worker_pb2.DecodeRequest) -> _SessionStream:
+        # a key of its own on this session: a client may reuse a request_id as soon as the
+        # last one ended, while that one's abort and last events are still on the wire
+        request.req_id = f"{request.req_id}/{next(self._seq)}"
         stream = _SessionStream(self, request)
         self._streams[request.req_id] = stream
         self._up.put_nowait(worker_pb2.SessionRequest(generate=request))
@@ -331,8 +336,13 @@ class DecodeSession:
         except asyncio.CancelledError:
             error = _WorkerFailed(self.worker, "the decode session was cancelled")
             raise
+        except Exception as e:  # noqa: BLE001 - a bug here must fail the choices over, not hang
+            log.exception("event=decode_session_failed worker=%s", self.worker.address)
+            error = _WorkerFailed(self.worker, f"decode session: {e!r}")
         finally:
             self.closed = True
+            self._up.put_nowait(None)  # ends the request iterator grpc is still polling
+            self._call.cancel()  # (a no-op once the call ended)
             if self.worker.session is self:
                 self.worker.session = None
             streams, self._streams = self._streams, {}

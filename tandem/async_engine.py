@@ -309,7 +309,11 @@ class OutputStream:
             if isinstance(out, BaseException):
                 done.set_exception(EngineDeadError(f"engine failed: {out!r}"))
                 return
-            sink(out)
+            try:
+                sink(out)
+            except Exception as e:  # noqa: BLE001 - the waiter gets it; other streams go on
+                done.set_exception(e)
+                return
             if out.finish_reason is not None:
                 self._finished = True
                 if self._engine._streams.get(self.req_id) is self:

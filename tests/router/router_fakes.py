@@ -73,9 +73,13 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
         tasks: dict[str, asyncio.Task] = {}
 
         async def run(request):
+            key = request.req_id  # the router's "<attempt id>/<n>", unique on its session
+            attempt = worker_pb2.DecodeRequest()
+            attempt.CopyFrom(request)
+            attempt.req_id = key.rsplit("/", 1)[0]  # recorded as the attempt id, as Generate's
             try:
-                async for ev in self.Generate(request, _RequestContext()):
-                    se = worker_pb2.SessionEvent(req_id=request.req_id)
+                async for ev in self.Generate(attempt, _RequestContext()):
+                    se = worker_pb2.SessionEvent(req_id=key)
                     if ev.WhichOneof("event") == "kv_target":
                         se.kv_target.CopyFrom(ev.kv_target)
                     else:
@@ -83,12 +87,12 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
                     out.put_nowait(se)
             except _Refused as e:
                 err = worker_pb2.SessionError(code=e.code.value[0], message=e.details)
-                out.put_nowait(worker_pb2.SessionEvent(req_id=request.req_id, error=err))
+                out.put_nowait(worker_pb2.SessionEvent(req_id=key, error=err))
 
         async def read_requests():
             async for msg in request_iterator:
                 if msg.WhichOneof("op") == "abort":
-                    self.state.aborted.append(msg.abort.req_id)
+                    self.state.aborted.append(msg.abort.req_id.rsplit("/", 1)[0])
                     task = tasks.pop(msg.abort.req_id, None)
                     if task is not None:
                         task.cancel()

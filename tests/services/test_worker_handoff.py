@@ -426,3 +426,22 @@ def test_ending_the_session_aborts_every_request_on_it(engines):
     stats = asyncio.run(main())
     assert (stats.num_running, stats.num_waiting, stats.num_active_handoffs) == (0, 0, 0)
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_ending_the_session_while_its_requests_are_being_admitted_leaks_nothing(engines):
+    """The call ends while add_request / reserve are still queued for the engine thread:
+    they run anyway, and the abort the session's end sends after them frees what they took."""
+
+    async def main():
+        async with _start(*engines) as channel:
+            for round_ in range(3):
+                s = _Session(channel)
+                for i, p in enumerate(PROMPTS):
+                    s.generate(f"x{round_}-{i}", p, 10_000, local=i != 1)
+                await asyncio.sleep(0.05 * round_)  # before, during and after admission
+                s.call.cancel()
+            return await _idle(channel)
+
+    stats = asyncio.run(main())
+    assert (stats.num_running, stats.num_waiting, stats.num_active_handoffs) == (0, 0, 0)
+    assert stats.num_free_blocks == stats.num_total_blocks

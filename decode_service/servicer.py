@@ -358,8 +358,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
     async def _commit_after_kv(self, hs: _Handoff):
         """Wait for the KV push, then join the batch (AsyncEngine.open_commit's result)."""
         h = await self.ledger.wait(hs.handoff)
+        # committed only once open_commit returned: if it raised or was cancelled (its
+        # commit call runs anyway), the release aborts the request instead of orphaning it
+        opened = await self.engine.open_commit(hs.req_id, h.first_token_id, h.first_logprob)
         hs.committed = True
-        return await self.engine.open_commit(hs.req_id, h.first_token_id, h.first_logprob)
+        return opened
 
     async def Abort(self, request, context):
         return worker_pb2.AbortResponse(found=await self._abort(request.req_id))

@@ -116,8 +116,8 @@ K)  # after Decode.Session (session 5): W1 at interval 1 and 4 with the HF stati
   rm -f "$OUT"/serve-*.log
   step 60 python3 bench/decode_token_path.py --streams 512 --out "$OUT/decode-token-path.json" \
     2>&1 | grep '^{"'
-  step 200 python3 bench/control_plane.py --modes coalesce,session --itl-ms 20 \
-    --num-prompts 512 --output-len 256 --repeats 1 \
+  step 170 python3 bench/control_plane.py --model /tmp/tandem-dummy-model --num-clients 4 \
+    --modes coalesce,session --itl-ms 20 --num-prompts 512 --output-len 256 --repeats 1 \
     --out "$OUT/control-plane-session.json" 2>&1 | grep -E "^(run|mode|\{)"
   ;;
 esac

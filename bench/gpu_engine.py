@@ -6,7 +6,11 @@ On dummy Llama-3.1-8B (bf16), in one process:
      (weights + context KV bytes over the copy bandwidth measured in the same run);
   2. at a steady decode batch (--profile-batch), per step: wall time, GPU time (CUDA events
      around the runner), their difference (time the GPU waits on the host), with CUDA graphs
-     and without; and a cProfile of the graph steps' host work.
+     and without; and a cProfile of the graph steps' host work;
+  3. with --kernel-profile: torch.profiler over a few decode steps at that batch (CUDA graphs
+     and eager) and over one 8k-token prefill step: GPU time per step by kernel kind (GEMM,
+     attention, norm, ...) and the top kernels, so a step's time can be put against its
+     compute and memory ceilings.
 
     PYTHONPATH=. python bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --out $OUT/engine.json
 """
@@ -34,7 +38,7 @@ def make_engine(args):
 
     return LLMEngine(
         EngineConfig(
-            model=str(CONFIG_DIR),
+            model=str(args.config),
             dtype="bfloat16",
             load_format="dummy",
             max_num_seqs=args.max_num_seqs,
@@ -231,8 +235,138 @@ def steady_decode(engine, args) -> dict:
     return result
 
 
+# kernel kinds, by the first pattern a kernel's name matches (cuBLAS/CUTLASS GEMM names vary
+# with the version: nvjet, sm90_xmma, cutlass, gemm)
+KERNEL_KINDS = [
+    ("attention", r"_decode_split|_decode_reduce|_prefill_kernel|attention|attn|flash|fmha"),
+    ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|matmul|sgemv|gemv|splitk|aten::(mm|addmm|bmm)$"),
+    ("rms_norm", r"rms|norm"),
+    ("rotary", r"rotary|rope"),
+    ("silu_mul", r"silu|act_and_mul|swiglu"),
+    ("kv_write", r"_write_kv|kv_write|reshape_and_cache"),
+    ("sampling", r"argmax|argmin|softmax|exponential|distribution|topk|sort|reduce_kernel"),
+    ("copy", r"memcpy|memset|copy|index|gather|scatter|cat|fill"),
+]
+
+
+def kind_of(name: str) -> str:
+    import re
+
+    low = name.lower()
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, low):
+            return kind
+    return "other"
+
+
+def _device_time_us(evt) -> float:
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        v = getattr(evt, attr, None)
+        if v:
+            return float(v)
+    return 0.0
+
+
+def summarize_profile(prof, steps: int, top: int = 12, cuda: bool = True) -> dict:
+    """GPU time per step from a torch.profiler run of `steps` steps: totals by kernel kind and
+    the top kernels by time (names cut to 90 characters). cuda=False (a CPU run): the aten
+    ops' self CPU time instead."""
+    kernels = []
+    for evt in prof.key_averages():
+        if cuda:
+            us = _device_time_us(evt)
+            on_device = "cuda" in str(getattr(evt, "device_type", "")).lower()
+        else:
+            us, on_device = float(evt.self_cpu_time_total), evt.key.startswith("aten::")
+        if us > 0 and on_device:
+            kernels.append((evt.key, us, evt.count))
+    total = sum(us for _, us, _ in kernels)
+    by_kind: dict[str, float] = {}
+    for name, us, _ in kernels:
+        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + us
+    kernels.sort(key=lambda k: -k[1])
+    return {
+        "steps": steps,
+        "gpu_ms_per_step": total / steps / 1e3,
+        "by_kind_ms_per_step": {
+            k: round(v / steps / 1e3, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])
+        },
+        "top_kernels": [
+            {
+                "name": name[:90],
+                "kind": kind_of(name),
+                "ms_per_step": round(us / steps / 1e3, 4),
+                "calls_per_step": count / steps,
+                "share": round(us / total, 4) if total else 0.0,
+            }
+            for name, us, count in kernels[:top]
+        ],
+    }
+
+
+def _profiled(engine, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.runner.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+    return summarize_profile(prof, steps, cuda=cuda)
+
+
+def kernel_profile(engine, args) -> dict:
+    """Where a step's GPU time goes: decode at --profile-batch (graphs, then eager) and one
+    prefill step of max_num_batched_tokens prompt tokens (max_num_batched_tokens / input_len
+    fresh prompts)."""
+    from tandem.sampling_params import SamplingParams
+
+    vocab = engine.model_cfg.vocab_size
+    n = args.profile_batch
+    params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+    for i, p in enumerate(prompts(n, args.input_len, vocab, 11)):
+        engine.add_request(f"kprof-{i}", p, params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or (
+        len(engine.scheduler.running) < n
+    ):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    result = {"batch": n, "context_tokens": args.input_len}
+    graphs = engine.runner.graphs
+    steps = 5
+    result["decode_graphs"] = _profiled(engine, steps)
+    engine.runner.graphs = None
+    engine.async_scheduling = False
+    engine.step()  # drains the step in flight
+    result["decode_eager"] = _profiled(engine, steps)
+    engine.runner.graphs = graphs
+    engine.async_scheduling = engine.runner.device.type == "cuda"
+    for i in range(n):
+        engine.abort(f"kprof-{i}")
+    while engine.has_unfinished():
+        engine.step()
+    k = max(1, args.max_num_batched_tokens // args.input_len)
+    small = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    for i, p in enumerate(prompts(k, args.input_len, vocab, 12)):
+        engine.add_request(f"kpre-{i}", p, small)
+    result["prefill"] = _profiled(engine, 1)
+    result["prefill"]["prompt_tokens"] = k * args.input_len
+    while engine.has_unfinished():
+        engine.step()
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--config", type=Path, default=CONFIG_DIR, help="dir of the config.json")
+    ap.add_argument(
+        "--kernel-profile", action="store_true", help="GPU time per step by kernel kind"
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument(
         "--ceilings",
@@ -250,6 +384,7 @@ def main() -> None:
     ap.add_argument("--profile-batch", type=int, default=256)
     ap.add_argument("--profile-steps", type=int, default=40)
     ap.add_argument("--skip-w1", action="store_true")
+    ap.add_argument("--skip-steady", action="store_true")
     args = ap.parse_args()
 
     spec = importlib.util.spec_from_file_location("gpu_ceilings", args.ceilings)
@@ -271,10 +406,14 @@ def main() -> None:
     }
     print(json.dumps(out), flush=True)
     with torch.inference_mode():
-        out["steady_decode"] = steady_decode(engine, args)
-        sd = out["steady_decode"]
-        print(json.dumps({k: v for k, v in sd.items() if not k.startswith("cprofile")}))
-        print(sd.get("cprofile_top_graphs_async", ""), flush=True)
+        if args.kernel_profile:
+            out["kernel_profile"] = kernel_profile(engine, args)
+            print("KERNELS", json.dumps(out["kernel_profile"]), flush=True)
+        if not args.skip_steady:
+            out["steady_decode"] = steady_decode(engine, args)
+            sd = out["steady_decode"]
+            print(json.dumps({k: v for k, v in sd.items() if not k.startswith("cprofile")}))
+            print(sd.get("cprofile_top_graphs_async", ""), flush=True)
         if not args.skip_w1:
             out["w1_engine"] = run_w1(engine, args)
             print(json.dumps(out["w1_engine"]), flush=True)

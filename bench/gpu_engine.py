@@ -208,7 +208,7 @@ def steady_decode(engine, args) -> dict:
                 engine.step()
             prof.disable()
             s = io.StringIO()
-            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
             result[f"cprofile_top_{mode}"] = s.getvalue()
         recs = [r for r in timer.records if r["decode_only"]]
         wall = statistics.median(r["wall_s"] for r in recs)
@@ -285,7 +285,22 @@ def summarize_profile(prof, steps: int, top: int = 12, cuda: bool = True) -> dic
     for name, us, _ in kernels:
         by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + us
     kernels.sort(key=lambda k: -k[1])
+    # the host's side: CPU time per step by op or runtime call (cudaGraphLaunch, the copies'
+    # cudaMemcpyAsync, kernel launches), self time, so nested ops are not counted twice
+    host = sorted(
+        ((e.key, float(e.self_cpu_time_total), e.count) for e in prof.key_averages()),
+        key=lambda k: -k[1],
+    )
     return {
+        "host_self_ms_per_step_top": [
+            {
+                "name": name[:60],
+                "ms_per_step": round(us / steps / 1e3, 4),
+                "calls_per_step": c / steps,
+            }
+            for name, us, c in host[:top]
+            if us > 0
+        ],
         "steps": steps,
         "gpu_ms_per_step": total / steps / 1e3,
         "by_kind_ms_per_step": {
@@ -319,40 +334,45 @@ def _profiled(engine, steps: int) -> dict:
     return summarize_profile(prof, steps, cuda=cuda)
 
 
-def kernel_profile(engine, args) -> dict:
-    """Where a step's GPU time goes: decode at --profile-batch (graphs, then eager) and one
-    prefill step of max_num_batched_tokens prompt tokens (max_num_batched_tokens / input_len
-    fresh prompts)."""
+def _decode_batch(engine, n: int, input_len: int, tag: str) -> None:
+    """n requests of input_len random tokens, stepped until every one is decoding."""
     from tandem.sampling_params import SamplingParams
 
-    vocab = engine.model_cfg.vocab_size
-    n = args.profile_batch
     params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
-    for i, p in enumerate(prompts(n, args.input_len, vocab, 11)):
-        engine.add_request(f"kprof-{i}", p, params)
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or (
-        len(engine.scheduler.running) < n
-    ):
+    for i, p in enumerate(prompts(n, input_len, engine.model_cfg.vocab_size, 11)):
+        engine.add_request(f"{tag}-{i}", p, params)
+    running = engine.scheduler.running
+    while len(running) < n or any(r.num_computed_tokens < r.num_prompt_tokens for r in running):
         engine.step()
     for _ in range(3):
         engine.step()
-    result = {"batch": n, "context_tokens": args.input_len}
+
+
+def kernel_profile(engine, args) -> dict:
+    """Where a step's GPU time goes: decode at each --kernel-profile-batches size (graphs,
+    then eager) and one prefill step of max_num_batched_tokens prompt tokens
+    (max_num_batched_tokens / input_len fresh prompts)."""
+    from tandem.sampling_params import SamplingParams
+
+    result = {"context_tokens": args.input_len, "decode": {}}
     graphs = engine.runner.graphs
-    steps = 5
-    result["decode_graphs"] = _profiled(engine, steps)
-    engine.runner.graphs = None
-    engine.async_scheduling = False
-    engine.step()  # drains the step in flight
-    result["decode_eager"] = _profiled(engine, steps)
-    engine.runner.graphs = graphs
-    engine.async_scheduling = engine.runner.device.type == "cuda"
-    for i in range(n):
-        engine.abort(f"kprof-{i}")
-    while engine.has_unfinished():
-        engine.step()
+    for n in args.kernel_profile_batches:
+        _decode_batch(engine, n, args.input_len, "kprof")
+        one = {"graphs": _profiled(engine, 5)}
+        engine.runner.graphs = None
+        engine.async_scheduling = False
+        engine.step()  # drains the step in flight
+        one["eager"] = _profiled(engine, 5)
+        engine.runner.graphs = graphs
+        engine.async_scheduling = engine.runner.device.type == "cuda"
+        result["decode"][str(n)] = one
+        for i in range(n):
+            engine.abort(f"kprof-{i}")
+        while engine.has_unfinished():
+            engine.step()
     k = max(1, args.max_num_batched_tokens // args.input_len)
     small = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-    for i, p in enumerate(prompts(k, args.input_len, vocab, 12)):
+    for i, p in enumerate(prompts(k, args.input_len, engine.model_cfg.vocab_size, 12)):
         engine.add_request(f"kpre-{i}", p, small)
     result["prefill"] = _profiled(engine, 1)
     result["prefill"]["prompt_tokens"] = k * args.input_len
@@ -384,6 +404,7 @@ def main() -> None:
     ap.add_argument("--profile-batch", type=int, default=256)
     ap.add_argument("--profile-steps", type=int, default=40)
     ap.add_argument("--skip-w1", action="store_true")
+    ap.add_argument("--kernel-profile-batches", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--skip-steady", action="store_true")
     args = ap.parse_args()
 

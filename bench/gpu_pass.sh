@@ -9,6 +9,8 @@
 #   bash bench/gpu_pass.sh F   # W1 via the gateway under py-spy (decode phase, every process)
 #   bash bench/gpu_pass.sh K   # Decode.Session: W1 at stream interval 1 and 4 + HF static peer,
 #                              # token path (Generate vs Session), control plane coalesce/session
+#   bash bench/gpu_pass.sh L   # where a step's time goes: kernel profile (decode 256/512,
+#                              # prefill 8k), decode host share, W1 engine-only; W2 both modes
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
 # Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
 set -u
@@ -119,6 +121,19 @@ K)  # after Decode.Session (session 5): W1 at interval 1 and 4 with the HF stati
   step 170 python3 bench/control_plane.py --model /tmp/tandem-dummy-model --num-clients 4 \
     --modes coalesce,session --itl-ms 20 --num-prompts 512 --output-len 256 --repeats 1 \
     --out "$OUT/control-plane-session.json" 2>&1 | grep -E "^(run|mode|\{)"
+  ;;
+L)  # session 6: kernel profile + host share + W1 engine-only, then W2 both modes (sessions)
+  step 280 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --kernel-profile \
+    --out "$OUT/engine.json" 2>&1 | grep -v "^sweep" | grep -vE "^(KERNELS|USDT)" | cut -c1-1500
+  python3 -c "import json,sys; k=json.load(open(sys.argv[1]))['kernel_profile']
+for n,d in k['decode'].items():
+  for m,v in d.items(): print('KP', n, m, round(v['gpu_ms_per_step'],2), v['by_kind_ms_per_step'])
+print('KP prefill', round(k['prefill']['gpu_ms_per_step'],1), k['prefill']['by_kind_ms_per_step'])" \
+    "$OUT/engine.json"
+  step 230 python3 bench/gpu_serving.py w2 --out "$OUT" --rates 2,8,16,32 --seconds-per-rate 8 \
+    2>&1 | grep -E "^W2" | cut -c1-60
+  python3 bench/w2_table.py "$OUT/w2.json"
+  rm -f "$OUT"/serve-*.log
   ;;
 esac
 ls -la "$OUT"

@@ -319,6 +319,11 @@ def summarize_profile(prof, steps: int, top: int = 12, cuda: bool = True) -> dic
     }
 
 
+def _sync(engine) -> None:
+    if engine.runner.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _profiled(engine, steps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -378,7 +383,48 @@ def kernel_profile(engine, args) -> dict:
     result["prefill"]["prompt_tokens"] = k * args.input_len
     while engine.has_unfinished():
         engine.step()
+    result["mixed"] = mixed_profile(engine, args, args.kernel_profile_batches[0], k)
     return result
+
+
+def mixed_profile(engine, args, n: int, k: int) -> dict:
+    """One mixed step, synchronous: n requests decoding plus k fresh prompts filling the rest
+    of the token budget; the decode rows through the decode kernel (split) and, for the
+    comparison, every row through one prefill-kernel call."""
+    from tandem.sampling_params import SamplingParams
+
+    vocab = engine.model_cfg.vocab_size
+    _decode_batch(engine, n, args.input_len, "kmix")
+    engine.async_scheduling = False
+    engine.step()  # drains the step in flight
+    small = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    out = {"decode_rows": n, "new_prompts": k}
+    for split in (True, False):
+        engine.runner.split_mixed_attention = split
+        tag = f"kmix-new-{int(split)}"
+        for i, p in enumerate(prompts(k, args.input_len, vocab, 13 + split)):
+            engine.add_request(f"{tag}-{i}", p, small)
+        _sync(engine)
+        t0 = time.perf_counter()
+        engine.step()
+        _sync(engine)
+        wall = time.perf_counter() - t0
+        for i in range(k):
+            engine.abort(f"{tag}-{i}")
+        for i, p in enumerate(prompts(k, args.input_len, vocab, 23 + split)):
+            engine.add_request(f"{tag}-p-{i}", p, small)
+        prof = _profiled(engine, 1)
+        prof["step_wall_ms_unprofiled"] = wall * 1e3
+        out["split" if split else "one_prefill_call"] = prof
+        for i in range(k):
+            engine.abort(f"{tag}-p-{i}")
+    engine.runner.split_mixed_attention = True
+    engine.async_scheduling = engine.runner.device.type == "cuda"
+    for i in range(n):
+        engine.abort(f"kmix-{i}")
+    while engine.has_unfinished():
+        engine.step()
+    return out
 
 
 def main() -> None:
@@ -406,6 +452,11 @@ def main() -> None:
     ap.add_argument("--skip-w1", action="store_true")
     ap.add_argument("--kernel-profile-batches", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--skip-steady", action="store_true")
+    ap.add_argument(
+        "--w1-unsplit",
+        action="store_true",
+        help="W1 again with mixed steps' decode rows in the prefill kernel (the old path)",
+    )
     args = ap.parse_args()
 
     spec = importlib.util.spec_from_file_location("gpu_ceilings", args.ceilings)
@@ -438,6 +489,11 @@ def main() -> None:
         if not args.skip_w1:
             out["w1_engine"] = run_w1(engine, args)
             print(json.dumps(out["w1_engine"]), flush=True)
+        if args.w1_unsplit:  # the same W1 with every mixed step's rows in one prefill call
+            engine.runner.split_mixed_attention = False
+            out["w1_engine_unsplit"] = run_w1(engine, args)
+            engine.runner.split_mixed_attention = True
+            print("UNSPLIT", json.dumps(out["w1_engine_unsplit"]), flush=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
 
 

@@ -11,6 +11,9 @@
 #                              # token path (Generate vs Session), control plane coalesce/session
 #   bash bench/gpu_pass.sh L   # where a step's time goes: kernel profile (decode 256/512,
 #                              # prefill 8k), decode host share, W1 engine-only; W2 both modes
+#   bash bench/gpu_pass.sh M   # mixed steps' decode rows through the decode kernel: GPU tests,
+#                              # mixed-step profile + W1 engine-only split/unsplit, host share,
+#                              # W1 via the gateway + HF static peer
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
 # Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
 set -u
@@ -133,6 +136,20 @@ print('KP prefill', round(k['prefill']['gpu_ms_per_step'],1), k['prefill']['by_k
   step 230 python3 bench/gpu_serving.py w2 --out "$OUT" --rates 2,8,16,32 --seconds-per-rate 8 \
     2>&1 | grep -E "^W2" | cut -c1-60
   python3 bench/w2_table.py "$OUT/w2.json"
+  rm -f "$OUT"/serve-*.log
+  ;;
+M)  # session 6: the mixed-step split, measured and checked
+  step 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/core/test_mixed_step_attention.py \
+    tests/core/test_async_scheduling_gpu.py 2>&1 | tail -3
+  step 200 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --kernel-profile \
+    --kernel-profile-batches 256 --w1-unsplit --profile-steps 60 --out "$OUT/engine.json" 2>&1 | \
+    grep -vE "^(sweep|KERNELS|USDT| )" | grep -v "^$" | cut -c1-900 | head -20
+  python3 -c "import json,sys; k=json.load(open(sys.argv[1]))['kernel_profile']['mixed']
+for m in ('split','one_prefill_call'):
+  v=k[m]; print('MIXED', m, round(v['gpu_ms_per_step'],1), round(v['step_wall_ms_unprofiled'],1), v['by_kind_ms_per_step'])" \
+    "$OUT/engine.json"
+  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
+    --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-600 | tail -8
   rm -f "$OUT"/serve-*.log
   ;;
 esac

@@ -23,3 +23,9 @@ class HostInputs(NamedTuple):
     @property
     def decode_only(self) -> bool:
         return len(self.input_ids) == len(self.seq_lens)
+
+    @property
+    def num_leading_decodes(self) -> int:
+        """How many sequences at the front add one token each (the engine puts them first)."""
+        longer = np.flatnonzero(np.diff(self.query_start_loc) != 1)
+        return int(longer[0]) if len(longer) else len(self.seq_lens)

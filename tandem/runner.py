@@ -123,6 +123,11 @@ class ModelRunner:
         self._slot_src: list[list[int] | None] = [None] * 64  # the block_table a row mirrors
         self._slot_filled = [0] * 64
         self._free_slots = list(range(63, -1, -1))
+        # a mixed step's decode rows (the engine puts them first) go through the decode kernel,
+        # which reads each KV head once for its query heads: the prefill kernel's tiles would
+        # read it once per query head and fill a BLOCK_M-row tile for one row (False: one
+        # prefill-kernel call for every row, for comparisons)
+        self.split_mixed_attention = True
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not cfg.enforce_eager and cfg.cuda_graph_max_batch_size:
             sizes = graph_batch_sizes(min(cfg.cuda_graph_max_batch_size, cfg.max_num_seqs))
@@ -341,6 +346,11 @@ class ModelRunner:
             max_query_len=host.max_query_len,
             decode_only=host.decode_only,
         )
+        if not host.decode_only and self.split_mixed_attention:
+            nd = host.num_leading_decodes
+            if nd:  # a mixed step: the decode rows' attention through the decode kernel
+                meta.num_decode_rows = nd
+                meta.prefill_query_start_loc = _to_device(host.query_start_loc[nd:] - nd, dev)
         return _to_device(host.input_ids, dev), _to_device(host.positions, dev), meta
 
     def _graph_fits(self, num_seqs: int, decode_only: bool) -> bool:

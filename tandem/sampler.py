@@ -36,8 +36,9 @@ def _output_index(req: Request) -> int:
     return req.num_output_tokens + req.num_pending_tokens
 
 
-def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
-    for i, req in enumerate(reqs):
+def _apply_penalties(logits: torch.Tensor, reqs: list[Request], rows: list[int]) -> None:
+    for i in rows:
+        req = reqs[i]
         p = req.params
         if p.logit_bias:
             ids = _dev(list(p.logit_bias), torch.long, logits.device)
@@ -56,8 +57,9 @@ def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
 
 
-def _apply_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> None:
-    for i, req in enumerate(reqs):
+def _apply_min_tokens(logits: torch.Tensor, reqs: list[Request], rows: list[int]) -> None:
+    for i in rows:
+        req = reqs[i]
         if _output_index(req) < req.params.min_tokens:
             banned = set(req.params.stop_token_ids)
             if not req.params.ignore_eos:
@@ -126,13 +128,26 @@ def sample_on_device(
     """logits [B, V] fp32 (modified in place) -> the chosen tokens [B] int64 on the logits'
     device, and the log-probabilities [B, V] when any request asks for logprobs; no host sync
     (penalties, which read the request's tokens, are the caller's to keep in step)."""
-    _apply_penalties(logits, reqs)
-    _apply_min_tokens(logits, reqs)
-    want_logprobs = any(r.params.logprobs is not None for r in reqs)
+    # one pass over the batch sorts out the rows with per-request work (most have none)
+    biased, min_rows, rand = [], [], []
+    want_logprobs = False
+    for i, req in enumerate(reqs):
+        p = req.params
+        if p.logit_bias or p.needs_penalties:
+            biased.append(i)
+        if p.min_tokens:
+            min_rows.append(i)
+        if not p.greedy:
+            rand.append(i)
+        if p.logprobs is not None:
+            want_logprobs = True
+    if biased:
+        _apply_penalties(logits, reqs, biased)
+    if min_rows:
+        _apply_min_tokens(logits, reqs, min_rows)
     logprobs = logits.log_softmax(-1) if want_logprobs else None
 
     tokens_t = logits.argmax(-1)  # greedy rows keep this
-    rand = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if rand:
         rand_reqs = [reqs[i] for i in rand]
         rows = logits if len(rand) == len(reqs) else logits[_dev(rand, torch.long, logits.device)]

@@ -9,7 +9,9 @@ A request's lifecycle, as queues:
 
 Every step has one token budget (max_num_batched_tokens). Running requests are served first,
 oldest first, so decodes are never starved by a long prompt; a prompt larger than what is left
-is split into chunks across steps (chunked prefill).
+is split into chunks across steps (chunked prefill). A step lists its one-token chunks first
+(decodes), then the longer ones: the model runs the first through the decode kernel and the
+rest through the prefill kernel (AttentionMetadata.num_decode_rows).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
+        decodes: list[ScheduledChunk] = []  # one new token each
+        chunks: list[ScheduledChunk] = []  # longer: prompt chunks
         preempted: list[Request] = []
 
         i = 0
@@ -82,7 +85,7 @@ class Scheduler:
                 i += 1
                 continue
             if num_new == 1 and req.num_computed_tokens < len(req.block_table) * self.block_size:
-                chunks.append(ScheduledChunk(req, 1))  # a decode step with room in its block
+                decodes.append(ScheduledChunk(req, 1))  # a decode step with room in its block
                 budget -= 1
                 i += 1
                 continue
@@ -94,7 +97,7 @@ class Scheduler:
                     break
             else:
                 self.bm.allocate(req, num_new)
-                chunks.append(ScheduledChunk(req, num_new))
+                (decodes if num_new == 1 else chunks).append(ScheduledChunk(req, num_new))
                 budget -= num_new
                 i += 1
 
@@ -119,9 +122,11 @@ class Scheduler:
             self.bm.allocate(req, num_new)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            chunks.append(ScheduledChunk(req, num_new))
+            (decodes if num_new == 1 else chunks).append(ScheduledChunk(req, num_new))
             budget -= num_new
-        return SchedulerOutput(chunks, preempted)
+        if chunks and decodes:
+            decodes += chunks
+        return SchedulerOutput(decodes or chunks, preempted)
 
     def _preempt(self, req: Request) -> None:
         self.bm.free(req)

@@ -15,3 +15,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B+1] int32: cumulative new-token counts (packed offsets)
     max_query_len: int  # longest new chunk in the batch
     decode_only: bool  # every sequence adds exactly one token: the decode kernel applies
+    # a mixed step: its first num_decode_rows sequences add one token each and go through the
+    # decode kernel, the rest through the prefill kernel with these offsets (rebased to 0)
+    num_decode_rows: int = 0
+    prefill_query_start_loc: torch.Tensor | None = None

@@ -95,6 +95,31 @@ class Attention(nn.Module):
                 self.scale,
                 self.sliding_window,
             )
+        elif meta.num_decode_rows:  # mixed: decode rows first, then the prefill chunks
+            nd = meta.num_decode_rows
+            decoded = self.ops.decode_attention(
+                q[:nd],
+                k_cache,
+                v_cache,
+                meta.block_tables[:nd],
+                meta.seq_lens[:nd],
+                self.scale,
+                self.sliding_window,
+            )
+            prefilled = self.ops.prefill_attention(
+                q[nd:],
+                k_cache,
+                v_cache,
+                meta.block_tables[nd:],
+                meta.prefill_query_start_loc,
+                meta.seq_lens[nd:],
+                self.scale,
+                self.sliding_window,
+                max_query_len=meta.max_query_len,
+                k=k[nd:],
+                v=v[nd:],
+            )
+            out = torch.cat([decoded, prefilled])
         else:
             out = self.ops.prefill_attention(
                 q,

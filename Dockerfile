@@ -27,7 +27,7 @@ COPY decode_service/ decode_service/
 COPY kvtransfer/ kvtransfer/
 COPY kernels/ kernels/
 RUN /opt/tandem/bin/pip install . \
- && /opt/tandem/bin/python -c "import torch, protos.worker_pb2, tandem.cli; print('torch', torch.__version__)"
+ && /opt/tandem/bin/python -c "import torch, protos.worker_pb2, tandem_kernels.registry, tandem.cli; print('torch', torch.__version__)"
 
 FROM ${BASE_IMAGE} AS runtime
 # Triton compiles a small C launcher the first time a kernel runs, so the runtime needs a C

@@ -1,4 +1,10 @@
-"""Build hook: generate protos/*_pb2*.py before packaging (metadata lives in pyproject.toml).
+"""Build hooks (metadata lives in pyproject.toml):
+
+- generate protos/*_pb2*.py before packaging;
+- install the folder kernels/ under the import name `tandem_kernels`. transformers (>= 5.2x)
+  depends on Hugging Face's `kernels` package, so a package of ours named `kernels` would shadow
+  it (from the repository root) or be shadowed by it (anywhere else). kernels/ has no
+  __init__.py, so from the repository root `import kernels` still finds Hugging Face's.
 
 build_py runs for `pip install .` (files are then copied into the wheel) and for
 `pip install -e .` (the editable install points at the source tree, where they are written).
@@ -7,7 +13,7 @@ build_py runs for `pip install .` (files are then copied into the wheel) and for
 import importlib.util
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -26,4 +32,17 @@ class BuildPyWithProtos(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPyWithProtos})
+# the top-level source folders that are shipped (tests/deploy checks the Dockerfile copies each)
+SOURCE_FOLDERS = (
+    "tandem", "protos", "router", "prefill_service", "decode_service", "kvtransfer", "gateway",
+    "kernels",
+)  # fmt: skip
+RENAMED = {"tandem_kernels": "kernels"}  # import name -> folder
+found = find_namespace_packages(
+    where=str(ROOT), include=[f"{f}*" for f in SOURCE_FOLDERS if f not in RENAMED.values()]
+)
+setup(
+    cmdclass={"build_py": BuildPyWithProtos},
+    packages=[*found, *RENAMED],
+    package_dir=RENAMED,
+)

@@ -125,8 +125,8 @@ def time_copy(device: torch.device, nbytes: int, reps: int = 20) -> float:
 def time_local_ref(src, pool, src_ids, dst_ids, reps: int = 10) -> float:
     """The torch gather/scatter (kernels/kv_block_copy.py, 128 MiB slabs) within this
     process: the CPU path, and what the GPU path ran before the Triton block copy."""
-    from kernels.kv_block_copy import copy_kv_blocks_ref
     from kvtransfer.direct_transport import SLAB_BYTES, plan_layer_slabs
+    from tandem_kernels.kv_block_copy import copy_kv_blocks_ref
 
     s_ids = torch.tensor(src_ids, dtype=torch.long, device=src.device)
     d_ids = torch.tensor(dst_ids, dtype=torch.long, device=pool.device)

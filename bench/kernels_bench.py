@@ -32,18 +32,18 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from kernels import decode_attention_triton as dat
-from kernels.activation import silu_and_mul_ref
-from kernels.activation_triton import silu_and_mul_triton
-from kernels.decode_attention import paged_decode_attention_ref
-from kernels.kv_cache_write import write_kv_cache_ref
-from kernels.kv_cache_write_triton import write_kv_cache_triton
-from kernels.prefill_attention import paged_prefill_attention_ref
-from kernels.prefill_attention_triton import _tile_config, paged_prefill_attention_triton
-from kernels.rms_norm import rms_norm_ref
-from kernels.rms_norm_triton import rms_norm_triton
-from kernels.rotary import rotary_ref
-from kernels.rotary_triton import rotary_triton
+from tandem_kernels import decode_attention_triton as dat
+from tandem_kernels.activation import silu_and_mul_ref
+from tandem_kernels.activation_triton import silu_and_mul_triton
+from tandem_kernels.decode_attention import paged_decode_attention_ref
+from tandem_kernels.kv_cache_write import write_kv_cache_ref
+from tandem_kernels.kv_cache_write_triton import write_kv_cache_triton
+from tandem_kernels.prefill_attention import paged_prefill_attention_ref
+from tandem_kernels.prefill_attention_triton import _tile_config, paged_prefill_attention_triton
+from tandem_kernels.rms_norm import rms_norm_ref
+from tandem_kernels.rms_norm_triton import rms_norm_triton
+from tandem_kernels.rotary import rotary_ref
+from tandem_kernels.rotary_triton import rotary_triton
 
 HQ, HKV, D, HIDDEN, FFN, BS = 32, 8, 128, 4096, 14336, 16
 DT = torch.bfloat16

@@ -48,7 +48,7 @@ def paged_prefill_attention_ref(
     Triton kernel then sizes its grid without a device->host sync and reads the chunk densely.
     """
     del max_query_len, k, v
-    from kernels.decode_attention import paged_decode_attention_ref
+    from tandem_kernels.decode_attention import paged_decode_attention_ref
 
     out = torch.empty_like(q)
     hq, hkv = q.shape[1], k_cache.shape[2]

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import dot, dot_args
+from tandem_kernels.triton_common import dot, dot_args
 
 _LOG2E = 1.4426950408889634
 

@@ -24,12 +24,12 @@ class KernelOps:
 
 
 def _torch_ops() -> KernelOps:
-    from kernels.activation import silu_and_mul_ref
-    from kernels.decode_attention import paged_decode_attention_ref
-    from kernels.kv_cache_write import write_kv_cache_ref
-    from kernels.prefill_attention import paged_prefill_attention_ref
-    from kernels.rms_norm import rms_norm_ref
-    from kernels.rotary import rotary_ref
+    from tandem_kernels.activation import silu_and_mul_ref
+    from tandem_kernels.decode_attention import paged_decode_attention_ref
+    from tandem_kernels.kv_cache_write import write_kv_cache_ref
+    from tandem_kernels.prefill_attention import paged_prefill_attention_ref
+    from tandem_kernels.rms_norm import rms_norm_ref
+    from tandem_kernels.rotary import rotary_ref
 
     return KernelOps(
         name="torch",
@@ -59,13 +59,13 @@ def get_ops(name: str = "auto", device: torch.device | str = "cpu") -> KernelOps
         name = "torch"
         if torch.device(device).type == "cuda":
             try:
-                import kernels.triton_backend  # noqa: F401  (registers "triton")
+                import tandem_kernels.triton_backend  # noqa: F401  (registers "triton")
 
                 name = "triton" if "triton" in _BACKENDS else "torch"
             except ImportError:
                 name = "torch"
     elif name == "triton" and name not in _BACKENDS:
-        import kernels.triton_backend  # noqa: F401
+        import tandem_kernels.triton_backend  # noqa: F401
     if name not in _BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose from {available_backends()}")
     return _BACKENDS[name]()

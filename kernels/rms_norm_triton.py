@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import tl_dtype
+from tandem_kernels.triton_common import tl_dtype
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Registers the "triton" kernel set: the Triton version of every op in KernelOps.
 
-Imported by kernels.registry for "auto" on CUDA and for "triton". On a machine without a GPU
+Imported by tandem_kernels.registry for "auto" on CUDA and for "triton". On a machine without a GPU
 the same kernels run under the Triton interpreter (TRITON_INTERPRET=1), which is how the CPU
 tests check them against the torch references.
 """
@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import triton  # noqa: F401  (an ImportError here makes "auto" fall back to torch)
 
-from kernels.registry import KernelOps, register_backend
+from tandem_kernels.registry import KernelOps, register_backend
 
 
 def _triton_ops() -> KernelOps:
-    from kernels.activation_triton import silu_and_mul_triton
-    from kernels.decode_attention_triton import paged_decode_attention_triton
-    from kernels.kv_cache_write_triton import write_kv_cache_triton
-    from kernels.prefill_attention_triton import paged_prefill_attention_triton
-    from kernels.rms_norm_triton import rms_norm_triton
-    from kernels.rotary_triton import rotary_triton
+    from tandem_kernels.activation_triton import silu_and_mul_triton
+    from tandem_kernels.decode_attention_triton import paged_decode_attention_triton
+    from tandem_kernels.kv_cache_write_triton import write_kv_cache_triton
+    from tandem_kernels.prefill_attention_triton import paged_prefill_attention_triton
+    from tandem_kernels.rms_norm_triton import rms_norm_triton
+    from tandem_kernels.rotary_triton import rotary_triton
 
     return KernelOps(
         name="triton",

@@ -30,7 +30,6 @@ import grpc
 import torch
 
 from decode_service.convert import logprob_to_proto
-from kernels.kv_block_copy import copy_kv_blocks_ref
 from kvtransfer import faults
 from kvtransfer.base import KVDest
 from kvtransfer.grpc_transport import HANDOFF_ID_KEY, GrpcKVSender, HandoffRefused, dtype_name
@@ -39,6 +38,7 @@ from kvtransfer.pool import CudaIpcFields, PoolExport, open_pool
 from kvtransfer.select import Endpoint
 from protos import worker_pb2
 from tandem.request import Logprob
+from tandem_kernels.kv_block_copy import copy_kv_blocks_ref
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class SlabWriter:
 
     def _copy(self, l0: int, l1: int) -> None:
         if self.src.is_cuda and self.src.device == self.dst.device:
-            from kernels.kv_block_copy_triton import copy_kv_blocks_triton
+            from tandem_kernels.kv_block_copy_triton import copy_kv_blocks_triton
 
             # block to block, no temporary; the gather/scatter below (index_select +
             # index_copy_) ran at 0.13-0.15 of the copy rate on an H200 (gpu_kv_transport.py)

@@ -21,7 +21,6 @@ import logging
 import numpy as np
 import torch
 
-from kernels import get_ops
 from tandem.config import EngineConfig, ModelConfig, resolve_dtype
 from tandem.decode_graphs import DecodeGraphs, graph_batch_sizes
 from tandem.host_inputs import HostInputs
@@ -32,6 +31,7 @@ from tandem.sampler import gather_logprobs, sample_on_device
 from tandem.scheduler import ScheduledChunk
 from tandem.tp.group import TPGroup
 from tandem.tp.step_sync import KV_GATHER, KV_SCATTER, STEP, StepSync
+from tandem_kernels.registry import get_ops
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kernels import KernelOps
 from tandem.config import ModelConfig
 from tandem.loader.default_model import resolve_model_dir
 from tandem.loader.weights import iter_dummy_weights, iter_safetensors, load_weights
 from tandem.models import get_model_class
 from tandem.tp.group import TPGroup
+from tandem_kernels.registry import KernelOps
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import KernelOps
 from tandem.config import ModelConfig
 from tandem.models.attention_metadata import AttentionMetadata
 from tandem.models.rope import build_cos_sin_cache
 from tandem.tp.group import TPGroup
 from tandem.tp.sharding import per_rank
+from tandem_kernels.registry import KernelOps
 
 # fused parameter -> [(HF name fragment, shard id)], shard ids in concatenation order
 STACKED_PARAMS = {

@@ -22,11 +22,11 @@ import torch.distributed as dist
 from core_helpers import engine_generate, greedy, save_tiny_model
 from safetensors.torch import load_file
 
-from kernels import get_ops
 from tandem import LLM
 from tandem.config import ModelConfig
 from tandem.loader import load_model, read_hf_config
 from tandem.tp import TPGroup
+from tandem_kernels.registry import get_ops
 
 pytestmark = pytest.mark.timeout(300)
 

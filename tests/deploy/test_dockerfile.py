@@ -4,6 +4,7 @@ run on this machine (docs/deploy.md says what was)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shlex
@@ -90,15 +91,22 @@ def test_build_stage_installs_the_package_so_protos_are_generated():
     build = dict(st)["build"]
     copied = {src.rstrip("/") for kw, args in build if kw == "COPY" for src in args.split()[:-1]}
     assert {"setup.py", "pyproject.toml", "README.md", "protos"} <= copied
-    # every package pyproject ships is in the build context
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = {
-        p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    }
+    # every source folder setup.py ships is in the build context
+    packages = set(_setup_constant("SOURCE_FOLDERS"))
+    assert "kernels" in packages
     assert packages <= copied, packages - copied
     runs = " ".join(args for kw, args in build if kw == "RUN")
     assert "pip install ." in runs  # runs setup.py build_py: protos/*_pb2*.py generated
     assert "protos.worker_pb2" in runs  # and checked importable in the build
+
+
+def _setup_constant(name: str):
+    """A literal assigned at the top level of setup.py (running setup.py would build)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets] == [name]:
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"setup.py assigns no {name}")
 
 
 def test_final_stage_runs_as_a_non_root_user_with_no_build_tools():

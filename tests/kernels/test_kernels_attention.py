@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from kernels.decode_attention import paged_decode_attention_ref
-from kernels.prefill_attention import paged_prefill_attention_ref
+from tandem_kernels.decode_attention import paged_decode_attention_ref
+from tandem_kernels.prefill_attention import paged_prefill_attention_ref
 
 HAS_CUDA = torch.cuda.is_available()
 REL_TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1e-2}
@@ -48,7 +48,7 @@ def assert_rel_close(out, ref, seed, what):
 
 
 def run_decode(seq_lens, block_size, group, head_dim, window, split_len, dtype, device, seed):
-    from kernels.decode_attention_triton import paged_decode_attention_triton
+    from tandem_kernels.decode_attention_triton import paged_decode_attention_triton
 
     hkv = 2
     k_cache, v_cache, block_tables = make_paged_kv(
@@ -94,7 +94,7 @@ def test_decode_random_lengths(seed, device):
 
 
 def test_decode_padded_slot_writes_zeros(seed, device):
-    from kernels.decode_attention_triton import paged_decode_attention_triton
+    from tandem_kernels.decode_attention_triton import paged_decode_attention_triton
 
     for split_len in (64, 1024):  # through the reduction and through the direct write
         k_cache, v_cache, block_tables = make_paged_kv([5, 40], 16, 2, 32, torch.bfloat16, device)
@@ -117,7 +117,7 @@ EXTEND_BATCH = [(0, 23), (7, 9), (40, 17), (3, 0), (12, 1), (0, 1), (15, 20), (1
 def chunk_kv(k_cache, v_cache, block_tables, batch):
     """The new chunks' own K/V, dense [T, Hkv, D] (what the model passes next to the cache),
     as one strided view of a wider buffer like the model's fused qkv output."""
-    from kernels.prefill_attention import gather_context
+    from tandem_kernels.prefill_attention import gather_context
 
     ks, vs = [], []
     for b, (p, n) in enumerate(batch):
@@ -141,7 +141,7 @@ def poison_chunks(k_cache, v_cache, block_tables, batch):
 
 
 def run_prefill(batch, block_size, group, head_dim, window, dtype, device, seed, **kwargs):
-    from kernels.prefill_attention_triton import paged_prefill_attention_triton
+    from tandem_kernels.prefill_attention_triton import paged_prefill_attention_triton
 
     hkv = 2
     seq_lens = [p + n for p, n in batch]
@@ -224,7 +224,7 @@ def test_prefill_dense_chunk(seed, device, block_size, group, head_dim, dtype, c
 def test_full_size_gpu(seed, window):
     """Llama-3.1-8B attention shapes (32 q / 8 kv heads, d=128, block 16) on the GPU."""
     lens = [1, 300, 2049, 4096, 777, 1500, 3001, 64]
-    from kernels.decode_attention_triton import paged_decode_attention_triton
+    from tandem_kernels.decode_attention_triton import paged_decode_attention_triton
 
     k_cache, v_cache, block_tables = make_paged_kv(lens, 16, 8, 128, torch.bfloat16, "cuda")
     q = torch.randn(len(lens), 32, 128, dtype=torch.bfloat16, device="cuda")
@@ -240,7 +240,7 @@ def test_full_size_gpu(seed, window):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_decode_cuda_graph_replay(seed):
     """Captured once, replayed with other lengths and tables: the grid must not depend on them."""
-    from kernels.decode_attention_triton import paged_decode_attention_triton
+    from tandem_kernels.decode_attention_triton import paged_decode_attention_triton
 
     lens_a, lens_b = [5, 700, 1500, 33], [1400, 2, 64, 1023]
     full = [max(a, b) for a, b in zip(lens_a, lens_b, strict=True)]

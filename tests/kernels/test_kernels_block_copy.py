@@ -4,7 +4,7 @@ reference, into a NaN-poisoned destination whose untouched blocks must stay NaN.
 import pytest
 import torch
 
-from kernels.kv_block_copy import copy_kv_blocks_ref
+from tandem_kernels.kv_block_copy import copy_kv_blocks_ref
 
 
 @pytest.mark.parametrize(
@@ -16,7 +16,7 @@ from kernels.kv_block_copy import copy_kv_blocks_ref
     ],
 )
 def test_copy_kv_blocks(seed, device, layers, block_size, heads, head_dim, dtype, span):
-    from kernels.kv_block_copy_triton import copy_kv_blocks_triton
+    from tandem_kernels.kv_block_copy_triton import copy_kv_blocks_triton
 
     src = torch.randn(layers, 2, 9, block_size, heads, head_dim, device=device).to(dtype)
     dst = torch.full((layers, 2, 13, block_size, heads, head_dim), float("nan"), device=device)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul_ref
-from kernels.kv_cache_write import write_kv_cache_ref
-from kernels.rms_norm import rms_norm_ref
-from kernels.rotary import rotary_ref
+from tandem_kernels.activation import silu_and_mul_ref
+from tandem_kernels.kv_cache_write import write_kv_cache_ref
+from tandem_kernels.rms_norm import rms_norm_ref
+from tandem_kernels.rotary import rotary_ref
 
 # Both sides round the same fp32 values, which may differ in the last fp32 bits (sum order,
 # exp/rsqrt implementations): one ulp per rounding step. bf16 allows two ulps because the
@@ -38,7 +38,7 @@ def _assert_close(out, ref, seed, what, rounded_in=None):
     ],
 )
 def test_rms_norm(seed, device, shape, dtype, weight_dtype, with_residual):
-    from kernels.rms_norm_triton import rms_norm_triton
+    from tandem_kernels.rms_norm_triton import rms_norm_triton
 
     x = torch.randn(shape, dtype=dtype, device=device) * 3
     w = torch.randn(shape[-1], dtype=weight_dtype, device=device)
@@ -57,7 +57,7 @@ def test_rms_norm(seed, device, shape, dtype, weight_dtype, with_residual):
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rotary(seed, device, head_dim, dtype):
-    from kernels.rotary_triton import rotary_triton
+    from tandem_kernels.rotary_triton import rotary_triton
 
     num_tokens, hq, hkv, max_pos = 9, 6, 2, 50
     # q and k as strided views of one fused qkv projection, as the model produces them
@@ -76,7 +76,7 @@ def test_rotary(seed, device, head_dim, dtype):
 @pytest.mark.parametrize("shape", [(3, 2 * 64), (4, 2 * 100), (2, 5, 2 * 1500)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_silu_and_mul(seed, device, shape, dtype):
-    from kernels.activation_triton import silu_and_mul_triton
+    from tandem_kernels.activation_triton import silu_and_mul_triton
 
     x = torch.randn(shape, dtype=dtype, device=device) * 4
     _assert_close(silu_and_mul_triton(x), silu_and_mul_ref(x), seed, "silu_and_mul")
@@ -85,7 +85,7 @@ def test_silu_and_mul(seed, device, shape, dtype):
 @pytest.mark.parametrize("block_size, hkv, head_dim", [(4, 1, 32), (16, 3, 64), (16, 8, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_write_kv_cache(seed, device, block_size, hkv, head_dim, dtype):
-    from kernels.kv_cache_write_triton import write_kv_cache_triton
+    from tandem_kernels.kv_cache_write_triton import write_kv_cache_triton
 
     num_blocks, num_tokens = 6, 11
     k = torch.randn(num_tokens, hkv, head_dim, dtype=dtype, device=device)

@@ -2,8 +2,8 @@
 
 import torch
 
-from kernels import available_backends, get_ops
-from kernels.rms_norm import rms_norm_ref
+from tandem_kernels.registry import available_backends, get_ops
+from tandem_kernels.rms_norm import rms_norm_ref
 
 
 def test_torch_and_auto_resolve(device):

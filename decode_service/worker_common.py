@@ -280,12 +280,18 @@ async def serve(
         await _drain(args, address, engine, in_flight, parts, registry, force)
     # drained: this only ends KVEvents / health streams; after a drain that timed out it
     # cuts what still runs (the router fails those requests over)
+    t_stop = time.monotonic()
     await server.stop(grace=1.0)
     await parts.close()
     await load.close()
     if registry is not None:
         await registry.close()
-    engine.shutdown()
+    t_engine = time.monotonic()
+    engine.shutdown()  # at tensor-parallel size > 1 this also stops the other ranks
+    log.warning(
+        "event=worker_stopped address=%s server_stop_s=%.2f engine_stop_s=%.2f",
+        address, t_engine - t_stop, time.monotonic() - t_engine,
+    )  # fmt: skip
     return exit_code
 
 

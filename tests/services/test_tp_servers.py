@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -64,15 +65,24 @@ def reference(model_dir):
     return [o.outputs[0].token_ids for o in outs]
 
 
+# How long SIGTERM may take, per process, before the test kills it and fails: a worker's drain
+# (the router's 5 s grace, 1.5 s quiet), its gRPC stop, then rank 1's stop (TP=2) and both
+# interpreters' exit, with eight processes exiting at once on CI's two cores.
+STOP_WAIT_S = 90
+
+
 class Procs:
     def __init__(self, log_dir) -> None:
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen] = []
+        self.logs: list = []
+        self.killed: list[str] = []
 
     def start(self, *args: str) -> str:
         port = _free_port("127.0.0.1")
         cmd = [sys.executable, "-m", "tandem.cli", *args, "--port", str(port)]
-        log = open(self.log_dir / f"{args[0]}-{port}.log", "w")  # noqa: SIM115 - the child's
+        self.logs.append(self.log_dir / f"{args[0]}-{port}.log")
+        log = open(self.logs[-1], "w")  # noqa: SIM115 - the child's
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
         address = f"127.0.0.1:{port}"
         _wait_grpc_healthy(address, self.procs[-1], 240)
@@ -81,11 +91,15 @@ class Procs:
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.terminate()
-        for p in reversed(self.procs):
+        deadline = time.monotonic() + STOP_WAIT_S
+        for p, log in zip(reversed(self.procs), reversed(self.logs), strict=True):
             try:
-                p.wait(timeout=20)
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+                tail = log.read_text().splitlines()[-15:]
+                self.killed.append(f"{log.name} (killed after {STOP_WAIT_S}s):\n" + "\n".join(tail))
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +124,7 @@ def servers(model_dir, tmp_path_factory):
     finally:
         procs.stop()
     # each TP=2 server's rank 1 went with it: SIGTERM drained, stopped its rank, exited 0
+    assert not procs.killed, "\n\n".join(procs.killed)
     assert [p.returncode for p in procs.procs] == [0] * 6
 
 

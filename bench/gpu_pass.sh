@@ -14,14 +14,18 @@
 #   bash bench/gpu_pass.sh M   # mixed steps' decode rows through the decode kernel: GPU tests,
 #                              # mixed-step profile + W1 engine-only split/unsplit, host share,
 #                              # W1 via the gateway + HF static peer
+#   bash bench/gpu_pass.sh N   # M in the device time one session has left (~12 min): GPU tests,
+#                              # W1 via the gateway + HF static peer, engine-only split/unsplit
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
 # Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
 set -u
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || {
   python3 -c "from protos import build; build.generate()"  # the generated gRPC code
+  ln -sfn "$PWD/kernels" /tmp/site/tandem_kernels  # setup.py installs kernels/ under this name
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 bench/dummy_model_dir.py --config tandem/configs/llama-3.1-8b \
   --tokenizer-from .carry/smollm2-tokenizer --out /tmp/tandem-dummy-model >/dev/null
@@ -151,6 +155,20 @@ for m in ('split','one_prefill_call'):
   step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
     --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-600 | tail -8
   rm -f "$OUT"/serve-*.log
+  ;;
+N)  # session 7: the mixed-step split checked on the GPU, W1 through the stack, engine A/B
+  step 130 python3 -m pytest -q -m gpu -p no:cacheprovider tests/core/test_mixed_step_attention.py \
+    tests/core/test_async_scheduling_gpu.py tests/kernels 2>&1 | tail -3
+  step 230 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
+    --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-600 | tail -8
+  rm -f "$OUT"/serve-*.log
+  step 170 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --kernel-profile \
+    --kernel-profile-batches 256 --skip-steady --w1-unsplit --out "$OUT/engine.json" 2>&1 | \
+    grep -vE "^(sweep|KERNELS|USDT| )" | grep -v "^$" | cut -c1-700 | head -12
+  python3 -c "import json,sys; k=json.load(open(sys.argv[1]))['kernel_profile']['mixed']
+for m in ('split','one_prefill_call'):
+  v=k[m]; print('MIXED', m, round(v['gpu_ms_per_step'],1), round(v['step_wall_ms_unprofiled'],1), v['by_kind_ms_per_step'])" \
+    "$OUT/engine.json"
   ;;
 esac
 ls -la "$OUT"

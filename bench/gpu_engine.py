@@ -124,8 +124,12 @@ class StepTimer:
         return out
 
 
-def run_w1(engine, args) -> dict:
+def run_w1(engine, args, seed: int | None = None) -> dict:
+    """W1 in the engine alone. A second run on the same engine needs its own seed: the same
+    prompts would come out of the prefix cache and skip the prefill."""
     from tandem.sampling_params import SamplingParams
+
+    seed = args.seed if seed is None else seed
 
     vocab = engine.model_cfg.vocab_size
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
@@ -137,7 +141,8 @@ def run_w1(engine, args) -> dict:
     timer = StepTimer(engine)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for i, p in enumerate(prompts(args.requests, args.input_len, vocab, args.seed)):
+    hits0 = engine.block_manager.num_hit_tokens
+    for i, p in enumerate(prompts(args.requests, args.input_len, vocab, seed)):
         engine.add_request(f"w1-{i}", p, params)
     out_tokens = 0
     while engine.has_unfinished():
@@ -151,6 +156,8 @@ def run_w1(engine, args) -> dict:
         r["roofline_s"] = (wb + r["context_tokens"] * kvb) / (args.copy_gbs * 1e9)
     dec_wall = sum(r["wall_s"] for r in decode)
     return {
+        "seed": seed,
+        "prefix_cache_hit_tokens": engine.block_manager.num_hit_tokens - hits0,
         "requests": args.requests,
         "input_len": args.input_len,
         "output_len": args.output_len,
@@ -489,11 +496,15 @@ def main() -> None:
         if not args.skip_w1:
             out["w1_engine"] = run_w1(engine, args)
             print(json.dumps(out["w1_engine"]), flush=True)
-        if args.w1_unsplit:  # the same W1 with every mixed step's rows in one prefill call
+        if args.w1_unsplit:  # W1 with every mixed step's rows in one prefill call, then
+            # split again: new prompts each time (no prefix-cache hits), and a split run on
+            # either side of the unsplit one for the spread
             engine.runner.split_mixed_attention = False
-            out["w1_engine_unsplit"] = run_w1(engine, args)
+            out["w1_engine_unsplit"] = run_w1(engine, args, args.seed + 1)
             engine.runner.split_mixed_attention = True
             print("UNSPLIT", json.dumps(out["w1_engine_unsplit"]), flush=True)
+            out["w1_engine_split_again"] = run_w1(engine, args, args.seed + 2)
+            print("SPLIT2", json.dumps(out["w1_engine_split_again"]), flush=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
 
 

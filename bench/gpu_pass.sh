@@ -170,5 +170,13 @@ for m in ('split','one_prefill_call'):
   v=k[m]; print('MIXED', m, round(v['gpu_ms_per_step'],1), round(v['step_wall_ms_unprofiled'],1), v['by_kind_ms_per_step'])" \
     "$OUT/engine.json"
   ;;
+O)  # session 7: the engine-only A/B with new prompts per run, W1 via the gateway again
+  step 150 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --skip-steady \
+    --w1-unsplit --out "$OUT/engine-ab.json" 2>&1 | grep -E "^(CEILINGS|UNSPLIT|SPLIT2|\{\"req)" | \
+    cut -c1-420
+  step 120 python3 bench/gpu_serving.py w1 --out "$OUT" --tag=-again 2>&1 | grep -E "^W1" | \
+    cut -c1-600
+  rm -f "$OUT"/serve-*.log
+  ;;
 esac
 ls -la "$OUT"

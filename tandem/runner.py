@@ -17,6 +17,7 @@ in serve_worker; only rank 0 gets logits and samples.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -50,6 +51,10 @@ class Launched:
         self.logprobs: torch.Tensor | None = logprobs  # [S, V] when a request asked
         self.chunk_reqs: list[Request] = []  # every request of the step (set by the engine)
         self.step_id = -1
+
+
+# block tables' width is a multiple of this (see _host_inputs)
+TABLE_WIDTH_ALIGN = 16
 
 
 def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -132,6 +137,8 @@ class ModelRunner:
         if self.device.type == "cuda" and not cfg.enforce_eager and cfg.cuda_graph_max_batch_size:
             sizes = graph_batch_sizes(min(cfg.cuda_graph_max_batch_size, cfg.max_num_seqs))
             self.graphs = self._capture_graphs(sizes)
+        if self.device.type == "cuda":
+            self._warm_up_kernels(cfg.max_num_batched_tokens, cfg.max_num_seqs)
         self.sync = StepSync(tp) if tp.size > 1 else None
         log.info(
             "kv cache num_blocks=%d block_size=%d backend=%s tp_rank=%d/%d",
@@ -231,6 +238,51 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return peak
 
+    @torch.inference_mode()
+    def _warm_up_kernels(self, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        """Compile, at startup, the kernel variants that the first traffic would otherwise
+        compile mid-step (a second or more each, stalling every running request): prefill
+        chunks on both sides of the tile-size switch at 1k tokens, a mixed step (decode rows
+        + a chunk) and decode batches outside CUDA graphs. Tiny eager forwards over the real
+        cache that write no KV (slot -1) and whose outputs are dropped; every tensor-parallel
+        rank runs the same ones in the same order (the all-reduces inside)."""
+        t0 = time.perf_counter()
+        dev, bs = self.device, self.block_size
+        max_len = self.max_blocks_per_seq * bs  # >= max_model_len: positions stay in range
+        lengths = [16]
+        if min(max_num_batched_tokens, max_len) > 1024:
+            lengths.append(min(max_num_batched_tokens, max_len, 1040))
+        batches: list[tuple[list[int], list[int]]] = [([n], [n]) for n in lengths]
+        batches.append(([1, 1, 16], [17, 17, 16]))  # mixed: 2 decode rows, then a chunk
+        batches += [([1] * b, [17] * b) for b in (1, 256) if b <= max_num_seqs]
+        for q_lens, seq_lens in batches:
+            n_tok = sum(q_lens)
+            width = -(-max(seq_lens) // bs)
+            width = -(-width // TABLE_WIDTH_ALIGN) * TABLE_WIDTH_ALIGN
+            starts = np.zeros(len(q_lens) + 1, dtype=np.int32)
+            np.cumsum(q_lens, out=starts[1:])
+            meta = AttentionMetadata(
+                slot_mapping=torch.full((n_tok,), -1, dtype=torch.long, device=dev),
+                block_tables=torch.zeros(len(q_lens), width, dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+                query_start_loc=torch.from_numpy(starts).to(dev),
+                max_query_len=max(q_lens),
+                decode_only=max(q_lens) == 1,
+            )
+            nd = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+            if 0 < nd < len(q_lens) and self.split_mixed_attention:
+                meta.num_decode_rows = nd
+                meta.prefill_query_start_loc = torch.from_numpy(starts[nd:] - nd).to(dev)
+                meta.prefill_seq_lens = meta.seq_lens[nd:].clone()
+            ids = torch.zeros(n_tok, dtype=torch.long, device=dev)
+            pos = torch.cat(
+                [torch.arange(s - q, s) for q, s in zip(q_lens, seq_lens, strict=True)]
+            ).to(dev)
+            self.model(ids, pos, meta, self.kv_caches)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        log.info("event=kernels_warmed_up seconds=%.2f", time.perf_counter() - t0)
+
     def _slot(self, req: Request) -> int:
         """req's row in self._tables, brought up to date with its block table."""
         slot = self._slot_of.get(req.req_id)
@@ -320,9 +372,15 @@ class ModelRunner:
             seq_lens[i] = c + n
             if c + n == req.num_scheduled_tokens:  # the chunk reaches its end: it samples
                 logits_rows.append(s + n - 1)
-        tables = np.zeros((n_seqs, max_blocks), dtype=np.int32)
-        for i, row in enumerate(rows):
-            tables[i] = row[:max_blocks]
+        # the width rounded up to a multiple of TABLE_WIDTH_ALIGN (within the rows' own width,
+        # which the decode graphs' tables have too): the tables' row stride then never
+        # changes what Triton specializes a kernel on, so new widths compile nothing
+        padded = -(-max_blocks // TABLE_WIDTH_ALIGN) * TABLE_WIDTH_ALIGN
+        width = max(max_blocks, min(padded, self._tables.shape[1]))
+        tables = np.zeros((n_seqs, width), dtype=np.int32)
+        for i, row in enumerate(rows):  # a row taken before the array grew is shorter
+            n = min(width, len(row))
+            tables[i, :n] = row[:n]
         return HostInputs(
             input_ids,
             positions,
@@ -351,6 +409,9 @@ class ModelRunner:
             if nd:  # a mixed step: the decode rows' attention through the decode kernel
                 meta.num_decode_rows = nd
                 meta.prefill_query_start_loc = _to_device(host.query_start_loc[nd:] - nd, dev)
+                # its own tensor: seq_lens[nd:] starts 4*nd bytes in, and a pointer that is not
+                # 16-byte aligned is another Triton specialization (a compile mid-traffic)
+                meta.prefill_seq_lens = _to_device(host.seq_lens[nd:], dev)
         return _to_device(host.input_ids, dev), _to_device(host.positions, dev), meta
 
     def _graph_fits(self, num_seqs: int, decode_only: bool) -> bool:

@@ -17,5 +17,7 @@ class AttentionMetadata:
     decode_only: bool  # every sequence adds exactly one token: the decode kernel applies
     # a mixed step: its first num_decode_rows sequences add one token each and go through the
     # decode kernel, the rest through the prefill kernel with these offsets (rebased to 0)
+    # and context lengths (seq_lens[num_decode_rows:] in a tensor of its own)
     num_decode_rows: int = 0
     prefill_query_start_loc: torch.Tensor | None = None
+    prefill_seq_lens: torch.Tensor | None = None

@@ -112,7 +112,7 @@ class Attention(nn.Module):
                 v_cache,
                 meta.block_tables[nd:],
                 meta.prefill_query_start_loc,
-                meta.seq_lens[nd:],
+                meta.prefill_seq_lens,
                 self.scale,
                 self.sliding_window,
                 max_query_len=meta.max_query_len,

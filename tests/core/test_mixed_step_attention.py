@@ -18,7 +18,7 @@ from core_helpers import engine_generate, greedy, make_request, save_tiny_model
 from tandem import LLM
 from tandem.config import EngineConfig
 from tandem.engine import LLMEngine
-from tandem.runner import ModelRunner
+from tandem.runner import TABLE_WIDTH_ALIGN, ModelRunner
 from tandem.scheduler import ScheduledChunk
 
 CONFIG = Path(__file__).resolve().parents[2] / "tandem" / "configs" / "llama-3.1-8b"
@@ -74,6 +74,7 @@ def _mixed_hidden(runner: ModelRunner, bm, vocab: int, split: bool) -> tuple[tor
                 bm.allocate(req, n)
             ids, pos, meta, _ = runner.prepare(mixed)
             assert meta.num_decode_rows == (len(decoding) if split else 0)
+            _check_alignment(meta)
             hidden, calls = _forward_counting_decode_calls(
                 runner.model, ids, pos, meta, runner.kv_caches
             )
@@ -82,6 +83,50 @@ def _mixed_hidden(runner: ModelRunner, bm, vocab: int, split: bool) -> tuple[tor
         for r in reqs:
             bm.free(r)
             runner.forget(r.req_id)
+
+
+def _check_alignment(meta) -> None:
+    """What Triton specializes a kernel on stays the same from step to step: the block tables'
+    row stride is a multiple of 16 and the prefill rows' context lengths start a tensor of
+    their own (a slice of seq_lens would start 4 bytes per decode row in)."""
+    assert meta.block_tables.shape[1] % TABLE_WIDTH_ALIGN == 0
+    if meta.num_decode_rows:
+        nd = meta.num_decode_rows
+        assert torch.equal(meta.prefill_seq_lens, meta.seq_lens[nd:])
+        assert meta.prefill_seq_lens.storage_offset() == 0
+
+
+def test_warm_up_runs_every_path_and_writes_no_kv(tmp_path):
+    """The startup warm-up (on CUDA, it compiles the kernels' variants before any traffic)
+    runs prefill, mixed and decode forwards over the real cache and leaves the cache as it
+    was; run here directly on the torch kernels, with a chunk budget over 1k tokens."""
+    save_tiny_model("llama", tmp_path)
+    eng = LLMEngine(
+        EngineConfig(
+            model=str(tmp_path), dtype="float32", device="cpu", kernel_backend="torch",
+            block_size=8, num_blocks=64, max_num_batched_tokens=2048, max_model_len=2048,
+        )
+    )  # fmt: skip
+    runner = eng.runner
+    runner.kv_cache.normal_()
+    before = runner.kv_cache.clone()
+    shapes: list[tuple[int, int, bool]] = []
+    forward = runner.model.forward
+
+    def watched(ids, pos, meta, caches):
+        _check_alignment(meta)
+        shapes.append((len(ids), meta.num_decode_rows, meta.decode_only))
+        return forward(ids, pos, meta, caches)
+
+    runner.model.forward = watched
+    try:
+        runner._warm_up_kernels(2048, 256)
+    finally:
+        del runner.model.forward
+    assert shapes == [(16, 0, False), (1040, 0, False), (18, 2, False), (1, 0, True)] + [
+        (256, 0, True)
+    ]
+    assert torch.equal(runner.kv_cache, before)
 
 
 def _check_split_equals_unsplit(runner, bm, vocab, atol: float) -> None:

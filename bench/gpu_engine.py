@@ -22,6 +22,7 @@ import cProfile
 import importlib.util
 import io
 import json
+import os
 import pstats
 import statistics
 import time
@@ -47,6 +48,13 @@ def make_engine(args):
             gpu_memory_utilization=args.gpu_memory_utilization,
         )
     )
+
+
+def triton_cache_entries() -> int:
+    """Kernels Triton has compiled into its on-disk cache (one folder each): run with an
+    empty TRITON_CACHE_DIR, the count that grows during a W1 run is what its traffic compiled."""
+    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return sum(1 for p in root.iterdir() if p.is_dir()) if root.is_dir() else 0
 
 
 def weight_bytes(engine) -> int:
@@ -155,7 +163,13 @@ def run_w1(engine, args, seed: int | None = None) -> dict:
     for r in decode:
         r["roofline_s"] = (wb + r["context_tokens"] * kvb) / (args.copy_gbs * 1e9)
     dec_wall = sum(r["wall_s"] for r in decode)
+    slowest = sorted(timer.records, key=lambda r: -r["wall_s"])[:6]
     return {
+        "slowest_steps": [
+            {k: r[k] for k in ("batch", "tokens", "context_tokens", "wall_s", "gpu_s")}
+            for r in slowest
+        ],
+        "triton_cache_entries_after": triton_cache_entries(),
         "seed": seed,
         "prefix_cache_hit_tokens": engine.block_manager.num_hit_tokens - hits0,
         "requests": args.requests,
@@ -457,6 +471,7 @@ def main() -> None:
     ap.add_argument("--profile-batch", type=int, default=256)
     ap.add_argument("--profile-steps", type=int, default=40)
     ap.add_argument("--skip-w1", action="store_true")
+    ap.add_argument("--w1-repeats", type=int, default=1, help="W1 runs, each on new prompts")
     ap.add_argument("--kernel-profile-batches", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--skip-steady", action="store_true")
     ap.add_argument(
@@ -479,6 +494,7 @@ def main() -> None:
         "torch": torch.__version__,
         "model": "dummy Llama-3.1-8B bf16",
         "startup_s": time.perf_counter() - t0,
+        "triton_cache_entries_after_startup": triton_cache_entries(),
         "num_blocks": engine.runner.num_blocks,
         "graph_sizes": engine.runner.graphs.sizes if engine.runner.graphs else [],
         "ceilings": ceilings,
@@ -496,6 +512,9 @@ def main() -> None:
         if not args.skip_w1:
             out["w1_engine"] = run_w1(engine, args)
             print(json.dumps(out["w1_engine"]), flush=True)
+            for i in range(1, args.w1_repeats):  # new prompts each time: no prefix-cache hits
+                out[f"w1_engine_repeat{i}"] = run_w1(engine, args, args.seed + 10 + i)
+                print(f"REPEAT{i}", json.dumps(out[f"w1_engine_repeat{i}"]), flush=True)
         if args.w1_unsplit:  # W1 with every mixed step's rows in one prefill call, then
             # split again: new prompts each time (no prefix-cache hits), and a split run on
             # either side of the unsplit one for the spread

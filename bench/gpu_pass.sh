@@ -178,5 +178,14 @@ O)  # session 7: the engine-only A/B with new prompts per run, W1 via the gatewa
     cut -c1-600
   rm -f "$OUT"/serve-*.log
   ;;
+P)  # session 7: a cold start with the kernel warm-up, W1 twice (first burst vs warm)
+  export TRITON_CACHE_DIR=/tmp/triton-cold && rm -rf "$TRITON_CACHE_DIR"
+  step 160 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --skip-steady \
+    --w1-repeats 2 --out "$OUT/engine-cold.json" 2>&1 | grep -E "^(Traceback|[A-Za-z]*Error)" | head
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('START', d['startup_s'], d['triton_cache_entries_after_startup'])
+for k in ('w1_engine','w1_engine_repeat1'):
+  v=d[k]; print('W1', k, round(v['output_tok_s']), round(v['seconds'],2), round(v['prefill_or_mixed_s'],2), v['triton_cache_entries_after'], [(r['batch'],r['tokens'],round(r['wall_s'],3)) for r in v['slowest_steps']])" \
+    "$OUT/engine-cold.json"
+  ;;
 esac
 ls -la "$OUT"

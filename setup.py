@@ -41,8 +41,10 @@ RENAMED = {"tandem_kernels": "kernels"}  # import name -> folder
 found = find_namespace_packages(
     where=str(ROOT), include=[f"{f}*" for f in SOURCE_FOLDERS if f not in RENAMED.values()]
 )
+# like the folders found above, a renamed one ships when it is there (tests build partial trees)
+renamed = {name: f for name, f in RENAMED.items() if (ROOT / f).is_dir()}
 setup(
     cmdclass={"build_py": BuildPyWithProtos},
-    packages=[*found, *RENAMED],
-    package_dir=RENAMED,
+    packages=[*found, *renamed],
+    package_dir=renamed,
 )

@@ -55,6 +55,7 @@ def test_wheel_build_ships_generated_code(tmp_path):
     src = _copy_sources(tmp_path / "src")
     for name in ("pyproject.toml", "setup.py"):
         shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "kernels", src / "kernels", ignore=shutil.ignore_patterns("__py*"))
     (src / "README.md").write_text("tandem\n")
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
@@ -65,6 +66,10 @@ def test_wheel_build_ships_generated_code(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"protos/router_pb2.py", "protos/worker_pb2_grpc.py", "protos/common_pb2.pyi"} <= names
+    # kernels/ ships as tandem_kernels: the name `kernels` is Hugging Face's (a transformers
+    # dependency), and a second top-level `kernels` would shadow it or be shadowed
+    assert "tandem_kernels/registry.py" in names
+    assert not [n for n in names if n.startswith("kernels/")]
 
 
 def test_worker_contract_field_numbers():

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's tandem, not an installed one
 
 from tandem.benchmark.fake_stack import FakeStack  # noqa: E402
-from tandem.benchmark.metrics import RequestRecord, summarize  # noqa: E402
+from tandem.benchmark.metrics import merge_results  # noqa: E402
 
 _FRAME = re.compile(r"^(.*) \((?:.*/)?([^/]*?)(?::\d+)?\)$")  # "fn (/a/b.py:12)" -> fn, b.py
 # Where a sample's innermost frame lives (py-spy --native names the file of C frames too).
@@ -124,16 +124,8 @@ def client_cmd(args, base_url: str, num_prompts: int, seed: int, out: Path, star
 
 def merge(results: list[dict]) -> dict:
     """Summaries of several client processes' records as one run (one time base)."""
-    t_first = min(r["t0_unix"] for r in results)
-    records = []
-    for r in results:
-        shift = r["t0_unix"] - t_first
-        for d in r["requests"]:
-            d = {k: v for k, v in d.items() if k != "tpot"}
-            d["send_time"] += shift
-            records.append(RequestRecord(**d))
-    peak = sum(r["summary"]["max_concurrency_reached"] for r in results)
-    s = summarize(records, max_concurrency_reached=peak)
+    s = merge_results(results)["summary"]
+    peak = s["max_concurrency_reached"]
     keys = (
         "completed failed duration_s total_output_tokens output_throughput request_throughput "
         "mean_ttft_ms p99_ttft_ms mean_tpot_ms mean_itl_ms median_itl_ms p99_itl_ms "

@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from dummy_model_dir import make_dummy_model_dir  # noqa: E402
 
+# bench_clients: each client loads the tokenizer and the first runs its warm-ups before this
+CLIENT_START_S = 25.0
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -82,6 +85,39 @@ def bench(url: str, result: Path, args: list[str]) -> dict:
     return json.loads(result.read_text())
 
 
+def bench_clients(
+    url: str, result: Path, args: list[str], n: int, seed: int, warmups: int, start_s=None
+) -> dict:
+    """`tandem bench` in n processes started together (--start-at), the prompts split between
+    them, merged into one result: one asyncio client cannot read 512 streams' ~20k SSE events
+    a second, and a client that lags measures its own delay as the server's."""
+    from tandem.benchmark.metrics import merge_results
+
+    total = int(args[args.index("--num-prompts") + 1])
+    args = [a for i, a in enumerate(args) if i != args.index("--num-prompts") + 1]
+    args.remove("--num-prompts")
+    start_at = time.time() + (CLIENT_START_S if start_s is None else start_s)
+    procs, outs = [], []
+    for i in range(n):
+        outs.append(result.with_name(f"{result.stem}-client{i}.json"))
+        cmd = [sys.executable, "-m", "tandem.benchmark", "--base-url", url, "--disable-tqdm"]
+        cmd += ["--result-file", str(outs[-1]), *args, "--start-at", f"{start_at:.3f}"]
+        cmd += ["--num-prompts", str(total // n + (i < total % n)), "--seed", str(seed + i)]
+        cmd += ["--num-warmups", str(warmups if i == 0 else 0)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+    for p in procs:
+        if p.wait() != 0:
+            raise RuntimeError(f"a bench client exited with {p.returncode}")
+    results = [json.loads(o.read_text()) for o in outs]
+    merged = merge_results(results)
+    # a client still loading or warming up at start_at began late: its share ran after the rest
+    merged["summary"]["client_start_spread_s"] = max(r["t0_unix"] for r in results) - start_at
+    result.write_text(json.dumps(merged))
+    for o in outs:
+        o.unlink()
+    return merged
+
+
 def summary(res: dict) -> dict:
     s = res.get("summary", res)
     keys = [k for k in s if not isinstance(s[k], (list, dict))]
@@ -122,8 +158,12 @@ def run_w1(a, model_dir: Path, out: Path) -> None:
     try:
         w1_args = ["--dataset-name", "random", "--num-prompts", str(a.requests)]
         w1_args += ["--random-input-len", "512", "--random-output-len", "256"]
-        w1_args += ["--request-rate", "inf", "--num-warmups", "8", "--seed", "1"]
-        res = bench(serve.url, out / f"w1-aggregated{a.tag}.json", w1_args)
+        w1_args += ["--request-rate", "inf"]
+        path = out / f"w1-aggregated{a.tag}.json"
+        if a.num_clients > 1:
+            res = bench_clients(serve.url, path, w1_args, a.num_clients, seed=1, warmups=8)
+        else:
+            res = bench(serve.url, path, [*w1_args, "--num-warmups", "8", "--seed", "1"])
         print("W1", json.dumps(summary(res)), f"startup_s={serve.startup_s:.0f}", flush=True)
     finally:
         serve.stop()
@@ -175,6 +215,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--serve-extra", default="", help="more `tandem serve` flags (w1)")
     ap.add_argument("--tag", default="", help="suffix of the w1 result and log file names")
+    ap.add_argument(
+        "--num-clients", type=int, default=1, help="w1: `tandem bench` processes, merged"
+    )
     ap.add_argument("--rates", default="2,8,16,32")
     ap.add_argument("--modes", default="aggregated,disaggregated")
     ap.add_argument("--seconds-per-rate", type=float, default=15.0)

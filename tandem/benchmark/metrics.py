@@ -185,3 +185,34 @@ def format_summary(
                 row(f"P{p:g} {key} (ms):", summary[f"{_pname(p)}_{name}_ms"])
     lines.append("=" * w)
     return "\n".join(lines)
+
+
+def merge_results(
+    results: Sequence[dict],
+    percentiles: Sequence[float] = (50, 90, 99),
+    slos: dict[str, float] | None = None,
+) -> dict:
+    """Result files of several `tandem bench` processes that ran together (--start-at) as one
+    run: every record's send time on the earliest client's clock, one summary over all of
+    them (max concurrency and client CPU summed), each record tagged with its client."""
+    t0 = min(r["t0_unix"] for r in results)
+    records, rows = [], []
+    for client, r in enumerate(results):
+        shift = r["t0_unix"] - t0
+        for d in r["requests"]:
+            row = {**d, "send_time": d["send_time"] + shift, "client": client}
+            rows.append(row)
+            records.append(
+                RequestRecord(**{k: v for k, v in row.items() if k not in ("tpot", "client")})
+            )
+    peak = sum(r["summary"]["max_concurrency_reached"] for r in results)
+    summary = summarize(records, percentiles, slos, peak)
+    summary["client_cpu_s"] = sum(r["summary"].get("client_cpu_s", 0.0) for r in results)
+    summary["num_clients"] = len(results)
+    return {
+        "date": min(r["date"] for r in results),
+        "t0_unix": t0,
+        "settings": [r["settings"] for r in results],
+        "summary": summary,
+        "requests": rows,
+    }

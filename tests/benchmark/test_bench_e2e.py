@@ -89,3 +89,31 @@ def test_unknown_model_stops_at_warm_up(stack, capsys):
     assert main([*argv, "--disable-tqdm"]) == 2
     err = capsys.readouterr().err
     assert "warm-up request failed: HTTP 404" in err and "nope" in err
+
+
+def test_several_client_processes_merge_into_one_run(stack, tmp_path):
+    """bench/gpu_serving.py's --num-clients: `tandem bench` processes started together
+    (--start-at), the prompts split between them, one merged result on one clock."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "gpu_serving.py"
+    spec = importlib.util.spec_from_file_location("gpu_serving", path)
+    gpu_serving = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_serving)
+    args = ["--dataset-name", "random", "--num-prompts", "9", "--random-input-len", "20"]
+    args += ["--random-output-len", "6", "--request-rate", "inf"]
+    out = tmp_path / "w1.json"
+    res = gpu_serving.bench_clients(
+        stack.base_url + "/v1", out, args, 2, seed=3, warmups=1, start_s=12.0
+    )
+    assert json.loads(out.read_text()) == res
+    assert not list(tmp_path.glob("w1-client*.json"))  # merged, then removed
+    s = res["summary"]
+    assert (s["completed"], s["failed"], s["num_clients"]) == (9, 0, 2)
+    assert s["total_output_tokens"] == 9 * 6 and s["output_len_mismatches"] == 0
+    assert sorted(r["client"] for r in res["requests"]) == [0] * 5 + [1] * 4
+    assert [st["num_prompts"] for st in res["settings"]] == [5, 4]
+    assert [st["seed"] for st in res["settings"]] == [3, 4]
+    assert min(r["send_time"] for r in res["requests"]) >= 0
+    assert s["client_start_spread_s"] < 5.0  # both began at start_at, not one after the other

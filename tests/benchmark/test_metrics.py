@@ -10,6 +10,7 @@ from tandem.benchmark.metrics import (
     RequestRecord,
     format_summary,
     is_good,
+    merge_results,
     parse_goodput,
     parse_percentiles,
     summarize,
@@ -156,3 +157,30 @@ def test_arrivals_inf_poisson_and_seeded():
     steady = np.diff(arrival_times(20000, rate=10.0, burstiness=4.0, seed=1))
     assert steady.mean() == pytest.approx(0.1, rel=0.03)
     assert steady.std() == pytest.approx(0.05, rel=0.05)  # gamma: std = mean / sqrt(shape)
+
+
+def test_merge_results_puts_clients_on_one_clock():
+    def result(t0, records, peak, cpu):
+        return {
+            "date": "2026-12-03T21:00:00+00:00",
+            "t0_unix": t0,
+            "settings": {"seed": t0},
+            "summary": {"max_concurrency_reached": peak, "client_cpu_s": cpu},
+            "requests": [
+                {**{f: getattr(r, f) for f in RequestRecord.__slots__}, "tpot": r.tpot()}
+                for r in records
+            ],
+        }
+
+    a = result(100.0, [record(0, 0.0, 0.1, [0.01], 2), record(1, 0.0, 0.2, [0.02], 2)], 2, 1.5)
+    b = result(100.5, [record(0, 0.0, 0.1, [0.03, 0.03], 3)], 1, 0.5)
+    m = merge_results([a, b])
+    assert m["t0_unix"] == 100.0 and m["settings"] == [{"seed": 100.0}, {"seed": 100.5}]
+    assert [(r["client"], r["index"], r["send_time"]) for r in m["requests"]] == [
+        (0, 0, 0.0), (0, 1, 0.0), (1, 0, 0.5),
+    ]  # fmt: skip
+    s = m["summary"]
+    assert (s["completed"], s["total_output_tokens"], s["num_clients"]) == (3, 7, 2)
+    assert s["max_concurrency_reached"] == 3 and s["client_cpu_s"] == 2.0
+    assert math.isclose(s["duration_s"], 0.5 + 0.1 + 0.06)  # first send -> b's last token
+    assert math.isclose(s["mean_itl_ms"], 1000 * (0.01 + 0.02 + 0.03 + 0.03) / 4)

@@ -187,5 +187,13 @@ for k in ('w1_engine','w1_engine_repeat1'):
   v=d[k]; print('W1', k, round(v['output_tok_s']), round(v['seconds'],2), round(v['prefill_or_mixed_s'],2), v['triton_cache_entries_after'], [(r['batch'],r['tokens'],round(r['wall_s'],3)) for r in v['slowest_steps']])" \
     "$OUT/engine-cold.json"
   ;;
+Q)  # W1 through the gateway, 4 client processes against 1, HF static peer in the same call
+  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --num-clients 4 --tag=-4clients \
+    --peers .carry/hf_peers.py --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | \
+    cut -c1-700 | tail -8
+  step 120 python3 bench/gpu_serving.py w1 --out "$OUT" --tag=-1client 2>&1 | grep -E "^W1" | \
+    cut -c1-700
+  rm -f "$OUT"/serve-*.log
+  ;;
 esac
 ls -la "$OUT"

@@ -254,7 +254,9 @@ class ModelRunner:
             lengths.append(min(max_num_batched_tokens, max_len, 1040))
         batches: list[tuple[list[int], list[int]]] = [([n], [n]) for n in lengths]
         batches.append(([1, 1, 16], [17, 17, 16]))  # mixed: 2 decode rows, then a chunk
-        batches += [([1] * b, [17] * b) for b in (1, 256) if b <= max_num_seqs]
+        # decode batches within the step limits (the profile pass sized activations for them)
+        most = min(max_num_seqs, max_num_batched_tokens)
+        batches += [([1] * b, [17] * b) for b in (1, 256) if b <= most]
         for q_lens, seq_lens in batches:
             n_tok = sum(q_lens)
             width = -(-max(seq_lens) // bs)

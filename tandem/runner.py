@@ -258,32 +258,32 @@ class ModelRunner:
         most = min(max_num_seqs, max_num_batched_tokens)
         batches += [([1] * b, [17] * b) for b in (1, 256) if b <= most]
         for q_lens, seq_lens in batches:
-            n_tok = sum(q_lens)
-            width = -(-max(seq_lens) // bs)
-            width = -(-width // TABLE_WIDTH_ALIGN) * TABLE_WIDTH_ALIGN
+            # the steps' own inputs (_device_inputs), every slot -1 and every block 0
             starts = np.zeros(len(q_lens) + 1, dtype=np.int32)
             np.cumsum(q_lens, out=starts[1:])
-            meta = AttentionMetadata(
-                slot_mapping=torch.full((n_tok,), -1, dtype=torch.long, device=dev),
-                block_tables=torch.zeros(len(q_lens), width, dtype=torch.int32, device=dev),
-                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-                query_start_loc=torch.from_numpy(starts).to(dev),
+            pos = [p for q, s in zip(q_lens, seq_lens, strict=True) for p in range(s - q, s)]
+            width = self._table_width(-(-max(seq_lens) // bs))
+            host = HostInputs(
+                input_ids=np.zeros(len(pos), dtype=np.int64),
+                positions=np.array(pos, dtype=np.int64),
+                slots=np.full(len(pos), -1, dtype=np.int64),
+                seq_lens=np.array(seq_lens, dtype=np.int32),
+                query_start_loc=starts,
+                block_tables=np.zeros((len(q_lens), width), dtype=np.int32),
+                logits_rows=[],
                 max_query_len=max(q_lens),
-                decode_only=max(q_lens) == 1,
             )
-            nd = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
-            if 0 < nd < len(q_lens) and self.split_mixed_attention:
-                meta.num_decode_rows = nd
-                meta.prefill_query_start_loc = torch.from_numpy(starts[nd:] - nd).to(dev)
-                meta.prefill_seq_lens = meta.seq_lens[nd:].clone()
-            ids = torch.zeros(n_tok, dtype=torch.long, device=dev)
-            pos = torch.cat(
-                [torch.arange(s - q, s) for q, s in zip(q_lens, seq_lens, strict=True)]
-            ).to(dev)
-            self.model(ids, pos, meta, self.kv_caches)
+            self.model(*self._device_inputs(host), self.kv_caches)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         log.info("event=kernels_warmed_up seconds=%.2f", time.perf_counter() - t0)
+
+    def _table_width(self, max_blocks: int) -> int:
+        """A step's block-table width: max_blocks rounded up to a multiple of
+        TABLE_WIDTH_ALIGN (within the rows' own width, which the decode graphs' tables have
+        too), so the tables' row stride never changes what Triton specializes a kernel on."""
+        padded = -(-max_blocks // TABLE_WIDTH_ALIGN) * TABLE_WIDTH_ALIGN
+        return max(max_blocks, min(padded, self._tables.shape[1]))
 
     def _slot(self, req: Request) -> int:
         """req's row in self._tables, brought up to date with its block table."""
@@ -374,11 +374,7 @@ class ModelRunner:
             seq_lens[i] = c + n
             if c + n == req.num_scheduled_tokens:  # the chunk reaches its end: it samples
                 logits_rows.append(s + n - 1)
-        # the width rounded up to a multiple of TABLE_WIDTH_ALIGN (within the rows' own width,
-        # which the decode graphs' tables have too): the tables' row stride then never
-        # changes what Triton specializes a kernel on, so new widths compile nothing
-        padded = -(-max_blocks // TABLE_WIDTH_ALIGN) * TABLE_WIDTH_ALIGN
-        width = max(max_blocks, min(padded, self._tables.shape[1]))
+        width = self._table_width(max_blocks)
         tables = np.zeros((n_seqs, width), dtype=np.int32)
         for i, row in enumerate(rows):  # a row taken before the array grew is shorter
             n = min(width, len(row))

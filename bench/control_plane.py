@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's tandem, not an installed one
 
 from tandem.benchmark.fake_stack import FakeStack  # noqa: E402
 from tandem.benchmark.metrics import merge_results  # noqa: E402
+from tandem.benchmark.processes import run_bench_processes  # noqa: E402
 
 _FRAME = re.compile(r"^(.*) \((?:.*/)?([^/]*?)(?::\d+)?\)$")  # "fn (/a/b.py:12)" -> fn, b.py
 # Where a sample's innermost frame lives (py-spy --native names the file of C frames too).
@@ -108,18 +109,15 @@ def machine() -> dict:
     }
 
 
-def client_cmd(args, base_url: str, num_prompts: int, seed: int, out: Path, start_at=None):
-    cmd = [
-        sys.executable, "-m", "tandem.benchmark", "--base-url", base_url,
-        "--num-prompts", str(num_prompts), "--num-warmups", "0", "--seed", str(seed),
+def client_flags(args) -> list[str]:
+    """`tandem bench` flags of every client (prompt count, seed, warm-ups: per client)."""
+    flags = [
         "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-        "--endpoint-type", args.endpoint_type, "--disable-tqdm", "--result-file", str(out),
+        "--endpoint-type", args.endpoint_type,
     ]  # fmt: skip
     if args.max_concurrency:
-        cmd += ["--max-concurrency", str(max(1, args.max_concurrency // args.num_clients))]
-    if start_at is not None:
-        cmd += ["--start-at", f"{start_at:.3f}"]
-    return cmd
+        flags += ["--max-concurrency", str(max(1, args.max_concurrency // args.num_clients))]
+    return flags
 
 
 def merge(results: list[dict]) -> dict:
@@ -138,24 +136,11 @@ def merge(results: list[dict]) -> dict:
 
 def run_clients(args, stack: FakeStack, tmp: Path, tag: str, on_start=None) -> dict:
     """One measured run; on_start(start_at) runs right after the clients are spawned."""
-    n = args.num_clients
-    shares = [args.num_prompts // n + (i < args.num_prompts % n) for i in range(n)]
     before = {name: cpu_seconds(p.pid) for name, p in stack.procs.items()}
-    start_at = time.time() + CLIENT_STARTUP_S
-    outs = [tmp / f"{tag}-client{i}.json" for i in range(n)]
-    procs = [
-        subprocess.Popen(
-            client_cmd(args, stack.base_url, k, args.seed + i, out, start_at),
-            stdout=subprocess.DEVNULL,
-        )
-        for i, (k, out) in enumerate(zip(shares, outs, strict=True))
-    ]
-    if on_start is not None:
-        on_start(start_at)
-    for p in procs:
-        if p.wait() != 0:
-            raise RuntimeError(f"a bench client exited with {p.returncode}")
-    results = [json.loads(o.read_text()) for o in outs]
+    results, _ = run_bench_processes(
+        stack.base_url, client_flags(args), args.num_prompts, args.num_clients, args.seed,
+        tmp, tag, CLIENT_STARTUP_S, on_start=on_start,
+    )  # fmt: skip
     summary = merge(results)
     wall = summary["duration_s"]
     tokens = max(1, summary["total_output_tokens"])
@@ -322,8 +307,10 @@ def measure(args, info: dict) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             if args.num_warmups:
-                cmd = client_cmd(args, stack.base_url, args.num_warmups, 10**6, tmp / "warm.json")
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                run_bench_processes(
+                    stack.base_url, client_flags(args), args.num_warmups, 1, 10**6, tmp,
+                    "warm", 0.0,
+                )  # fmt: skip
             runs = []
             for k in range(args.repeats):
                 runs.append(run_clients(args, stack, tmp, f"run{k}"))

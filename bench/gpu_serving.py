@@ -86,35 +86,27 @@ def bench(url: str, result: Path, args: list[str]) -> dict:
 
 
 def bench_clients(
-    url: str, result: Path, args: list[str], n: int, seed: int, warmups: int, start_s=None
+    url: str,
+    result: Path,
+    args: list[str],
+    num_prompts: int,
+    n: int,
+    seed: int,
+    warmups: int,
+    start_s: float = CLIENT_START_S,
 ) -> dict:
-    """`tandem bench` in n processes started together (--start-at), the prompts split between
-    them, merged into one result: one asyncio client cannot read 512 streams' ~20k SSE events
-    a second, and a client that lags measures its own delay as the server's."""
+    """`tandem bench` in n processes started together (tandem.benchmark.processes), merged
+    into one result file."""
     from tandem.benchmark.metrics import merge_results
+    from tandem.benchmark.processes import run_bench_processes
 
-    total = int(args[args.index("--num-prompts") + 1])
-    args = [a for i, a in enumerate(args) if i != args.index("--num-prompts") + 1]
-    args.remove("--num-prompts")
-    start_at = time.time() + (CLIENT_START_S if start_s is None else start_s)
-    procs, outs = [], []
-    for i in range(n):
-        outs.append(result.with_name(f"{result.stem}-client{i}.json"))
-        cmd = [sys.executable, "-m", "tandem.benchmark", "--base-url", url, "--disable-tqdm"]
-        cmd += ["--result-file", str(outs[-1]), *args, "--start-at", f"{start_at:.3f}"]
-        cmd += ["--num-prompts", str(total // n + (i < total % n)), "--seed", str(seed + i)]
-        cmd += ["--num-warmups", str(warmups if i == 0 else 0)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
-    for p in procs:
-        if p.wait() != 0:
-            raise RuntimeError(f"a bench client exited with {p.returncode}")
-    results = [json.loads(o.read_text()) for o in outs]
+    results, start_at = run_bench_processes(
+        url, args, num_prompts, n, seed, result.parent, result.stem, start_s, warmups
+    )
     merged = merge_results(results)
     # a client still loading or warming up at start_at began late: its share ran after the rest
     merged["summary"]["client_start_spread_s"] = max(r["t0_unix"] for r in results) - start_at
     result.write_text(json.dumps(merged))
-    for o in outs:
-        o.unlink()
     return merged
 
 
@@ -156,14 +148,14 @@ def run_w1(a, model_dir: Path, out: Path) -> None:
     extra = engine_flags(a) + a.serve_extra.split()
     serve = Serve(model_dir, "aggregated", out / f"serve-w1{a.tag}.log", extra)
     try:
-        w1_args = ["--dataset-name", "random", "--num-prompts", str(a.requests)]
-        w1_args += ["--random-input-len", "512", "--random-output-len", "256"]
-        w1_args += ["--request-rate", "inf"]
+        w1_args = ["--dataset-name", "random", "--random-input-len", "512"]
+        w1_args += ["--random-output-len", "256", "--request-rate", "inf"]
         path = out / f"w1-aggregated{a.tag}.json"
         if a.num_clients > 1:
-            res = bench_clients(serve.url, path, w1_args, a.num_clients, seed=1, warmups=8)
+            res = bench_clients(serve.url, path, w1_args, a.requests, a.num_clients, 1, 8)
         else:
-            res = bench(serve.url, path, [*w1_args, "--num-warmups", "8", "--seed", "1"])
+            w1_args += ["--num-prompts", str(a.requests), "--num-warmups", "8", "--seed", "1"]
+            res = bench(serve.url, path, w1_args)
         print("W1", json.dumps(summary(res)), f"startup_s={serve.startup_s:.0f}", flush=True)
     finally:
         serve.stop()

@@ -92,8 +92,9 @@ def test_unknown_model_stops_at_warm_up(stack, capsys):
 
 
 def test_several_client_processes_merge_into_one_run(stack, tmp_path):
-    """bench/gpu_serving.py's --num-clients: `tandem bench` processes started together
-    (--start-at), the prompts split between them, one merged result on one clock."""
+    """bench/gpu_serving.py's --num-clients (tandem.benchmark.processes, as control_plane.py):
+    `tandem bench` processes started together (--start-at), the prompts split between them,
+    one merged result on one clock."""
     import importlib.util
     from pathlib import Path
 
@@ -101,11 +102,11 @@ def test_several_client_processes_merge_into_one_run(stack, tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_serving", path)
     gpu_serving = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_serving)
-    args = ["--dataset-name", "random", "--num-prompts", "9", "--random-input-len", "20"]
+    args = ["--dataset-name", "random", "--random-input-len", "20"]
     args += ["--random-output-len", "6", "--request-rate", "inf"]
     out = tmp_path / "w1.json"
     res = gpu_serving.bench_clients(
-        stack.base_url + "/v1", out, args, 2, seed=3, warmups=1, start_s=12.0
+        stack.base_url + "/v1", out, args, 9, 2, seed=3, warmups=1, start_s=12.0
     )
     assert json.loads(out.read_text()) == res
     assert not list(tmp_path.glob("w1-client*.json"))  # merged, then removed
@@ -115,5 +116,6 @@ def test_several_client_processes_merge_into_one_run(stack, tmp_path):
     assert sorted(r["client"] for r in res["requests"]) == [0] * 5 + [1] * 4
     assert [st["num_prompts"] for st in res["settings"]] == [5, 4]
     assert [st["seed"] for st in res["settings"]] == [3, 4]
+    assert [st["num_warmups"] for st in res["settings"]] == [1, 0]  # the first client warms up
     assert min(r["send_time"] for r in res["requests"]) >= 0
     assert s["client_start_spread_s"] < 5.0  # both began at start_at, not one after the other

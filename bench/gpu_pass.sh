@@ -16,6 +16,8 @@
 #                              # W1 via the gateway + HF static peer
 #   bash bench/gpu_pass.sh N   # M in the device time one session has left (~12 min): GPU tests,
 #                              # W1 via the gateway + HF static peer, engine-only split/unsplit
+#   bash bench/gpu_pass.sh R   # W1 via 2 gateways + 2 routers, 4 + 2, 1 + 1 (4 clients each), HF
+#                              # static peer, engine-only W1
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
 # Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
 set -u
@@ -194,6 +196,19 @@ Q)  # W1 through the gateway, 4 client processes against 1, HF static peer in th
   step 120 python3 bench/gpu_serving.py w1 --out "$OUT" --tag=-1client 2>&1 | grep -E "^W1" | \
     cut -c1-700
   rm -f "$OUT"/serve-*.log
+  ;;
+R)  # session 8: W1 through 2 gateways + 2 routers (4 clients) with the HF static peer, other
+    # front-end counts, one gateway + one router again, and the engine alone, all in one call
+  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --num-clients 4 --tag=-g2r2 \
+    --serve-extra="--gateways 2 --routers 2" --peers .carry/hf_peers.py --peer-kinds static \
+    --ceilings .carry/gpu_ceilings.py 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-700 | tail -8
+  step 100 python3 bench/gpu_serving.py w1 --out "$OUT" --num-clients 4 --tag=-g4r2 \
+    --serve-extra="--gateways 4 --routers 2" 2>&1 | grep -E "^W1" | cut -c1-500
+  step 100 python3 bench/gpu_serving.py w1 --out "$OUT" --num-clients 4 --tag=-g1r1 2>&1 | \
+    grep -E "^W1" | cut -c1-500
+  rm -f "$OUT"/serve-*.log
+  step 150 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --skip-steady \
+    --out "$OUT/engine.json" 2>&1 | grep -E "^(CEILINGS|\{\"req)" | cut -c1-420
   ;;
 esac
 ls -la "$OUT"

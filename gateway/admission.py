@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 
 class Refused(Exception):
@@ -27,6 +28,7 @@ class Admission:
         self.max_running, self.max_waiting, self.timeout_s = max_running, max_waiting, timeout_s
         self.num_running = 0
         self._waiters: deque[asyncio.Future] = deque()
+        self.on_change: Callable[[], None] = lambda: None  # after num_running/num_waiting move
 
     @property
     def num_waiting(self) -> int:
@@ -36,11 +38,13 @@ class Admission:
         """Take a slot or raise Refused; release() must follow a successful acquire."""
         if self.num_running < self.max_running and not self._waiters:
             self.num_running += 1
+            self.on_change()
             return
         if len(self._waiters) >= self.max_waiting:
             raise Refused("queue_full")
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
+        self.on_change()
         try:
             await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except BaseException as e:
@@ -49,6 +53,7 @@ class Admission:
             else:
                 fut.cancel()
                 self._waiters.remove(fut)
+                self.on_change()
             if isinstance(e, asyncio.TimeoutError):
                 raise Refused("queue_timeout") from None
             raise
@@ -59,3 +64,4 @@ class Admission:
             self._waiters.popleft().set_result(None)
         else:
             self.num_running -= 1
+        self.on_change()

@@ -1,8 +1,25 @@
-"""Gateway /metrics: vLLM's names for what the client sees end to end, tandem:* for HTTP."""
+"""Gateway /metrics: vLLM's names for what the client sees end to end, tandem:* for HTTP.
+
+Several gateway processes on one port (`--reuse-port`, `tandem serve --gateways N`) share
+PROMETHEUS_MULTIPROC_DIR: prometheus-client then keeps every value in a file per process, and
+/metrics, whichever process answers it, sums them (gauges over the live processes).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus-client when it is imported
 
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
@@ -11,7 +28,11 @@ class GatewayMetrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
         m = ["model_name"]
-        self.running = Gauge("vllm:num_requests_running", "Requests in flight.", registry=r)
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
+        self.running = Gauge(
+            "vllm:num_requests_running", "Requests in flight.", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.ttft = Histogram(
             "vllm:time_to_first_token_seconds", "Time to first token.", m, registry=r,
             buckets=_BUCKETS,
@@ -39,12 +60,30 @@ class GatewayMetrics:
             ["reason"], registry=r,
         )  # fmt: skip
         self.admitted = Gauge(
-            "tandem:gateway_requests_admitted", "Generation requests holding a slot.", registry=r
-        )
+            "tandem:gateway_requests_admitted", "Generation requests holding a slot.", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.queued = Gauge(
-            "tandem:gateway_requests_queued", "Generation requests waiting for a slot.", registry=r
-        )
+            "tandem:gateway_requests_queued", "Generation requests waiting for a slot.",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
 
     def watch(self, admission) -> None:
-        self.admitted.set_function(lambda: admission.num_running)
-        self.queued.set_function(lambda: admission.num_waiting)
+        def changed() -> None:
+            self.admitted.set(admission.num_running)
+            self.queued.set(admission.num_waiting)
+
+        admission.on_change = changed
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text format: this process's registry, or every gateway process's values."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=self.multiprocess_dir)
+        return generate_latest(merged), CONTENT_TYPE_LATEST
+
+    def process_exited(self) -> None:
+        """Drop this process's live gauges from the shared directory (on shutdown)."""
+        if self.multiprocess_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 
 import uvicorn
@@ -44,6 +45,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--served-model-name", default="", help="model name clients use")
     parser.add_argument("--timeout-graceful-shutdown", type=float, default=5.0)
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT so several gateway processes share --port (the kernel "
+        "spreads connections among them); set PROMETHEUS_MULTIPROC_DIR to the same empty "
+        "directory for all of them and /metrics sums their counters",
+    )
     parser.add_argument("--log-level", default="warning")
 
     lim = _flag_group(
@@ -137,6 +145,23 @@ def make_server(config: GatewayConfig, log_level: str = "warning", grace_s: floa
     return _Server(uv_config)
 
 
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port with SO_REUSEPORT: every gateway process binds its own and
+    the kernel hands each new connection to one of them."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def run(args: argparse.Namespace, tls: TLSConfig = PLAINTEXT) -> None:
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -144,10 +169,11 @@ def run(args: argparse.Namespace, tls: TLSConfig = PLAINTEXT) -> None:
     )
     config = config_from_args(args, tls)
     log.warning(
-        "event=gateway_starting address=%s:%d router=%s router_tls=%s",
-        config.host, config.port, config.router, tls.mode,
+        "event=gateway_starting address=%s:%d router=%s router_tls=%s reuse_port=%s",
+        config.host, config.port, config.router, tls.mode, args.reuse_port,
     )  # fmt: skip
-    make_server(config, args.log_level, args.timeout_graceful_shutdown).run()
+    server = make_server(config, args.log_level, args.timeout_graceful_shutdown)
+    server.run(sockets=[reuse_port_socket(config.host, config.port)] if args.reuse_port else None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 from tandem.grpc_tls import PLAINTEXT, TLSConfig, add_tls_args, channel, tls_argv, tls_from_args
@@ -92,6 +94,8 @@ def _serve(args: argparse.Namespace, tls: TLSConfig) -> None:
     """Start gateway + router + prefill x N + decode x M on this host; Ctrl-C stops them all."""
     from tandem.loader.default_model import DEFAULT_MODEL_NAME, resolve_model_dir
 
+    if args.gateways < 1 or args.routers < 1:
+        raise SystemExit("--gateways and --routers must be >= 1")
     if args.mode == "aggregated":
         args.prefill = 0
     elif args.mode == "disaggregated" and args.prefill == 0:
@@ -118,6 +122,7 @@ def _serve(args: argparse.Namespace, tls: TLSConfig) -> None:
 
     shares = _memory_shares(args)
     procs: list[subprocess.Popen] = []
+    metrics_dir = None
     try:
         workers = []
         for role, count in (("decode", args.decode), ("prefill", args.prefill)):
@@ -134,35 +139,43 @@ def _serve(args: argparse.Namespace, tls: TLSConfig) -> None:
                 workers.append((role, f"{host}:{port}", procs[-1]))
         for _, address, proc in workers:
             _wait_grpc_healthy(address, proc, args.startup_timeout, tls)
-        router_port = args.router_port or _free_port(host)
-        router_cmd = [*py, "router", "--host", host, "--port", str(router_port), *common]
-        router_cmd += ["--served-model-name", served, "--routing-policy", args.routing_policy]
-        router_cmd += ["--max-local-prefill-length", str(args.max_local_prefill_length)]
-        router_cmd += ["--stream-interval", str(args.stream_interval)]
-        if args.max_model_len:
-            router_cmd += ["--max-model-len", str(args.max_model_len)]
-        for role, address, _ in workers:
-            router_cmd += [f"--{role}", address]
-        procs.append(subprocess.Popen(router_cmd))
-        _wait_grpc_healthy(f"{host}:{router_port}", procs[-1], args.startup_timeout, tls)
-        gw_cmd = [
-            *py,
-            "gateway",
-            "--host",
-            host,
-            "--port",
-            str(args.port),
-            "--router",
-            f"{host}:{router_port}",
-        ]
-        gw_cmd += ["--log-level", args.log_level, *tls_argv(args)]
-        if args.api_key:
-            gw_cmd += ["--api-key", args.api_key]
-        procs.append(subprocess.Popen(gw_cmd))
+        routers = []  # addresses; gateway i talks to router i % len(routers)
+        for i in range(args.routers):
+            router_port = args.router_port + i if args.router_port else _free_port(host)
+            router_cmd = [*py, "router", "--host", host, "--port", str(router_port), *common]
+            router_cmd += ["--served-model-name", served, "--routing-policy", args.routing_policy]
+            router_cmd += ["--max-local-prefill-length", str(args.max_local_prefill_length)]
+            router_cmd += ["--stream-interval", str(args.stream_interval)]
+            if args.max_model_len:
+                router_cmd += ["--max-model-len", str(args.max_model_len)]
+            for role, address, _ in workers:
+                router_cmd += [f"--{role}", address]
+            procs.append(subprocess.Popen(router_cmd))
+            routers.append((f"{host}:{router_port}", procs[-1]))
+        for address, proc in routers:
+            _wait_grpc_healthy(address, proc, args.startup_timeout, tls)
+        gw_env = None
+        if args.gateways > 1:  # one port (SO_REUSEPORT), one /metrics over all of them
+            from gateway.metrics import MULTIPROC_ENV
+
+            metrics_dir = tempfile.mkdtemp(prefix="tandem-gateway-metrics-")
+            gw_env = {**os.environ, MULTIPROC_ENV: metrics_dir}
+        for i in range(args.gateways):
+            gw_cmd = [*py, "gateway", "--host", host, "--port", str(args.port)]
+            gw_cmd += ["--router", routers[i % len(routers)][0]]
+            gw_cmd += ["--log-level", args.log_level, *tls_argv(args)]
+            if args.api_key:
+                gw_cmd += ["--api-key", args.api_key]
+            if args.gateways > 1:
+                gw_cmd.append("--reuse-port")
+            procs.append(subprocess.Popen(gw_cmd, env=gw_env))
+        # The port answers once one gateway listens; one still starting gets no connections.
         _wait_http_healthy(f"http://{host}:{args.port}/health", procs[-1], args.startup_timeout)
+        router_list = ", ".join(address for address, _ in routers)
         print(
-            f"tandem is serving {served} at http://{host}:{args.port}/v1 "
-            f"(router grpc {host}:{router_port}; {args.prefill} prefill, {args.decode} decode). Ctrl-C stops.",
+            f"tandem is serving {served} at http://{host}:{args.port}/v1 ({args.gateways} "
+            f"gateway(s); router grpc {router_list}; {args.prefill} prefill, {args.decode} "
+            "decode). Ctrl-C stops.",
             flush=True,
         )
         stop = []
@@ -182,6 +195,8 @@ def _serve(args: argparse.Namespace, tls: TLSConfig) -> None:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -200,6 +215,20 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "--prefill", type=int, default=1, help="prefill servers (0: decode servers prefill locally)"
     )
     p.add_argument("--decode", type=int, default=1, help="decode servers")
+    p.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="gateway processes sharing --port (SO_REUSEPORT; vLLM's --api-server-count): "
+        "the HTTP/SSE work of many streams on several cores; admission limits are per process",
+    )
+    p.add_argument(
+        "--routers",
+        type=int,
+        default=1,
+        help="router processes (gateway i uses router i %% N): tokenizing, detokenizing and "
+        "the per-token gRPC streams on several cores; with --router-port P they take P, P+1, ...",
+    )
     p.add_argument(
         "--mode",
         choices=["aggregated", "disaggregated"],

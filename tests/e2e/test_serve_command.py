@@ -2,35 +2,44 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
+import httpx
 import openai
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
-def test_tandem_serve_starts_answers_and_stops_cleanly():
+def _start_serve(*flags: str) -> tuple[subprocess.Popen, int, str]:
+    """`tandem serve` on a free port with the given flags; (process, port, its banner line)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem.cli", "serve", "--port", str(port), "--num-blocks", "256"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    cmd = [sys.executable, "-m", "tandem.cli", "serve", "--port", str(port), "--num-blocks", "256"]
+    proc = subprocess.Popen([*cmd, *flags], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    line = ""
+    while "serving" not in line:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError("tandem serve did not come up")
+        line = proc.stdout.readline()
+    return proc, port, line
+
+
+def test_tandem_serve_starts_answers_and_stops_cleanly():
+    proc, port, line = _start_serve()
     try:
-        deadline = time.monotonic() + 300
-        line = ""
-        while "serving" not in line:
-            assert time.monotonic() < deadline and proc.poll() is None, (
-                "tandem serve did not come up"
-            )
-            line = proc.stdout.readline()
         assert f"http://127.0.0.1:{port}/v1" in line
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         models = [m.id for m in client.models.list().data]
@@ -51,18 +60,8 @@ def test_serve_with_stream_interval_and_async_scheduling_streams_the_same_text()
     """`tandem serve --stream-interval 3 --async-scheduling` (async forced on, here on CPU):
     streamed completions arrive 3 tokens a chunk (the first alone) and read the same as the
     non-streamed answer."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "tandem.cli", "serve", "--port", str(port), "--num-blocks", "256"]
-    cmd += ["--stream-interval", "3", "--async-scheduling"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc, port, _ = _start_serve("--stream-interval", "3", "--async-scheduling")
     try:
-        deadline = time.monotonic() + 300
-        line = ""
-        while "serving" not in line:
-            assert time.monotonic() < deadline and proc.poll() is None, "serve did not come up"
-            line = proc.stdout.readline()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         kw = dict(model="SmolLM2-135M-Instruct", prompt="The capital of France is", temperature=0)
         kw["max_tokens"] = 10
@@ -78,3 +77,90 @@ def test_serve_with_stream_interval_and_async_scheduling_streams_the_same_text()
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+
+
+def _children(pid: int) -> dict[int, str]:
+    """pid -> command line of the direct children of pid (from /proc)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            out[int(entry)] = cmd
+    return out
+
+
+SUCCESS = "vllm:request_success_total"
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT, /proc")
+def test_serve_with_two_gateways_and_two_routers_shares_one_port_and_one_metrics_view():
+    """`tandem serve --gateways 2 --routers 2`: two gateway processes on one port (each new
+    connection lands on one of them), each on its own router; both answer, and /metrics, from
+    whichever process, counts every request the two served."""
+    proc, port, line = _start_serve("--gateways", "2", "--routers", "2")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert "2 gateway(s)" in line and line.count("127.0.0.1:") == 3  # gateway + 2 routers
+        gateways = {p: c for p, c in _children(proc.pid).items() if " gateway " in c}
+        routers = {c.split("--router ")[1].split()[0] for c in gateways.values()}
+        assert len(gateways) == 2 and len(routers) == 2  # each gateway on its own router
+        assert all("--reuse-port" in c for c in gateways.values())
+        # the second gateway may still be starting: wait until both listen
+        time.sleep(3)
+
+        n = 12
+        for i in range(n):  # a new connection each time, so the kernel picks a gateway each time
+            with httpx.Client(base_url=base, timeout=60) as http:
+                r = http.post(
+                    "/v1/completions",
+                    json={
+                        "model": "SmolLM2-135M-Instruct",
+                        "prompt": f"Count to {i}:",
+                        "max_tokens": 3,
+                        "ignore_eos": True,
+                        "stream": i % 2 == 1,
+                    },
+                )
+                assert r.status_code == 200, r.text
+        # Both processes recorded requests: prometheus-client keeps a file per process and pid.
+        metrics_dirs = set()
+        for pid in gateways:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+            metrics_dirs.add(env[b"PROMETHEUS_MULTIPROC_DIR"].decode())
+        assert len(metrics_dirs) == 1
+        (metrics_dir,) = metrics_dirs
+        per_process = []  # each process's own file, read alone with prometheus-client
+        for pid in gateways:
+            with tempfile.TemporaryDirectory() as one:
+                shutil.copy(os.path.join(metrics_dir, f"counter_{pid}.db"), one)
+                registry = CollectorRegistry()
+                MultiProcessCollector(registry, path=one)
+                per_process.append(_metric(generate_latest(registry).decode(), SUCCESS))
+        assert sum(per_process) == n and min(per_process) >= 1, per_process  # both served
+        for _ in range(6):  # any process answers with the sum over both
+            with httpx.Client(base_url=base, timeout=30) as http:
+                text = http.get("/metrics").text
+            assert _metric(text, SUCCESS) == n
+            assert _metric(text, "vllm:generation_tokens_total") == 3 * n
+            assert _metric(text, "vllm:num_requests_running") == 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    assert not os.path.exists(metrics_dir)  # serve removes the shared directory

@@ -448,65 +448,6 @@ def mixed_profile(engine, args, n: int, k: int) -> dict:
     return out
 
 
-def _step_times(engine, steps: int) -> dict:
-    """steps decode steps under async scheduling (after 3 unmeasured): p50 wall and GPU time."""
-    timer = StepTimer(engine)
-    for _ in range(3):
-        timer.step()
-    timer.records.clear()
-    timer._events.clear()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        timer.step()
-    total = time.perf_counter() - t0
-    timer.close()
-    recs = [r for r in timer.records if r["decode_only"]]
-    return {
-        "steps": len(recs),
-        "step_wall_ms_p50": statistics.median(r["wall_s"] for r in recs) * 1e3,
-        "step_gpu_ms_p50": statistics.median(r["gpu_s"] for r in recs) * 1e3,
-        "mean_context_tokens": statistics.fmean(r["context_tokens"] for r in recs)
-        / recs[0]["batch"],
-        "tok_s": recs[0]["batch"] * len(recs) / total,
-    }
-
-
-def overlap_ab(engine, args) -> dict:
-    """Decode graphs on one stream against graphs of two half-batches on two streams
-    (EngineConfig.decode_overlap), on one engine: decode step times at each batch of
-    --overlap-batches (the two in the order A B B A, contexts growing meanwhile), then W1
-    with each, twice, new prompts every run."""
-    from tandem.decode_graphs import DecodeGraphs
-
-    runner = engine.runner
-    engine.async_scheduling = True
-    plain = runner.graphs
-    t0 = time.perf_counter()
-    overlapped = DecodeGraphs(runner, plain.sizes, overlap=True)
-    variants = {"one_stream": plain, "two_streams": overlapped}
-    result: dict = {"capture_s": time.perf_counter() - t0, "steps": {}, "w1": {}}
-    for n in args.overlap_batches:
-        _decode_batch(engine, n, args.input_len, f"ov{n}")
-        rows: dict[str, list] = {}
-        for name in ("one_stream", "two_streams", "two_streams", "one_stream"):
-            runner.graphs = variants[name]
-            rows.setdefault(name, []).append(_step_times(engine, args.profile_steps))
-        result["steps"][str(n)] = rows
-        print("OVERLAP_STEPS", n, json.dumps(rows), flush=True)
-        for i in range(n):
-            engine.abort(f"ov{n}-{i}")
-        while engine.has_unfinished():
-            engine.step()
-    for i, name in enumerate(("one_stream", "two_streams", "two_streams", "one_stream")):
-        runner.graphs = variants[name]
-        run = run_w1(engine, args, args.seed + 30 + i)
-        result["w1"].setdefault(name, []).append(run)
-        print("OVERLAP_W1", name, round(run["output_tok_s"]), round(run["decode_s"], 2),
-              round(run["prefill_or_mixed_s"], 2), flush=True)  # fmt: skip
-    runner.graphs = plain
-    return result
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", type=Path, default=CONFIG_DIR, help="dir of the config.json")
@@ -538,12 +479,6 @@ def main() -> None:
         action="store_true",
         help="W1 again with mixed steps' decode rows in the prefill kernel (the old path)",
     )
-    ap.add_argument(
-        "--overlap-ab",
-        action="store_true",
-        help="decode graphs on one stream against two half-batches on two streams",
-    )
-    ap.add_argument("--overlap-batches", type=int, nargs="+", default=[256, 512])
     args = ap.parse_args()
 
     spec = importlib.util.spec_from_file_location("gpu_ceilings", args.ceilings)
@@ -589,8 +524,6 @@ def main() -> None:
             print("UNSPLIT", json.dumps(out["w1_engine_unsplit"]), flush=True)
             out["w1_engine_split_again"] = run_w1(engine, args, args.seed + 2)
             print("SPLIT2", json.dumps(out["w1_engine_split_again"]), flush=True)
-        if args.overlap_ab:
-            out["overlap_ab"] = overlap_ab(engine, args)
     Path(args.out).write_text(json.dumps(out, indent=2))
 
 

@@ -18,7 +18,6 @@
 #                              # W1 via the gateway + HF static peer, engine-only split/unsplit
 #   bash bench/gpu_pass.sh R   # W1 via 2 gateways + 2 routers, 4 + 2, 1 + 1 (4 clients each), HF
 #                              # static peer, engine-only W1
-#   bash bench/gpu_pass.sh S   # decode graphs on two streams: GPU tests, step + W1 engine A/B
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
 # Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
 set -u
@@ -210,14 +209,6 @@ R)  # session 8: W1 through 2 gateways + 2 routers (4 clients) with the HF stati
   rm -f "$OUT"/serve-*.log
   step 150 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --skip-steady \
     --out "$OUT/engine.json" 2>&1 | grep -E "^(CEILINGS|\{\"req)" | cut -c1-420
-  ;;
-S)  # session 8: decode graphs as two half-batches on two streams: GPU tests, then the A/B
-    # (decode step at batch 256 and 512, W1 engine-only twice each) on one engine
-  step 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/core/test_decode_overlap.py \
-    tests/core/test_async_scheduling_gpu.py tests/core/test_mixed_step_attention.py 2>&1 | tail -4
-  step 300 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --skip-steady --skip-w1 \
-    --overlap-ab --profile-steps 30 --out "$OUT/engine-overlap.json" 2>&1 | \
-    grep -E "^(CEILINGS|OVERLAP|Traceback|[A-Za-z]*Error)" | cut -c1-900
   ;;
 esac
 ls -la "$OUT"

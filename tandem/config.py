@@ -119,9 +119,6 @@ class EngineConfig:
     # launch step N+1 before step N's tokens reach the host (tandem/engine.py); None: on for
     # CUDA at tensor-parallel size 1, off otherwise
     async_scheduling: bool | None = None
-    # decode graphs of batches >= 256 run two half-batches on two CUDA streams, one half's
-    # attention under the other's GEMMs (tandem/decode_graphs.py); CUDA at tensor-parallel 1
-    decode_overlap: bool = False
     # CPU only: the KV pool lives in this file (a decode server's /dev/shm pool file), mapped
     # shared, so prefill servers on the host write it directly (the shm KV transport)
     kv_cache_file: str = ""

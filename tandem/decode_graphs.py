@@ -23,12 +23,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-# Decode batches of at least this many rows run as two halves on two streams when the graphs
-# overlap (ModelRunner decode_overlap; LlamaForCausalLM.forward_halves): below it the GEMMs are
-# bound by reading the weights, which two halves would read twice.
-OVERLAP_MIN_BATCH = 256
-
-
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
     """The decode batch sizes captured as CUDA graphs; a batch runs in the smallest >= it."""
     ladder = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
@@ -47,12 +41,9 @@ class DecodeGraphs:
     width (max_model_len / block_size), so the decode kernel's grid is fixed per graph.
     """
 
-    def __init__(self, runner: ModelRunner, sizes: list[int], overlap: bool = False) -> None:
+    def __init__(self, runner: ModelRunner, sizes: list[int]) -> None:
         self.runner = runner
         self.sizes = sizes
-        # batches >= OVERLAP_MIN_BATCH as two halves on two streams (their graphs fork and join)
-        self.overlap = overlap
-        self._side = torch.cuda.Stream() if overlap else None
         self.max_batch_size = sizes[-1]
         dev, nb = runner.device, runner.max_blocks_per_seq
         mb = self.max_batch_size
@@ -79,11 +70,9 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         self._capture()
         log.info(
-            "event=cuda_graphs_captured sizes=%d max_batch=%d overlap=%s tp_rank=%d/%d "
-            "seconds=%.1f",
+            "event=cuda_graphs_captured sizes=%d max_batch=%d tp_rank=%d/%d seconds=%.1f",
             len(sizes),
             mb,
-            overlap,
             runner.tp.rank,
             runner.tp.size,
             time.perf_counter() - t0,
@@ -101,10 +90,7 @@ class DecodeGraphs:
 
     def _forward(self, b: int) -> torch.Tensor:
         r = self.runner
-        ids, pos, meta = self.input_ids[:b], self.positions[:b], self._meta(b)
-        if self.overlap and b >= OVERLAP_MIN_BATCH:
-            return r.model.forward_halves(ids, pos, meta, r.kv_caches, b // 2, self._side)
-        return r.model(ids, pos, meta, r.kv_caches)
+        return r.model(self.input_ids[:b], self.positions[:b], self._meta(b), r.kv_caches)
 
     @torch.inference_mode()
     def _capture(self) -> None:

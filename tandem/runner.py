@@ -136,7 +136,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not cfg.enforce_eager and cfg.cuda_graph_max_batch_size:
             sizes = graph_batch_sizes(min(cfg.cuda_graph_max_batch_size, cfg.max_num_seqs))
-            self.graphs = self._capture_graphs(sizes, cfg.decode_overlap)
+            self.graphs = self._capture_graphs(sizes)
         if self.device.type == "cuda":
             self._warm_up_kernels(cfg.max_num_batched_tokens, cfg.max_num_seqs)
         self.sync = StepSync(tp) if tp.size > 1 else None
@@ -149,12 +149,12 @@ class ModelRunner:
             tp.size,
         )
 
-    def _capture_graphs(self, sizes: list[int], overlap: bool) -> DecodeGraphs | None:
+    def _capture_graphs(self, sizes: list[int]) -> DecodeGraphs | None:
         """At tp > 1 every rank captures the same graphs in the same order (the NCCL
         all-reduces inside them) and replays them in lockstep; if any rank's capture fails,
         every rank runs decode eagerly (they agree through the cpu group)."""
         if self.tp.size == 1:
-            return DecodeGraphs(self, sizes, overlap=overlap)
+            return DecodeGraphs(self, sizes)
         try:
             graphs = DecodeGraphs(self, sizes)
         except RuntimeError:

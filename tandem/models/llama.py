@@ -13,8 +13,6 @@ rows keep TP=N embeddings bit-identical to TP=1.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -68,8 +66,14 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def project(self, x, positions, meta: AttentionMetadata, kv_cache, cos_sin_cache):
-        """QKV projection, rotary, and the new tokens' K/V written to the cache."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        cos_sin_cache: torch.Tensor,
+    ) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -81,14 +85,6 @@ class Attention(nn.Module):
         q, k = self.ops.rotary(q, k, positions, cos_sin_cache)
         k_cache, v_cache = kv_cache
         self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        return q, k, v
-
-    def output(self, out: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.o_proj(out.view(out.shape[0], self.q_size)))
-
-    def attend(self, q, k, v, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
-        """Attention over the paged cache: [T, heads, head_dim]."""
-        k_cache, v_cache = kv_cache
         if meta.decode_only:
             out = self.ops.decode_attention(
                 q,
@@ -138,7 +134,7 @@ class Attention(nn.Module):
                 k=k,  # the chunk's own K/V, read densely instead of back through the cache
                 v=v,
             )
-        return out
+        return self.tp.all_reduce(self.o_proj(out.view(num_tokens, self.q_size)))
 
 
 class MLP(nn.Module):
@@ -163,22 +159,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
     def forward(self, x, residual, positions, meta, kv_cache, cos_sin_cache):
-        q, k, v, residual = self.pre_attention(
-            x, residual, positions, meta, kv_cache, cos_sin_cache
-        )
-        return self.post_attention(self.self_attn.attend(q, k, v, meta, kv_cache), residual)
-
-    def pre_attention(self, x, residual, positions, meta, kv_cache, cos_sin_cache):
-        """Input norm, QKV, rotary, KV write: the layer's work before attention reads the cache."""
         h, residual = self.input_layernorm(x, residual)
         if residual is None:
             residual = x
-        q, k, v = self.self_attn.project(h, positions, meta, kv_cache, cos_sin_cache)
-        return q, k, v, residual
-
-    def post_attention(self, attn_out, residual):
-        """o_proj, post-attention norm, MLP: the layer's GEMMs after attention."""
-        h, residual = self.post_attention_layernorm(self.self_attn.output(attn_out), residual)
+        h = self.self_attn(h, positions, meta, kv_cache, cos_sin_cache)
+        h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
 
@@ -229,74 +214,6 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, positions, meta, kv_cache, self.cos_sin_cache)
         return self.model.norm(x, residual)[0]
-
-    def forward_halves(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        split: int,
-        side: torch.cuda.Stream | None,
-    ) -> torch.Tensor:
-        """forward() of a decode-only batch as two independent halves (rows [:split] and
-        [split:]), the second on the `side` stream, so one half's attention (reading KV:
-        bandwidth-bound) runs while the other half's GEMMs (compute-bound at large batches)
-        do. The two halves' attention kernels take turns, which keeps them out of phase:
-        half 1's waits for half 0's of the same layer, half 0's for half 1's of the layer
-        before. side=None runs both halves in order on the current stream (CPU, checks)."""
-        if not meta.decode_only or self.tp.size > 1:  # one stream per rank's collectives
-            raise ValueError("forward_halves takes a decode-only batch at tensor-parallel 1")
-        n = input_ids.shape[0]
-        rows = (slice(0, split), slice(split, n))
-        metas = [
-            AttentionMetadata(
-                slot_mapping=meta.slot_mapping[r],
-                block_tables=meta.block_tables[r],
-                seq_lens=meta.seq_lens[r],
-                query_start_loc=meta.query_start_loc[: r.stop - r.start + 1],
-                max_query_len=1,
-                decode_only=True,
-            )
-            for r in rows
-        ]
-        main = torch.cuda.current_stream() if side is not None else None
-        lanes = (main, side)
-
-        def on(i: int):  # the stream half i runs on (nothing to switch without CUDA)
-            return torch.cuda.stream(lanes[i]) if side is not None else contextlib.nullcontext()
-
-        if side is not None:
-            side.wait_stream(main)  # the inputs were written on the main stream
-        x, residual = [None, None], [None, None]
-        for i in (0, 1):
-            with on(i):
-                x[i] = self.model.embed_tokens(input_ids[rows[i]])
-        cos_sin, previous = self.cos_sin_cache, None  # half 1's attention event, last layer
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            attended = None
-            for i in (0, 1):
-                with on(i):
-                    q, k, v, residual[i] = layer.pre_attention(
-                        x[i], residual[i], positions[rows[i]], metas[i], kv_cache, cos_sin
-                    )
-                    turn = attended if i == 1 else previous
-                    if turn is not None:
-                        lanes[i].wait_event(turn)
-                    out = layer.self_attn.attend(q, k, v, metas[i], kv_cache)
-                    if side is not None:
-                        event = torch.cuda.Event()
-                        event.record(lanes[i])
-                        attended, previous = (event, previous) if i == 0 else (attended, event)
-                    x[i], residual[i] = layer.post_attention(out, residual[i])
-        hidden = [None, None]
-        for i in (0, 1):
-            with on(i):
-                hidden[i] = self.model.norm(x[i], residual[i])[0]
-        if side is not None:
-            main.wait_stream(side)
-            hidden[1].record_stream(main)
-        return torch.cat(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """fp32 logits [rows, vocab] on rank 0; None on the other ranks (each sends its slice)."""

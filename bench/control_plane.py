@@ -231,6 +231,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="HF model dir for the router's tokenizer")
     p.add_argument("--num-decode", type=int, default=1)
     p.add_argument("--num-prefill", type=int, default=0, help="0: aggregated (no prefill hop)")
+    p.add_argument("--num-routers", type=int, default=1, help="as tandem serve --routers")
+    p.add_argument("--num-gateways", type=int, default=1, help="as tandem serve --gateways")
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=1024)
@@ -303,6 +305,7 @@ def measure(args, info: dict) -> dict:
     with FakeStack(
         args.model, args.num_decode, args.num_prefill, itl_ms=args.itl_ms,
         coalesce=args.worker_coalesce, session=args.worker_session, router_args=router_args,
+        num_routers=args.num_routers, num_gateways=args.num_gateways,
     ) as stack:  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)

@@ -18,6 +18,7 @@
 #                              # W1 via the gateway + HF static peer, engine-only split/unsplit
 #   bash bench/gpu_pass.sh R   # W1 via 2 gateways + 2 routers, 4 + 2, 1 + 1 (4 clients each), HF
 #                              # static peer, engine-only W1
+#   bash bench/gpu_pass.sh T   # control plane 1+1 vs 2+2 front ends; W1 g2r2 under py-spy
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
 # Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
 set -u
@@ -209,6 +210,19 @@ R)  # session 8: W1 through 2 gateways + 2 routers (4 clients) with the HF stati
   rm -f "$OUT"/serve-*.log
   step 150 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --skip-steady \
     --out "$OUT/engine.json" 2>&1 | grep -E "^(CEILINGS|\{\"req)" | cut -c1-420
+  ;;
+T)  # session 8: the control plane (fake engine, 10 ms steps, Decode.Session) with one router and
+    # gateway against two of each; then W1 via 2 gateways + 2 routers under py-spy
+  for fe in 1 2; do
+    step 150 python3 bench/control_plane.py --model /tmp/tandem-dummy-model --num-clients 4 \
+      --modes session --itl-ms 10 --num-prompts 512 --output-len 256 --repeats 1 \
+      --num-routers $fe --num-gateways $fe --out "$OUT/control-plane-r${fe}g${fe}.json" 2>&1 | \
+      grep -E "^(run|\{)" | cut -c1-400
+  done
+  export PATH=/tmp/site/bin:$PATH
+  step 200 python3 bench/gpu_w1_profile.py --out "$OUT" --serve-extra="--gateways 2 --routers 2" \
+    2>&1 | grep -E "^(==|  thread|\{)|^ +[0-9]+ " | cut -c1-200 | head -90
+  rm -f "$OUT"/pyspy-*.txt
   ;;
 esac
 ls -la "$OUT"

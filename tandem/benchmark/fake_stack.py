@@ -7,8 +7,11 @@ With num_prefill = 0 the router runs aggregated (decode servers "prefill" themse
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from tandem.cli import _free_port, _wait_grpc_healthy, _wait_http_healthy
@@ -16,6 +19,11 @@ from tandem.cli import _free_port, _wait_grpc_healthy, _wait_http_healthy
 
 def free_port() -> int:
     return _free_port("127.0.0.1")
+
+
+def _name(role: str, k: int) -> str:
+    """Process names: router, router-1, ... (the first keeps the plain name)."""
+    return role if k == 0 else f"{role}-{k}"
 
 
 class FakeStack:
@@ -30,12 +38,15 @@ class FakeStack:
         coalesce: bool = False,
         session: bool = False,
         router_args: tuple[str, ...] = (),
+        num_routers: int = 1,
+        num_gateways: int = 1,
         served_model_name: str = "fake",
         startup_timeout: float = 60.0,
         stderr=None,
     ):
         self.procs: dict[str, subprocess.Popen] = {}
         self._stderr = stderr
+        self._metrics_dir: str | None = None
         py = sys.executable
         try:
             workers = []
@@ -49,24 +60,38 @@ class FakeStack:
                     workers.append((role, addr, self._spawn(f"{role}-{k}", cmd)))
             for _, addr, proc in workers:
                 _wait_grpc_healthy(addr, proc, startup_timeout)
-            self.router = f"127.0.0.1:{free_port()}"
-            cmd = [py, "-m", "tandem.cli", "router", "--port", self.router.rsplit(":", 1)[1]]
-            cmd += ["--model", str(model_dir), "--served-model-name", served_model_name]
-            for role, addr, _ in workers:
-                cmd += [f"--{role}", addr]
-            cmd += list(router_args)  # e.g. --stream-interval N
-            _wait_grpc_healthy(self.router, self._spawn("router", cmd), startup_timeout)
+            # as `tandem serve --routers N --gateways M`: gateway i on router i % N, the
+            # gateways on one port (SO_REUSEPORT) with one metrics directory
+            routers = []
+            for k in range(num_routers):
+                addr = f"127.0.0.1:{free_port()}"
+                cmd = [py, "-m", "tandem.cli", "router", "--port", addr.rsplit(":", 1)[1]]
+                cmd += ["--model", str(model_dir), "--served-model-name", served_model_name]
+                for role, waddr, _ in workers:
+                    cmd += [f"--{role}", waddr]
+                cmd += list(router_args)  # e.g. --stream-interval N
+                routers.append((addr, self._spawn(_name("router", k), cmd)))
+            for addr, proc in routers:
+                _wait_grpc_healthy(addr, proc, startup_timeout)
+            self.router = routers[0][0]
             port = free_port()
-            cmd = [py, "-m", "tandem.cli", "gateway", "--port", str(port), "--router", self.router]
-            proc = self._spawn("gateway", cmd)
+            env = None
+            if num_gateways > 1:
+                self._metrics_dir = tempfile.mkdtemp(prefix="tandem-fake-gateway-metrics-")
+                env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
+            for k in range(num_gateways):
+                cmd = [py, "-m", "tandem.cli", "gateway", "--port", str(port)]
+                cmd += ["--router", routers[k % num_routers][0]]
+                cmd += ["--reuse-port"] if num_gateways > 1 else []
+                proc = self._spawn(_name("gateway", k), cmd, env)
             self.base_url = f"http://127.0.0.1:{port}"
             _wait_http_healthy(f"{self.base_url}/health", proc, startup_timeout)
         except BaseException:
             self.stop()
             raise
 
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        self.procs[name] = subprocess.Popen(cmd, stderr=self._stderr)
+    def _spawn(self, name: str, cmd: list[str], env=None) -> subprocess.Popen:
+        self.procs[name] = subprocess.Popen(cmd, stderr=self._stderr, env=env)
         return self.procs[name]
 
     def pid(self, name: str) -> int:
@@ -82,6 +107,8 @@ class FakeStack:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if self._metrics_dir is not None:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     def __enter__(self) -> FakeStack:
         return self

@@ -62,6 +62,17 @@ def _wait_http_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None
     raise TimeoutError(f"{url} did not become healthy within {timeout:.0f}s")
 
 
+def gateway_pool(count: int) -> tuple[list[str], dict[str, str] | None, str | None]:
+    """What `count` gateway processes on one port each get: extra flags, their environment
+    and the shared metrics directory (the caller removes it). One gateway: nothing extra."""
+    if count == 1:
+        return [], None, None
+    from gateway.metrics import MULTIPROC_ENV
+
+    metrics_dir = tempfile.mkdtemp(prefix="tandem-gateway-metrics-")
+    return ["--reuse-port"], {**os.environ, MULTIPROC_ENV: metrics_dir}, metrics_dir
+
+
 _ENGINE_FLAGS = [
     "dtype",
     "device",
@@ -154,20 +165,14 @@ def _serve(args: argparse.Namespace, tls: TLSConfig) -> None:
             routers.append((f"{host}:{router_port}", procs[-1]))
         for address, proc in routers:
             _wait_grpc_healthy(address, proc, args.startup_timeout, tls)
-        gw_env = None
-        if args.gateways > 1:  # one port (SO_REUSEPORT), one /metrics over all of them
-            from gateway.metrics import MULTIPROC_ENV
-
-            metrics_dir = tempfile.mkdtemp(prefix="tandem-gateway-metrics-")
-            gw_env = {**os.environ, MULTIPROC_ENV: metrics_dir}
+        # one port (SO_REUSEPORT), one /metrics over all of them
+        gw_flags, gw_env, metrics_dir = gateway_pool(args.gateways)
         for i in range(args.gateways):
             gw_cmd = [*py, "gateway", "--host", host, "--port", str(args.port)]
             gw_cmd += ["--router", routers[i % len(routers)][0]]
-            gw_cmd += ["--log-level", args.log_level, *tls_argv(args)]
+            gw_cmd += ["--log-level", args.log_level, *tls_argv(args), *gw_flags]
             if args.api_key:
                 gw_cmd += ["--api-key", args.api_key]
-            if args.gateways > 1:
-                gw_cmd.append("--reuse-port")
             procs.append(subprocess.Popen(gw_cmd, env=gw_env))
         # The port answers once one gateway listens; one still starting gets no connections.
         _wait_http_healthy(f"http://{host}:{args.port}/health", procs[-1], args.startup_timeout)

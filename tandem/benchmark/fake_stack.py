@@ -7,14 +7,12 @@ With num_prefill = 0 the router runs aggregated (decode servers "prefill" themse
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from tandem.cli import _free_port, _wait_grpc_healthy, _wait_http_healthy
+from tandem.cli import _free_port, _wait_grpc_healthy, _wait_http_healthy, gateway_pool
 
 
 def free_port() -> int:
@@ -75,14 +73,10 @@ class FakeStack:
                 _wait_grpc_healthy(addr, proc, startup_timeout)
             self.router = routers[0][0]
             port = free_port()
-            env = None
-            if num_gateways > 1:
-                self._metrics_dir = tempfile.mkdtemp(prefix="tandem-fake-gateway-metrics-")
-                env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
+            flags, env, self._metrics_dir = gateway_pool(num_gateways)
             for k in range(num_gateways):
                 cmd = [py, "-m", "tandem.cli", "gateway", "--port", str(port)]
-                cmd += ["--router", routers[k % num_routers][0]]
-                cmd += ["--reuse-port"] if num_gateways > 1 else []
+                cmd += ["--router", routers[k % num_routers][0], *flags]
                 proc = self._spawn(_name("gateway", k), cmd, env)
             self.base_url = f"http://127.0.0.1:{port}"
             _wait_http_healthy(f"{self.base_url}/health", proc, startup_timeout)

@@ -47,18 +47,27 @@ class DecodeGraphs:
         self.max_batch_size = sizes[-1]
         dev, nb = runner.device, runner.max_blocks_per_seq
         mb = self.max_batch_size
-        self.input_ids = torch.zeros(mb, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(mb, dtype=torch.long, device=dev)
-        self.slots = torch.full((mb,), -1, dtype=torch.long, device=dev)
+        # int64 inputs as the rows of one buffer, so a step stages them with one copy:
+        # input ids, positions, KV slots, and for async scheduling the rows whose input token
+        # is still on the GPU (PEND_DST) and their rows in the previous step's tokens (PEND_SRC)
+        self._inputs64 = torch.zeros(5, mb, dtype=torch.long, device=dev)
+        self.input_ids, self.positions, self.slots = (
+            self._inputs64[0],
+            self._inputs64[1],
+            self._inputs64[2],
+        )
+        self.slots.fill_(-1)
         self.seq_lens = torch.zeros(mb, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(mb, nb, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(mb + 1, dtype=torch.int32, device=dev)
-        # pinned staging: [ids | positions | slots] as int64, [seq_lens | block tables] as int32;
-        # two sets, used in turn: under async scheduling the host fills step N+1's while step
-        # N's copies may still be queued (step N-1, the set's last user, has finished)
+        # the smallest captured size >= n, for every n
+        self._size_for = [next(s for s in sizes if s >= n) for n in range(mb + 1)]
+        # pinned staging: the five int64 rows, [seq_lens | block tables] as int32; two sets,
+        # used in turn: under async scheduling the host fills step N+1's while step N's copies
+        # may still be queued (step N-1, the set's last user, has finished)
         self._staging = [
             (
-                torch.zeros(3, mb, dtype=torch.long).pin_memory(),
+                torch.zeros(5, mb, dtype=torch.long).pin_memory(),
                 torch.zeros(mb * (1 + nb), dtype=torch.int32).pin_memory(),
             )
             for _ in range(2)
@@ -118,50 +127,69 @@ class DecodeGraphs:
         self._host64, self._host32 = self._staging[self._turn]
 
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        return self.replay(*self.stage(chunks, []))
+        return self.replay(*self.stage(chunks, None))
 
     def stage(
-        self, chunks: list[ScheduledChunk], pending: list[tuple[int, int]]
+        self, chunks: list[ScheduledChunk], prev_tokens: torch.Tensor | None
     ) -> tuple[int, int, int]:
         """Fill the graph's input buffers for chunks (host staging, then async copies); returns
         what replay() takes. A request whose input token is still on the GPU (async
-        scheduling) gets 0 here and (row, req.pending_row) in pending, for the caller to fill
-        in input_ids on the device before the replay."""
+        scheduling: it is row req.pending_row of prev_tokens, the previous step's sampled
+        tokens) gets it there, by a gather on the device after the copies."""
         self._next_staging()
-        r, bs = self.runner, self.runner.block_size
+        r = self.runner
+        bs = r.block_size
         n = len(chunks)
-        b = next(s for s in self.sizes if s >= n)
         h64 = self._host64.numpy()
-        h32 = self._host32.numpy()
-        mb = self.max_batch_size
-        slot = r._slot
-        slots, starts, width = [], [], 1
-        ids = h64[0]
+        # one pass over the batch, into plain lists (element stores into numpy arrays cost
+        # more than the rest of the loop); the runner's table rows are synced only when a
+        # request's block table changed since its last step
+        slot_of, slot_src, slot_filled, sync_slot = r._slot_of, r._slot_src, r._slot_filled, r._slot
+        slots, starts, ids, dst, src = [], [], [], [], []
+        width = 1
         for i, (req, _) in enumerate(chunks):
+            table = req.block_table
+            nt = len(table)
+            s = slot_of.get(req.req_id)
+            if s is None or slot_filled[s] != nt or slot_src[s] is not table:
+                s = sync_slot(req)
+            slots.append(s)
             c = req.num_computed_tokens
-            slots.append(slot(req))
             starts.append(c)
             toks = req.token_ids
             if c < len(toks):
-                ids[i] = toks[c]
+                ids.append(toks[c])
             else:
-                ids[i] = 0
-                pending.append((i, req.pending_row))
-            if len(req.block_table) > width:
-                width = len(req.block_table)
+                ids.append(0)
+                dst.append(i)
+                src.append(req.pending_row)
+            if nt > width:
+                width = nt
         pos = np.asarray(starts, dtype=np.int64)
         rows = r._tables[np.asarray(slots), :width]  # [n, width]: only the columns in use
+        h64[0, :n] = ids
         h64[1, :n] = pos
         h64[2, :n] = rows[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
+        k = len(dst)
+        if k:
+            if prev_tokens is None:
+                raise AssertionError("a pending token needs its step")
+            h64[3, :k] = dst
+            h64[4, :k] = src
+        h32 = self._host32.numpy()
         h32[:n] = pos + 1
-        h32[mb : mb + n * width].reshape(n, width)[:] = rows
-        return self._copy_in(n, b, width)
+        h32[self.max_batch_size : self.max_batch_size + n * width].reshape(n, width)[:] = rows
+        staged = self._copy_in(n, self._size_for[n], width)
+        if k:
+            self.input_ids.index_copy_(
+                0, self._inputs64[3, :k], prev_tokens.index_select(0, self._inputs64[4, :k])
+            )
+        return staged
 
     def run_host(self, host: HostInputs) -> torch.Tensor:
         """run() from prepared host inputs (tensor parallel: every rank, the same inputs)."""
         self._next_staging()
         n = len(host.seq_lens)
-        b = next(s for s in self.sizes if s >= n)
         h64 = self._host64.numpy()
         h32 = self._host32.numpy()
         mb, width = self.max_batch_size, host.block_tables.shape[1]
@@ -170,7 +198,7 @@ class DecodeGraphs:
         h64[2, :n] = host.slots
         h32[:n] = host.seq_lens
         h32[mb : mb + n * width] = host.block_tables.ravel()
-        return self.replay(*self._copy_in(n, b, width))
+        return self.replay(*self._copy_in(n, self._size_for[n], width))
 
     def _copy_in(self, n: int, b: int, width: int) -> tuple[int, int, int]:
         """Pad rows n..b of the staged inputs and copy them to the graph's buffers."""
@@ -180,9 +208,8 @@ class DecodeGraphs:
         h64[:2, n:b] = 0
         h64[2, n:b] = -1
         h32[n:b] = 0
-        self.input_ids[:b].copy_(self._host64[0, :b], non_blocking=True)
-        self.positions[:b].copy_(self._host64[1, :b], non_blocking=True)
-        self.slots[:b].copy_(self._host64[2, :b], non_blocking=True)
+        # all five int64 rows in one copy (contiguous; rows past b are never read)
+        self._inputs64.copy_(self._host64, non_blocking=True)
         self.seq_lens[:b].copy_(self._host32[:b], non_blocking=True)
         # only the columns in use: the kernel never reads a block past seq_len
         staged = self._host32[mb : mb + b * width].view(b, width)

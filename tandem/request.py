@@ -74,6 +74,9 @@ class Request:
     max_num_tokens: int = 0  # prompt + max_output_tokens: "length" when reached
     min_num_tokens: int = 0  # prompt + min_tokens: no stop before it
     stop_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) and stop_token_ids
+    # greedy with nothing to do per row (bias, penalties, min_tokens, logprobs): the sampler's
+    # fast path (set from params at construction; params do not change afterwards)
+    plain_greedy: bool = False
 
     def prepare_limits(self) -> None:
         p = self.params
@@ -85,6 +88,14 @@ class Request:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        p = self.params
+        self.plain_greedy = (
+            p.greedy
+            and not p.logit_bias
+            and not p.needs_penalties
+            and not p.min_tokens
+            and p.logprobs is None
+        )
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -442,9 +442,7 @@ class ModelRunner:
             self.sync.send_step(host)
             logits = self.run_host(host)
         elif self._graph_fits(len(chunks), all(n == 1 for _, n in chunks)):
-            staged = self.graphs.stage(chunks, pending)
-            if pending:
-                self._fill_pending(self.graphs.input_ids, pending, prev)
+            staged = self.graphs.stage(chunks, prev.tokens if prev is not None else None)
             hidden = self.graphs.replay(*staged)  # decode: every chunk samples, rows 0..B-1
             logits = self.model.compute_logits(hidden)
         else:

@@ -128,6 +128,8 @@ def sample_on_device(
     """logits [B, V] fp32 (modified in place) -> the chosen tokens [B] int64 on the logits'
     device, and the log-probabilities [B, V] when any request asks for logprobs; no host sync
     (penalties, which read the request's tokens, are the caller's to keep in step)."""
+    if all(r.plain_greedy for r in reqs):  # the common case: nothing per row
+        return logits.argmax(-1), None
     # one pass over the batch sorts out the rows with per-request work (most have none)
     biased, min_rows, rand = [], [], []
     want_logprobs = False

@@ -72,20 +72,25 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []  # longer: prompt chunks
         preempted: list[Request] = []
 
+        running, bs = self.running, self.block_size
+        add_decode, new_chunk = decodes.append, tuple.__new__  # a ScheduledChunk, from C
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        while i < len(running) and budget > 0:
+            req = running[i]
             pend = req.num_pending_tokens
-            num_new = min(len(req.token_ids) + pend - req.num_computed_tokens, budget)
+            known = len(req.token_ids) + pend
+            c = req.num_computed_tokens
+            num_new = min(known - c, budget)
             if num_new <= 0 or (
                 # the token being sampled ends it (max_tokens, context), or it is a prefill
                 # server's (hold_blocks: one token): nothing to schedule after it
-                pend and (req.hold_blocks or len(req.token_ids) + pend >= req.max_num_tokens)
+                pend and (req.hold_blocks or known >= req.max_num_tokens)
             ):
                 i += 1
                 continue
-            if num_new == 1 and req.num_computed_tokens < len(req.block_table) * self.block_size:
-                decodes.append(ScheduledChunk(req, 1))  # a decode step with room in its block
+            if num_new == 1 and c < len(req.block_table) * bs:
+                # a decode step with room in its block
+                add_decode(new_chunk(ScheduledChunk, (req, 1)))
                 budget -= 1
                 i += 1
                 continue

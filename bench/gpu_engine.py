@@ -94,15 +94,17 @@ class StepTimer:
             return out
 
         def timed_collect(launched):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             out = collect(launched)
             self._wait += time.perf_counter() - t0
+            self._wait_cpu += time.thread_time() - c0
             return out
 
         runner.launch, runner.collect = timed_launch, timed_collect
         self._launched: list = []
         self._events = []
         self._wait = 0.0
+        self._wait_cpu = 0.0  # CPU the waiting thread burns (CUDA's event wait spins)
 
     def close(self) -> None:
         del self.engine.runner.launch  # back to the class's methods
@@ -114,9 +116,13 @@ class StepTimer:
     def step(self):
         self._launched.clear()
         self._wait = 0.0
-        t0 = time.perf_counter()
+        self._wait_cpu = 0.0
+        t0, c0 = time.perf_counter(), time.thread_time()
         out = self.engine.step()
         wall = time.perf_counter() - t0
+        # the step's own CPU time, less the wait's: work the thread did (not time it lost to
+        # other processes on a shared host, which wall - wait counts)
+        cpu = time.thread_time() - c0 - self._wait_cpu
         for start, end, batch, tokens, ctx in self._launched:
             self.records.append(
                 {
@@ -126,6 +132,7 @@ class StepTimer:
                     "decode_only": tokens == batch,
                     "wall_s": wall,
                     "wait_s": self._wait,
+                    "thread_cpu_s": cpu,
                 }
             )
             self._events.append((start, end))
@@ -235,6 +242,7 @@ def steady_decode(engine, args) -> dict:
         wall = statistics.median(r["wall_s"] for r in recs)
         gpu = statistics.median(r["gpu_s"] for r in recs)
         cpu = statistics.median(r["wall_s"] - r["wait_s"] for r in recs)
+        thread_cpu = [r["thread_cpu_s"] for r in recs]
         gpu_total = sum(r["gpu_s"] for r in recs)
         result[mode] = {
             "steps": len(recs),
@@ -243,6 +251,10 @@ def steady_decode(engine, args) -> dict:
             # host work of one engine.step() (everything but waiting for the sampled tokens)
             "host_cpu_ms_p50": cpu * 1e3,
             "host_cpu_fraction": cpu / wall,
+            # the same from the thread's CPU clock (p50 and mean over the steps)
+            "thread_cpu_ms_p50": statistics.median(thread_cpu) * 1e3,
+            "thread_cpu_ms_mean": statistics.fmean(thread_cpu) * 1e3,
+            "thread_cpu_fraction": statistics.median(thread_cpu) / wall,
             # the part of the steps' wall time the GPU sits idle, waiting for the host
             "gpu_idle_fraction": max(0.0, 1 - gpu_total / total),
             "tok_s": n * len(recs) / total,

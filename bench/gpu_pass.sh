@@ -22,6 +22,7 @@
 #   bash bench/gpu_pass.sh U   # leaner decode host path: GPU tests, decode host share new / old
 #                              # (.carry/old/tandem: the files before) / new, kernel profile at
 #                              # batch 512, W1 engine-only x2; W1 via 2 + 2 with the HF peer
+#   bash bench/gpu_pass.sh V   # decode host share only: old / new / old / new, 200 steps each
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
 # Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
 set -u
@@ -228,21 +229,37 @@ T)  # session 8: the control plane (fake engine, 10 ms steps, Decode.Session) wi
   rm -f "$OUT"/pyspy-*.txt
   ;;
 U)  # session 9: the decode loop's host work, before and after, in one call
-  step 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/core/test_async_scheduling_gpu.py \
-    tests/core/test_mixed_step_attention.py 2>&1 | tail -3
-  eng() { python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py "$@" 2>&1 | \
-    grep -v "^sweep" | grep -E '^(CEILINGS|\{|REPEAT)|function calls|engine.py|scheduler.py|graphs.py|runner.py|sampler.py|synchronize|KERNELS' | cut -c1-1500; }
-  step 150 eng --skip-w1 --out "$OUT/engine-host-new1.json"
-  rm -rf /tmp/old && mkdir /tmp/old && cp -r tandem bench /tmp/old/ && cp .carry/old/tandem/*.py /tmp/old/tandem/
-  (cd /tmp/old && export PYTHONPATH=/tmp/site:/tmp/old && step 150 python3 bench/gpu_engine.py \
-    --ceilings "$OLDPWD/.carry/gpu_ceilings.py" --skip-w1 --out "$OUT/engine-host-old.json" 2>&1 | \
-    grep -E '^\{|function calls|engine.py|scheduler.py|graphs.py|runner.py|sampler.py' | cut -c1-1500)
-  step 300 eng --kernel-profile --kernel-profile-batches 512 --w1-repeats 2 \
-    --out "$OUT/engine-host-new2.json"
-  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --num-clients 4 --tag=-g2r2 \
-    --serve-extra="--gateways 2 --routers 2" --peers .carry/hf_peers.py --peer-kinds static \
-    --ceilings .carry/gpu_ceilings.py 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-700 | tail -8
+  pat='^(CEILINGS|\{|REPEAT)|function calls|engine.py|scheduler.py|graphs.py|runner.py|sampler.py'
+  [ -n "${SKIP_TESTS:-}" ] || step 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests/core/test_async_scheduling_gpu.py tests/core/test_mixed_step_attention.py 2>&1 | tail -3
+  step 150 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --skip-w1 \
+    --out "$OUT/engine-host-new1.json" 2>&1 | grep -E "$pat" | cut -c1-1500
+  if [ -z "${SKIP_OLD:-}" ]; then
+    rm -rf /tmp/old && mkdir /tmp/old && cp -r tandem bench /tmp/old/ && cp .carry/old/tandem/*.py /tmp/old/tandem/
+    (cd /tmp/old && export PYTHONPATH=/tmp/site:/tmp/old && step 150 python3 bench/gpu_engine.py \
+      --ceilings "$OLDPWD/.carry/gpu_ceilings.py" --skip-w1 --out "$OUT/engine-host-old.json" 2>&1 | \
+      grep -E "$pat" | cut -c1-1500)
+  fi
+  step 300 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --kernel-profile \
+    --kernel-profile-batches 512 --w1-repeats 2 --out "$OUT/engine-host-new2.json" 2>&1 | \
+    grep -E "$pat" | cut -c1-1500
+  [ -n "${SKIP_STACK:-}" ] || step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --num-clients 4 \
+    --tag=-g2r2 --serve-extra="--gateways 2 --routers 2" --ceilings .carry/gpu_ceilings.py 2>&1 | \
+    grep -E "^(CEILINGS|W1)" | cut -c1-700
+  step 150 python3 .carry/hf_peers.py --requests 512 --peers static > "$OUT/hf-peers.txt" 2>&1
+  tail -2 "$OUT/hf-peers.txt"
   rm -f "$OUT"/serve-*.log
+  ;;
+V)  # session 9: the decode host share, files before (.carry/old/tandem) and after, in turn
+  rm -rf /tmp/old && mkdir /tmp/old && cp -r tandem bench /tmp/old/ && cp .carry/old/tandem/*.py /tmp/old/tandem/
+  for i in 1 2; do
+    for v in old new; do
+      dir=$PWD; [ $v = old ] && dir=/tmp/old
+      (cd $dir && export PYTHONPATH=/tmp/site:$dir && step 150 python3 bench/gpu_engine.py \
+        --ceilings "$OLDPWD/.carry/gpu_ceilings.py" --skip-w1 --profile-steps 200 \
+        --out "$OUT/engine-host-$v$i.json" 2>&1 | grep -E '^\{"batch' | cut -c1-900)
+    done
+  done
   ;;
 esac
 ls -la "$OUT"

@@ -23,6 +23,7 @@
 #                              # (.carry/old/tandem: the files before) / new, kernel profile at
 #                              # batch 512, W1 engine-only x2; W1 via 2 + 2 with the HF peer
 #   bash bench/gpu_pass.sh V   # decode host share only: old / new / old / new, 200 steps each
+#   bash bench/gpu_pass.sh W   # can K/V reads overlap the GEMMs? bench/overlap_probe.py
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
 # Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
 set -u
@@ -260,6 +261,9 @@ V)  # session 9: the decode host share, files before (.carry/old/tandem) and aft
         --out "$OUT/engine-host-$v$i.json" 2>&1 | grep -E '^\{"batch' | cut -c1-900)
     done
   done
+  ;;
+W)  # session 9: an upper bound for overlapping a decode step's attention with its GEMMs
+  step 240 python3 bench/overlap_probe.py --out "$OUT/overlap-probe.json" 2>&1 | grep -E "^\{|Error" | cut -c1-700
   ;;
 esac
 ls -la "$OUT"

@@ -24,6 +24,7 @@
 #                              # batch 512, W1 engine-only x2; W1 via 2 + 2 with the HF peer
 #   bash bench/gpu_pass.sh V   # decode host share only: old / new / old / new, 200 steps each
 #   bash bench/gpu_pass.sh W   # can K/V reads overlap the GEMMs? bench/overlap_probe.py
+#   bash bench/gpu_pass.sh X   # W2 both modes on the final code
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
 # Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
 set -u
@@ -264,6 +265,12 @@ V)  # session 9: the decode host share, files before (.carry/old/tandem) and aft
   ;;
 W)  # session 9: an upper bound for overlapping a decode step's attention with its GEMMs
   step 240 python3 bench/overlap_probe.py --out "$OUT/overlap-probe.json" 2>&1 | grep -E "^\{|Error" | cut -c1-700
+  ;;
+X)  # session 9: W2 (four Poisson rates, aggregated and disaggregated) on the final code
+  step 300 python3 bench/gpu_serving.py w2 --out "$OUT" --rates 2,8,16,32 --seconds-per-rate 8 \
+    2>&1 | grep -E "^W2" | cut -c1-60
+  python3 bench/w2_table.py "$OUT/w2.json"
+  rm -f "$OUT"/serve-*.log
   ;;
 esac
 ls -la "$OUT"

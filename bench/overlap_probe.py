@@ -90,6 +90,11 @@ def on_streams(fa, fb, sa: torch.cuda.Stream, sb: torch.cuda.Stream):
     return run
 
 
+def alone(fn, stream: torch.cuda.Stream):
+    """fn by itself on stream (e.g. one green context's), the current stream waiting for it."""
+    return on_streams(fn, lambda: None, stream, stream)
+
+
 def green_stream(num_sms: int):
     from torch.cuda import green_contexts as gc
 
@@ -152,9 +157,6 @@ def main() -> None:
             res["green"].append(row)
             print(json.dumps(row), flush=True)
             break
-
-        def alone(fn, s):
-            return on_streams(fn, lambda: None, s, s)
 
         row["gemm_256_alone_ms"] = timed(alone(g256, sg))
         row["attention_256_alone_ms"] = timed(alone(a256, sa))

@@ -48,8 +48,8 @@ class DecodeGraphs:
         dev, nb = runner.device, runner.max_blocks_per_seq
         mb = self.max_batch_size
         # int64 inputs as the rows of one buffer, so a step stages them with one copy:
-        # input ids, positions, KV slots, and for async scheduling the rows whose input token
-        # is still on the GPU (PEND_DST) and their rows in the previous step's tokens (PEND_SRC)
+        # input ids, positions, KV slots, and (async scheduling) the rows whose input token is
+        # still on the GPU and, in the same order, their rows in the previous step's tokens
         self._inputs64 = torch.zeros(5, mb, dtype=torch.long, device=dev)
         self.input_ids, self.positions, self.slots = (
             self._inputs64[0],
@@ -142,18 +142,12 @@ class DecodeGraphs:
         n = len(chunks)
         h64 = self._host64.numpy()
         # one pass over the batch, into plain lists (element stores into numpy arrays cost
-        # more than the rest of the loop); the runner's table rows are synced only when a
-        # request's block table changed since its last step
-        slot_of, slot_src, slot_filled, sync_slot = r._slot_of, r._slot_src, r._slot_filled, r._slot
+        # more than the rest of the loop)
+        slot = r._slot
         slots, starts, ids, dst, src = [], [], [], [], []
         width = 1
         for i, (req, _) in enumerate(chunks):
-            table = req.block_table
-            nt = len(table)
-            s = slot_of.get(req.req_id)
-            if s is None or slot_filled[s] != nt or slot_src[s] is not table:
-                s = sync_slot(req)
-            slots.append(s)
+            slots.append(slot(req))
             c = req.num_computed_tokens
             starts.append(c)
             toks = req.token_ids
@@ -163,8 +157,8 @@ class DecodeGraphs:
                 ids.append(0)
                 dst.append(i)
                 src.append(req.pending_row)
-            if nt > width:
-                width = nt
+            if len(req.block_table) > width:
+                width = len(req.block_table)
         pos = np.asarray(starts, dtype=np.int64)
         rows = r._tables[np.asarray(slots), :width]  # [n, width]: only the columns in use
         h64[0, :n] = ids
@@ -172,8 +166,7 @@ class DecodeGraphs:
         h64[2, :n] = rows[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
         k = len(dst)
         if k:
-            if prev_tokens is None:
-                raise AssertionError("a pending token needs its step")
+            assert prev_tokens is not None, "a pending token needs its step"
             h64[3, :k] = dst
             h64[4, :k] = src
         h32 = self._host32.numpy()

@@ -278,24 +278,15 @@ class LLMEngine:
         self._step_id += 1
         sid = self._step_id
         sampling = [
-            req
-            for req, n in chunks
-            if req.num_computed_tokens + n == len(req.token_ids) + req.num_pending_tokens
+            req for req, n in chunks if req.num_computed_tokens + n == req.num_scheduled_tokens
         ]
         launched = self.runner.launch(chunks, sampling, prev)
-        if len(sampling) == len(chunks):  # every chunk samples (decode steps): one pass
-            for i, (req, n) in enumerate(chunks):
-                req.num_computed_tokens += n
-                req.step_id = sid
-                req.num_pending_tokens += 1
-                req.pending_row = i
-        else:
-            for req, n in chunks:
-                req.num_computed_tokens += n
-                req.step_id = sid
-            for i, req in enumerate(sampling):
-                req.num_pending_tokens += 1
-                req.pending_row = i
+        for req, n in chunks:
+            req.num_computed_tokens += n
+            req.step_id = sid
+        for i, req in enumerate(sampling):
+            req.num_pending_tokens += 1
+            req.pending_row = i
         launched.chunk_reqs = [req for req, _ in chunks]
         launched.step_id = sid
         return launched
@@ -304,8 +295,6 @@ class LLMEngine:
         """Wait for a launched step's tokens and hand them to their requests."""
         tokens, logprobs = self.runner.collect(launched)
         outputs = []
-        add = outputs.append
-        new_output = tuple.__new__  # StepOutput(...) without its Python-level __new__
         append, running, bs = self._append_token, RequestStatus.RUNNING, self.cfg.block_size
         for req, token, logprob in zip(launched.sampling, tokens, logprobs, strict=True):
             req.num_pending_tokens -= 1
@@ -314,14 +303,14 @@ class LLMEngine:
                 continue
             append(req, token, logprob)
             if req.status is running:
-                add(
-                    new_output(
-                        StepOutput, (req.req_id, [token], [logprob], None, req.num_cached_tokens)
-                    )
+                outputs.append(
+                    StepOutput(req.req_id, [token], [logprob], None, req.num_cached_tokens)
                 )
                 continue
             reason = finish_reason(req.status)
-            add(StepOutput(req.req_id, [token], [logprob], reason, req.num_cached_tokens))
+            outputs.append(
+                StepOutput(req.req_id, [token], [logprob], reason, req.num_cached_tokens)
+            )
             if reason is not None:
                 self._finish(req, req.status)
         cache = self.block_manager.cache_full_blocks

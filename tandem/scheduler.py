@@ -73,7 +73,6 @@ class Scheduler:
         preempted: list[Request] = []
 
         running, bs = self.running, self.block_size
-        add_decode, new_chunk = decodes.append, tuple.__new__  # a ScheduledChunk, from C
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
@@ -89,8 +88,7 @@ class Scheduler:
                 i += 1
                 continue
             if num_new == 1 and c < len(req.block_table) * bs:
-                # a decode step with room in its block
-                add_decode(new_chunk(ScheduledChunk, (req, 1)))
+                decodes.append(ScheduledChunk(req, 1))  # a decode step with room in its block
                 budget -= 1
                 i += 1
                 continue

@@ -18,16 +18,20 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv --system-site-packages /opt/tandem
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
-COPY protos/ protos/
-COPY tandem/ tandem/
-COPY router/ router/
+COPY tandem_cli/ tandem_cli/
+COPY bench/ bench/
 COPY gateway/ gateway/
+COPY router/ router/
 COPY prefill_service/ prefill_service/
 COPY decode_service/ decode_service/
+COPY worker/ worker/
 COPY kvtransfer/ kvtransfer/
+COPY tandem/ tandem/
 COPY kernels/ kernels/
+COPY protos/ protos/
+COPY rpc/ rpc/
 RUN /opt/tandem/bin/pip install . \
- && /opt/tandem/bin/python -c "import torch, protos.worker_pb2, tandem_kernels.registry, tandem.cli; print('torch', torch.__version__)"
+ && /opt/tandem/bin/python -c "import torch, protos.worker_pb2, tandem_kernels.registry, tandem_cli.main; print('torch', torch.__version__)"
 
 FROM ${BASE_IMAGE} AS runtime
 # Triton compiles a small C launcher the first time a kernel runs, so the runtime needs a C

@@ -34,8 +34,8 @@ class BuildPyWithProtos(build_py):
 
 # the top-level source folders that are shipped (tests/deploy checks the Dockerfile copies each)
 SOURCE_FOLDERS = (
-    "tandem", "protos", "router", "prefill_service", "decode_service", "kvtransfer", "gateway",
-    "kernels",
+    "tandem_cli", "bench", "gateway", "router", "prefill_service", "decode_service", "worker",
+    "kvtransfer", "tandem", "kernels", "protos", "rpc",
 )  # fmt: skip
 RENAMED = {"tandem_kernels": "kernels"}  # import name -> folder
 found = find_namespace_packages(

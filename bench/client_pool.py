@@ -1,5 +1,5 @@
 """How long `tandem bench`'s HTTP client takes to finish N streams that end at the same moment,
-with one httpx client for all of them and with tandem.benchmark.runner.ClientPool (clients of
+with one httpx client for all of them and with bench.runner.ClientPool (clients of
 POOL_SHARD connections). A raw asyncio server in a subprocess streams EVENTS SSE chunks on each
 connection, starting once all N are connected, so every stream ends together.
 
@@ -47,7 +47,7 @@ asyncio.run(main())
 
 
 async def run(n: int, port: int, pooled: bool) -> float:
-    from tandem.benchmark.runner import ClientPool, LoadConfig, http_client
+    from bench.runner import ClientPool, LoadConfig, http_client
 
     load = LoadConfig()
     pool = ClientPool(load, n) if pooled else None

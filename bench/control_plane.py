@@ -2,7 +2,7 @@
 engine costs nothing (FAKE workers emit tokens as fast as the streams take them).
 
     fake decode server(s) --gRPC--> router --gRPC--> gateway --HTTP/SSE--> tandem bench
-    (tandem.benchmark.fake_worker)  (real)           (real)                 (client processes)
+    (bench.fake_worker)  (real)           (real)                 (client processes)
 
 The load comes from --num-clients `tandem bench` processes that start together (--start-at)
 and share the streams; their records are merged, so throughput is all output tokens over
@@ -41,9 +41,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's tandem, not an installed one
 
-from tandem.benchmark.fake_stack import FakeStack  # noqa: E402
-from tandem.benchmark.metrics import merge_results  # noqa: E402
-from tandem.benchmark.processes import run_bench_processes  # noqa: E402
+from bench.fake_stack import FakeStack  # noqa: E402
+from bench.metrics import merge_results  # noqa: E402
+from bench.processes import run_bench_processes  # noqa: E402
 
 _FRAME = re.compile(r"^(.*) \((?:.*/)?([^/]*?)(?::\d+)?\)$")  # "fn (/a/b.py:12)" -> fn, b.py
 # Where a sample's innermost frame lives (py-spy --native names the file of C frames too).

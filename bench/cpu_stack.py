@@ -85,7 +85,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "tandem_cli.main", "serve", "--port", str(port)],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -61,7 +61,6 @@ sys.path.insert(1, str(ROOT / "bench"))
 import grpc  # noqa: E402
 
 from decode_service import worker_common  # noqa: E402
-from decode_service.drain import InFlightRpcs  # noqa: E402
 from decode_service.servicer import DecodeServicer  # noqa: E402
 from kvtransfer.grpc_transport import CHANNEL_OPTIONS  # noqa: E402
 from kvtransfer.ledger import HandoffLedger  # noqa: E402
@@ -69,6 +68,7 @@ from protos import common_pb2, worker_pb2, worker_pb2_grpc  # noqa: E402
 from tandem.async_engine import AsyncEngine  # noqa: E402
 from tandem.engine import EngineFullError, StepOutput  # noqa: E402
 from tandem.request import Logprob  # noqa: E402
+from worker.drain import InFlightRpcs  # noqa: E402
 
 
 # -- the stand-in engine -------------------------------------------------------------------------

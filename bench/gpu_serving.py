@@ -46,7 +46,7 @@ class Serve:
 
     def __init__(self, model_dir: Path, mode: str, log_path: Path, extra: list[str]) -> None:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "tandem.cli", "serve", str(model_dir), "--mode", mode]
+        cmd = [sys.executable, "-m", "tandem_cli.main", "serve", str(model_dir), "--mode", mode]
         cmd += ["--load-format", "dummy", "--port", str(self.port), *extra]
         if mode == "disaggregated":
             cmd += ["--prefill", "1"]
@@ -79,7 +79,7 @@ class Serve:
 
 
 def bench(url: str, result: Path, args: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "tandem.benchmark", "--base-url", url, "--disable-tqdm"]
+    cmd = [sys.executable, "-m", "bench", "--base-url", url, "--disable-tqdm"]
     cmd += ["--result-file", str(result), *args]
     subprocess.run(cmd, check=True)
     return json.loads(result.read_text())
@@ -95,10 +95,10 @@ def bench_clients(
     warmups: int,
     start_s: float = CLIENT_START_S,
 ) -> dict:
-    """`tandem bench` in n processes started together (tandem.benchmark.processes), merged
+    """`tandem bench` in n processes started together (bench.processes), merged
     into one result file."""
-    from tandem.benchmark.metrics import merge_results
-    from tandem.benchmark.processes import run_bench_processes
+    from bench.metrics import merge_results
+    from bench.processes import run_bench_processes
 
     results, start_at = run_bench_processes(
         url, args, num_prompts, n, seed, result.parent, result.stem, start_s, warmups

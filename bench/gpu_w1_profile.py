@@ -34,9 +34,9 @@ def children_by_role(root_pid: int) -> dict[str, int]:
     roles = {}
     for pid, (_, cmd) in procs.items():
         for role in ("decode", "prefill", "router", "gateway"):
-            if f"tandem.cli {role}" in cmd or f"tandem {role}" in cmd:
+            if f"tandem_cli.main {role}" in cmd or f"tandem {role}" in cmd:
                 roles.setdefault(role, pid)
-        if "tandem.benchmark" in cmd and "--base-url" in cmd:
+        if "bench" in cmd and "--base-url" in cmd:
             roles.setdefault("client", pid)
     return roles
 

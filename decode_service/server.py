@@ -6,19 +6,19 @@ import argparse
 import logging
 
 from decode_service.servicer import DecodeServicer, KVOffer
-from decode_service.worker_common import (
-    WorkerParts,
-    add_engine_args,
-    engine_config_from_args,
-    run_worker,
-)
 from kvtransfer.direct_receiver import SameHostKVTransferServicer
 from kvtransfer.direct_transport import pool_to_proto
 from kvtransfer.ledger import DEFAULT_STALL_S, HandoffLedger
 from kvtransfer.pool import ShmPoolFile, export_cuda_pool
 from kvtransfer.select import offered_transports
 from protos import worker_pb2, worker_pb2_grpc
-from tandem.grpc_tls import TLSConfig, tls_from_args
+from rpc.tls import TLSConfig, tls_from_args
+from worker.bootstrap import (
+    WorkerParts,
+    add_engine_args,
+    engine_config_from_args,
+    run_worker,
+)
 
 log = logging.getLogger("tandem.decode")
 

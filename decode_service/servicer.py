@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from decode_service.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
-from decode_service.worker_common import worker_stats
 from kvtransfer.base import HandoffState
 from kvtransfer.ledger import Handoff, HandoffFailed, HandoffLedger
 from protos import worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine, EngineDeadError, OutputStream, outputs_of
 from tandem.engine import EngineFullError, StepOutput
+from worker.bootstrap import worker_stats
+from worker.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
 
 log = logging.getLogger(__name__)
 

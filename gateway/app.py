@@ -35,7 +35,7 @@ from gateway.middleware import Guard
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.translate import chat_to_proto, completion_to_protos
 from protos import router_pb2, router_pb2_grpc
-from tandem.grpc_tls import aio_channel
+from rpc.tls import aio_channel
 
 log = logging.getLogger("tandem.gateway")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from tandem.grpc_tls import PLAINTEXT, TLSConfig
+from rpc.tls import PLAINTEXT, TLSConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class GatewayConfig:
     # Deadlines on gateway -> router calls (Generate: the whole stream).
     request_timeout_s: float = 3600.0
     router_timeout_s: float = 10.0  # unary calls (ListModels)
-    # Client credentials of the gRPC channel to the router (tandem/grpc_tls.py); the public
+    # Client credentials of the gRPC channel to the router (rpc/tls.py); the public
     # HTTP port is not affected.
     tls: TLSConfig = PLAINTEXT
 

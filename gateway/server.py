@@ -17,7 +17,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
-from tandem.grpc_tls import PLAINTEXT, TLSConfig, add_tls_args, tls_from_args
+from rpc.tls import PLAINTEXT, TLSConfig, add_tls_args, tls_from_args
 
 log = logging.getLogger("tandem.gateway")
 

@@ -8,12 +8,12 @@ import logging
 
 import torch
 
-from decode_service.convert import logprob_from_proto
 from kvtransfer.base import HandoffState
 from kvtransfer.grpc_transport import HANDOFF_ID_KEY, KVTransferServicer, KVWrite
 from kvtransfer.ledger import HandoffFailed, HandoffLedger
 from kvtransfer.pool import PoolExport
 from protos import worker_pb2
+from worker.convert import logprob_from_proto
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ import logging
 import grpc
 import torch
 
-from decode_service.convert import logprob_to_proto
 from kvtransfer import faults
 from kvtransfer.base import KVDest
 from kvtransfer.grpc_transport import HANDOFF_ID_KEY, GrpcKVSender, HandoffRefused, dtype_name
@@ -39,6 +38,7 @@ from kvtransfer.select import Endpoint
 from protos import worker_pb2
 from tandem.request import Logprob
 from tandem_kernels.kv_block_copy import copy_kv_blocks_ref
+from worker.convert import logprob_to_proto
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ from collections.abc import Awaitable, Callable
 import grpc
 import torch
 
-from decode_service.convert import logprob_from_proto, logprob_to_proto
 from kvtransfer import faults
 from kvtransfer.base import HandoffState, KVDest, KVSlice
 from kvtransfer.ledger import HandoffFailed, HandoffLedger
 from protos import worker_pb2, worker_pb2_grpc
-from tandem.grpc_tls import PLAINTEXT, TLSConfig, aio_channel
+from rpc.tls import PLAINTEXT, TLSConfig, aio_channel
 from tandem.request import Logprob
+from worker.convert import logprob_from_proto, logprob_to_proto
 
 log = logging.getLogger(__name__)
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from decode_service.worker_common import (
+from kvtransfer.grpc_transport import GrpcKVSender
+from kvtransfer.select import offered_transports
+from prefill_service.servicer import PrefillServicer
+from protos import worker_pb2, worker_pb2_grpc
+from rpc.tls import TLSConfig, tls_from_args
+from worker.bootstrap import (
     WorkerParts,
     add_engine_args,
     engine_config_from_args,
     run_worker,
 )
-from kvtransfer.grpc_transport import GrpcKVSender
-from kvtransfer.select import offered_transports
-from prefill_service.servicer import PrefillServicer
-from protos import worker_pb2, worker_pb2_grpc
-from tandem.grpc_tls import TLSConfig, tls_from_args
 
 SERVICES = [worker_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name]
 

@@ -26,8 +26,6 @@ import time
 
 import grpc
 
-from decode_service.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
-from decode_service.worker_common import worker_stats
 from kvtransfer.base import HandoffState, KVDest, plan_slices
 from kvtransfer.direct_transport import DirectKVSender, check_pool_layout, pool_from_proto
 from kvtransfer.grpc_transport import CHUNK_BYTES, GrpcKVSender, HandoffRefused
@@ -37,6 +35,8 @@ from kvtransfer.select import Endpoint, choose_transport
 from protos import worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine, EngineDeadError
 from tandem.engine import EngineFullError
+from worker.bootstrap import worker_stats
+from worker.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
 
 log = logging.getLogger(__name__)
 

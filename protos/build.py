@@ -1,8 +1,8 @@
 """Generate the Python gRPC code for protos/*.proto (never committed, see STYLE.md).
 
 Used by setup.py (build_py, so `pip install .` and `pip install -e .` ship working code), by
-protos/__init__.py (a fresh clone on PYTHONPATH regenerates on first import) and by hand:
-`python -m protos.build`. Equivalent to running, from the repo root,
+the test suite's conftest (a .proto edited since the install is rebuilt before the tests) and
+by hand: `python -m protos.build`. Equivalent to running, from the repo root,
 `python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/*.proto`,
 which yields `from protos import x_pb2` imports with no rewriting.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tandem.grpc_tls import PLAINTEXT, TLSConfig
+from rpc.tls import PLAINTEXT, TLSConfig
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class RouterConfig:
     grace_s: float = 5.0  # graceful shutdown
     # Prefix-policy weight: a queued prompt token on a server costs this many uncached tokens.
     prefix_load_weight: float = 1.0
-    # Its own port and its channels to the workers (tandem/grpc_tls.py); default plaintext.
+    # Its own port and its channels to the workers (rpc/tls.py); default plaintext.
     tls: TLSConfig = PLAINTEXT
     # Conditional disaggregation: a prompt whose part not cached on the chosen decode server is
     # shorter than this many tokens is prefilled there (no KV handoff); 0: always remote.

@@ -45,9 +45,9 @@ from router.decode_stream import (  # noqa: F401 - _DecodeStream: tests import i
     _WorkerFailed,
     open_decode_stream,
 )
-from router.prefix_index import hash_prompt_blocks
 from router.types import ErrorKind, FinishReason, Logprob, RequestError, Sampling, Timing
 from router.workers import Role, WorkerHandle, WorkerPool
+from tandem.block_hash import hash_prompt_blocks
 
 log = logging.getLogger("tandem.router.handoff")
 

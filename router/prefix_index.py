@@ -11,29 +11,7 @@ blocks of every prompt it sends them (bounded, oldest forgotten first), as if ca
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import OrderedDict
-from pathlib import Path
-
-
-def _load_block_hash():
-    # Load tandem/block_hash.py by path: importing the `tandem` package could pull in torch
-    # through its __init__ (the router must stay torch-free); the file itself imports nothing
-    # heavy.
-    if "tandem.block_hash" in sys.modules:
-        return sys.modules["tandem.block_hash"]
-    spec = importlib.util.find_spec("tandem")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("tandem.block_hash not found")
-    path = Path(list(spec.submodule_search_locations)[0]) / "block_hash.py"
-    mod_spec = importlib.util.spec_from_file_location("_tandem_block_hash", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
-
-
-hash_prompt_blocks = _load_block_hash().hash_prompt_blocks
 
 
 class WorkerBlocks:

@@ -26,7 +26,7 @@ from router.policies import POLICIES
 from router.servicer import RegistryServicer, RouterServicer
 from router.tokenizer import RouterTokenizer
 from router.workers import MISSED_HEARTBEATS, MembershipCollector
-from tandem.grpc_tls import PLAINTEXT, TLSConfig, add_port, add_tls_args, tls_from_args
+from rpc.tls import PLAINTEXT, TLSConfig, add_port, add_tls_args, tls_from_args
 
 log = logging.getLogger("tandem.router")
 

@@ -31,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from protos import worker_pb2, worker_pb2_grpc
 from router.prefix_index import WorkerBlocks
-from tandem.grpc_tls import PLAINTEXT, TLSConfig, aio_channel
+from rpc.tls import PLAINTEXT, TLSConfig, aio_channel
 
 log = logging.getLogger("tandem.router.workers")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 
-from router.prefix_index import hash_prompt_blocks
+from tandem.block_hash import hash_prompt_blocks
 
 
 class PrefixPolicy:

@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tandem.cli import _free_port, _wait_grpc_healthy, _wait_http_healthy
 from tandem.loader.default_model import resolve_model_dir
+from tandem_cli.main import _free_port, _wait_grpc_healthy, _wait_http_healthy
 
 MODEL = "smol"
 MAX_MODEL_LEN = 256  # bounds the work any accepted request can cause
-PY = [sys.executable, "-m", "tandem.cli"]
+PY = [sys.executable, "-m", "tandem_cli.main"]
 
 
 def rss_kib(pid: int) -> int:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from abuse_cluster import MODEL
 
-from tandem.cli import _free_port
+from tandem_cli.main import _free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

@@ -1,5 +1,5 @@
 """`tandem bench` end to end: the real router and gateway processes in front of FAKE workers
-(tandem.benchmark.fake_worker: no model; this checks the benchmark tool and the token path's
+(bench.fake_worker: no model; this checks the benchmark tool and the token path's
 accounting, never model output)."""
 
 import json
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from tandem.benchmark import main
-from tandem.benchmark.fake_stack import FakeStack
+from bench import main
+from bench.fake_stack import FakeStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -72,7 +72,7 @@ def test_text_prompts_and_chat(stack, tmp_path):
 def test_prefix_dataset_via_python_m(stack, tmp_path):
     out = tmp_path / "prefix.json"
     cmd = [
-        sys.executable, "-m", "tandem.benchmark", "--base-url", stack.base_url,
+        sys.executable, "-m", "bench", "--base-url", stack.base_url,
         "--dataset-name", "prefix", "--num-prompts", "6", "--prefix-len", "32",
         "--num-prefixes", "2", "--suffix-len", "8", "--prefix-output-len", "4",
         "--disable-tqdm", "--result-file", str(out),
@@ -92,7 +92,7 @@ def test_unknown_model_stops_at_warm_up(stack, capsys):
 
 
 def test_several_client_processes_merge_into_one_run(stack, tmp_path):
-    """bench/gpu_serving.py's --num-clients (tandem.benchmark.processes, as control_plane.py):
+    """bench/gpu_serving.py's --num-clients (bench.processes, as control_plane.py):
     `tandem bench` processes started together (--start-at), the prompts split between them,
     one merged result on one clock."""
     import importlib.util

@@ -4,8 +4,8 @@ import sys
 
 def test_bench_client_and_fake_worker_never_import_torch():
     code = (
-        "import sys, tandem.benchmark.cli, tandem.benchmark.fake_worker, "
-        "tandem.benchmark.fake_stack; "
+        "import sys, bench.cli, bench.fake_worker, "
+        "bench.fake_stack; "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
         "sys.exit(f'imported {bad}' if bad else 0)"
     )

@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import pytest
 
-from tandem.benchmark.datasets import (
+from bench.datasets import (
     WordVocab,
     load_tokenizer,
     prefix_requests,

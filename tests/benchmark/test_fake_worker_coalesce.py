@@ -5,8 +5,8 @@ import asyncio
 
 import pytest
 
+from bench.fake_worker import FakeDecode, output_token
 from protos import common_pb2
-from tandem.benchmark.fake_worker import FakeDecode, output_token
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from tandem.benchmark.client import _StreamState
-from tandem.benchmark.metrics import (
+from bench.client import _StreamState
+from bench.metrics import (
     RequestRecord,
     format_summary,
     is_good,
@@ -15,7 +15,7 @@ from tandem.benchmark.metrics import (
     parse_percentiles,
     summarize,
 )
-from tandem.benchmark.runner import arrival_times
+from bench.runner import arrival_times
 
 
 def record(i, send, ttft, itl, out, prompt=10, success=True):

@@ -1,11 +1,11 @@
-"""tandem.client (sync and asyncio) against a router over fake workers."""
+"""router.client (sync and asyncio) against a router over fake workers."""
 
 import asyncio
 
 import pytest
 from router_fakes import EOS, LoopThread, start_stack, write_model_dir
 
-from tandem.client import AsyncTandemClient, TandemClient, TandemError
+from router.client import AsyncTandemClient, TandemClient, TandemError
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from deploy_helpers import ROOT, gpu_device_ids
 
-from tandem.compose import Replica, main, parse_gpus, plan_replicas
+from tandem_cli.compose import Replica, main, parse_gpus, plan_replicas
 
 
 @pytest.mark.parametrize(
@@ -145,7 +145,17 @@ def test_base_without_worker_services_is_an_error(tmp_path, capsys):
 
 def test_runs_as_a_module_and_writes_to_stdout(base):
     proc = subprocess.run(
-        [sys.executable, "-m", "tandem.compose", "--gpus", "0-1", "--base", str(base), "-o", "-"],
+        [
+            sys.executable,
+            "-m",
+            "tandem_cli.compose",
+            "--gpus",
+            "0-1",
+            "--base",
+            str(base),
+            "-o",
+            "-",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

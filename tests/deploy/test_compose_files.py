@@ -21,7 +21,7 @@ from deploy_helpers import (
     variables,
 )
 
-from tandem.compose import main as compose_main
+from tandem_cli.compose import main as compose_main
 
 BASE = ROOT / "compose.yaml"
 WORKER_ROLES = ("prefill", "decode")
@@ -52,9 +52,9 @@ def check_model(model: dict, expect_workers: dict[str, int]) -> dict[str, dict]:
 
     seen_gpus: dict[str, str] = {}
     for name, svc in services.items():
-        # every service is health-checked through tandem.healthcheck, with a start period
+        # every service is health-checked through tandem_cli.healthcheck, with a start period
         hc = svc["healthcheck"]
-        assert hc["test"][:4] == ["CMD", "python", "-m", "tandem.healthcheck"], name
+        assert hc["test"][:4] == ["CMD", "python", "-m", "tandem_cli.healthcheck"], name
         assert seconds(hc["start_period"]) > 0
         for dep, cond in (svc.get("depends_on") or {}).items():
             assert dep in services, f"{name} depends on {dep}, which is not started"

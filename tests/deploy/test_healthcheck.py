@@ -1,4 +1,4 @@
-"""`python -m tandem.healthcheck` against a real grpc.health.v1 server and a real HTTP server
+"""`python -m tandem_cli.healthcheck` against a real grpc.health.v1 server and a real HTTP server
 on 127.0.0.1: exit 0 only while the target says it is healthy."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tandem.healthcheck import main as healthcheck
+from tandem_cli.healthcheck import main as healthcheck
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -70,7 +70,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     """The probe as a container runs it: its own interpreter, exit status read by the caller.
     Also reports whether it imported torch (it must not: it runs beside a loading model)."""
     code = (
-        "import sys\nfrom tandem.healthcheck import main\nrc = main(sys.argv[1:])\n"
+        "import sys\nfrom tandem_cli.healthcheck import main\nrc = main(sys.argv[1:])\n"
         "print('torch' in sys.modules)\nsys.exit(rc)"
     )
     return subprocess.run(
@@ -94,7 +94,7 @@ def test_cli_exits_1_when_nothing_listens():
 def test_module_entry_point_runs(grpc_health):
     address, _ = grpc_health
     proc = subprocess.run(
-        [sys.executable, "-m", "tandem.healthcheck", address],
+        [sys.executable, "-m", "tandem_cli.healthcheck", address],
         capture_output=True,
         text=True,
         timeout=60,

@@ -101,11 +101,11 @@ def test_separate_deployments_and_services(rendered):
 
 def grpc_probe_port(probe: dict) -> int:
     """The port a probe asks grpc.health.v1: the kubelet's own (plaintext) or, under TLS,
-    `python -m tandem.healthcheck 127.0.0.1:PORT`, which reads the TANDEM_TLS_* settings."""
+    `python -m tandem_cli.healthcheck 127.0.0.1:PORT`, which reads the TANDEM_TLS_* settings."""
     if "grpc" in probe:
         return probe["grpc"]["port"]
     command = probe["exec"]["command"]
-    assert command[:3] == ["python", "-m", "tandem.healthcheck"], command
+    assert command[:3] == ["python", "-m", "tandem_cli.healthcheck"], command
     host, port = command[3].rsplit(":", 1)
     assert host == "127.0.0.1"
     return int(port)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from deploy_helpers import ROOT, interpolate, load_yaml
 
-from tandem.compose import main as compose_main
+from tandem_cli.compose import main as compose_main
 
 
 def parser_for(command: str) -> argparse.ArgumentParser:

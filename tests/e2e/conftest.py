@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from tandem.cli import _wait_grpc_healthy, _wait_http_healthy
 from tandem.loader.default_model import resolve_model_dir
+from tandem_cli.main import _wait_grpc_healthy, _wait_http_healthy
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -23,7 +23,7 @@ def free_port() -> int:
 class Stack:
     def __init__(self, model_dir, policy: str) -> None:
         self.procs: list[subprocess.Popen] = []
-        py = [sys.executable, "-m", "tandem.cli"]
+        py = [sys.executable, "-m", "tandem_cli.main"]
         engine = [
             "--model",
             str(model_dir),

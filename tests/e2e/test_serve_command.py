@@ -25,7 +25,16 @@ def _start_serve(*flags: str) -> tuple[subprocess.Popen, int, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "tandem.cli", "serve", "--port", str(port), "--num-blocks", "256"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tandem_cli.main",
+        "serve",
+        "--port",
+        str(port),
+        "--num-blocks",
+        "256",
+    ]
     proc = subprocess.Popen([*cmd, *flags], stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     line = ""

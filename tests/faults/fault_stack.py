@@ -20,8 +20,8 @@ import grpc
 
 from kvtransfer.pool import sweep_stale_pool_files
 from protos import worker_pb2, worker_pb2_grpc
-from tandem.cli import _wait_grpc_healthy, _wait_http_healthy
-from tandem.client import TandemClient
+from router.client import TandemClient
+from tandem_cli.main import _wait_grpc_healthy, _wait_http_healthy
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 NUM_BLOCKS = 512
@@ -52,7 +52,7 @@ class FaultStack:
         self.worker_env = {**os.environ, **(worker_env or {})}
         self.procs: dict[str, subprocess.Popen] = {}  # address (or name) -> process
         self.cmds: dict[str, list[str]] = {}
-        self._py = [sys.executable, "-m", "tandem.cli"]
+        self._py = [sys.executable, "-m", "tandem_cli.main"]
         self.prefill = [f"127.0.0.1:{free_port()}" for _ in range(num_prefill)]
         self.decode = [f"127.0.0.1:{free_port()}" for _ in range(num_decode)]
         try:

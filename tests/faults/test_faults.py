@@ -21,7 +21,7 @@ import httpx
 import pytest
 from fault_stack import MODEL_NAME, NUM_BLOCKS, FaultStack
 
-from tandem.client import AsyncTandemClient, TandemError
+from router.client import AsyncTandemClient, TandemError
 from tandem.loader.default_model import resolve_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from fault_stack import MODEL_NAME, NUM_BLOCKS, FaultStack, free_port
 
-from tandem.client import AsyncTandemClient
+from router.client import AsyncTandemClient
 from tandem.loader.default_model import resolve_model_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]

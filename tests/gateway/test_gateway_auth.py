@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from gateway.config import GatewayConfig
-from tandem.cli import _free_port, _wait_http_healthy
+from tandem_cli.main import _free_port, _wait_http_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 def gateway():
     port, dead_router = _free_port("127.0.0.1"), _free_port("127.0.0.1")
     env = {**os.environ, "TANDEM_API_KEY": "sekret"}
-    cmd = [sys.executable, "-m", "tandem.cli", "gateway", "--port", str(port),
+    cmd = [sys.executable, "-m", "tandem_cli.main", "gateway", "--port", str(port),
            "--router", f"127.0.0.1:{dead_router}"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env)
     try:
@@ -72,7 +72,7 @@ def test_auth_comes_before_the_body(gateway):
 
 def test_every_limit_is_a_flag():
     out = subprocess.run(
-        [sys.executable, "-m", "tandem.cli", "gateway", "--help"], capture_output=True,
+        [sys.executable, "-m", "tandem_cli.main", "gateway", "--help"], capture_output=True,
         text=True, check=True,
     ).stdout  # fmt: skip
     for name in GatewayConfig.__dataclass_fields__:

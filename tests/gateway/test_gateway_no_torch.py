@@ -17,7 +17,7 @@ RUN = textwrap.dedent(
     sys.path.insert(0, {fakes!r})
     from pathlib import Path
     import httpx
-    import gateway.server, router.server, tandem.client  # the whole public surface
+    import gateway.server, router.server, router.client  # the whole public surface
     from gateway.config import GatewayConfig
     from router_fakes import LoopThread, start_stack, write_model_dir
     sys.path.insert(0, {gw_tests!r})
@@ -30,7 +30,7 @@ RUN = textwrap.dedent(
     r = httpx.post(gw.url + "/v1/chat/completions", timeout=10,
                    json={{"model": "tiny", "messages": [{{"role": "user", "content": "hi"}}]}})
     assert r.status_code == 200, r.text
-    with tandem.client.TandemClient(st.address) as c:
+    with router.client.TandemClient(st.address) as c:
         c.complete("hi", max_tokens=2)
     gw.close(); lt.run(st.stop()); lt.close()
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))

@@ -112,7 +112,7 @@ def test_host_id_is_this_kernel_and_ipc_namespace():
 def test_a_worker_refuses_to_start_with_a_transport_its_device_cannot_serve(role):
     import argparse
 
-    from tandem.grpc_tls import PLAINTEXT
+    from rpc.tls import PLAINTEXT
 
     if role == "prefill":
         from prefill_service.server import add_cli_args, run

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem.cli import _free_port, _wait_grpc_healthy
 from tandem.loader.default_model import DEFAULT_MODEL_NAME
+from tandem_cli.main import _free_port, _wait_grpc_healthy
 
 HOST = "127.0.0.1"
 HEARTBEAT_MS = 400
@@ -84,7 +84,7 @@ class PoolStack:
         return [
             sys.executable,
             "-m",
-            "tandem.cli",
+            "tandem_cli.main",
             role,
             "--port",
             port,

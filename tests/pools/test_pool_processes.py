@@ -17,10 +17,10 @@ import grpc
 import pytest
 from pool_helpers import HEARTBEAT_MS, scrape, wait_until
 
-from decode_service.drain import QUIET_S
 from protos import worker_pb2, worker_pb2_grpc
+from router.client import TandemClient, TandemError
 from router.workers import MISSED_HEARTBEATS
-from tandem.client import TandemClient, TandemError
+from worker.drain import QUIET_S
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -14,14 +14,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from decode_service.drain import wait_idle
-from decode_service.registration import RegistryClient
 from protos import worker_pb2, worker_pb2_grpc
 from router.config import RouterConfig
 from router.server import start_router
 from router.workers import MISSED_HEARTBEATS, Role
-from tandem.cli import _free_port
 from tandem.loader.default_model import DEFAULT_MODEL_NAME
+from tandem_cli.main import _free_port
+from worker.drain import wait_idle
+from worker.registration import RegistryClient
 
 pytestmark = pytest.mark.timeout(60)
 

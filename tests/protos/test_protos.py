@@ -32,15 +32,21 @@ def test_every_field_is_commented():
                 assert above.startswith("//"), f"{path.name}:{i + 1} uncommented: {line.strip()}"
 
 
-def test_fresh_clone_generates_on_import(tmp_path):
+def test_fresh_clone_generates_with_build(tmp_path):
     src = _copy_sources(tmp_path)
     assert not list((src / "protos").glob("*_pb2*.py"))
+    env = {"PYTHONPATH": str(src)}
+    gen = subprocess.run(
+        [sys.executable, "-m", "protos.build"], cwd=src, env=env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert gen.returncode == 0, gen.stderr
     code = (
         "from protos import router_pb2, worker_pb2, router_pb2_grpc, worker_pb2_grpc;"
         "print(router_pb2.GenerateRequest.DESCRIPTOR.full_name)"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=src, env={"PYTHONPATH": str(src)},
+        [sys.executable, "-c", code], cwd=src, env=env,
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos import common_pb2, worker_pb2, worker_pb2_grpc
-from router.prefix_index import hash_prompt_blocks
+from tandem.block_hash import hash_prompt_blocks
 
 BLOCK_SIZE = 4
 EOS = 2  # <|im_end|> in SmolLM2's vocabulary

@@ -66,7 +66,7 @@ def test_prefix_policy_follows_reported_blocks():
     async def scenario():
         stack = await start_stack(MODEL_DIR[0], [300, 301], num_prefill=2, policy="prefix")
         try:
-            from router.prefix_index import hash_prompt_blocks
+            from tandem.block_hash import hash_prompt_blocks
 
             target = stack.prefills[1]
             target.servicer.cached.update(hash_prompt_blocks(PREFIX, BLOCK_SIZE))

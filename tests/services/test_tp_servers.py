@@ -19,9 +19,9 @@ import time
 import pytest
 import torch
 
-from tandem.cli import _free_port, _wait_grpc_healthy
-from tandem.client import TandemClient
+from router.client import TandemClient
 from tandem.loader.default_model import resolve_model_dir
+from tandem_cli.main import _free_port, _wait_grpc_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -80,7 +80,7 @@ class Procs:
 
     def start(self, *args: str) -> str:
         port = _free_port("127.0.0.1")
-        cmd = [sys.executable, "-m", "tandem.cli", *args, "--port", str(port)]
+        cmd = [sys.executable, "-m", "tandem_cli.main", *args, "--port", str(port)]
         self.logs.append(self.log_dir / f"{args[0]}-{port}.log")
         log = open(self.logs[-1], "w")  # noqa: SIM115 - the child's
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))

@@ -12,7 +12,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from tandem.cli import _free_port
+from tandem_cli.main import _free_port
 
 HOST = "127.0.0.1"
 
@@ -24,7 +24,7 @@ def test_a_worker_on_a_taken_grpc_port_exits_before_loading_the_model(role, tmp_
     taken.start()
     try:
         # a model path that does not exist: loading it would fail with another message
-        cmd = [sys.executable, "-m", "tandem.cli", role, "--host", HOST, "--port", str(port)]
+        cmd = [sys.executable, "-m", "tandem_cli.main", role, "--host", HOST, "--port", str(port)]
         cmd += ["--model", str(tmp_path / "no-such-model")]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0
@@ -39,7 +39,7 @@ def test_a_worker_on_a_taken_metrics_port_exits_before_loading_the_model(tmp_pat
         s.bind((HOST, 0))
         s.listen()
         metrics_port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "tandem.cli", "decode", "--host", HOST]
+        cmd = [sys.executable, "-m", "tandem_cli.main", "decode", "--host", HOST]
         cmd += ["--port", str(_free_port(HOST)), "--metrics-port", str(metrics_port)]
         cmd += ["--model", str(tmp_path / "no-such-model")]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

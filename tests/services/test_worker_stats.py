@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from decode_service.worker_load import worker_stats
 from tandem.async_engine import AsyncEngine
 from tandem.config import EngineConfig
 from tandem.engine import LLMEngine
 from tandem.sampling_params import SamplingParams
+from worker.load import worker_stats
 
 
 @pytest.fixture(scope="module")

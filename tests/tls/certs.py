@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tandem.grpc_tls import PLAINTEXT, TLSConfig
+from rpc.tls import PLAINTEXT, TLSConfig
 
 
 @dataclass(frozen=True)

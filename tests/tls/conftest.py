@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from certs import Certs, make_certs  # noqa: E402
 
-from tandem.grpc_tls import TLSConfig  # noqa: E402
+from rpc.tls import TLSConfig  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tandem.grpc_tls import (
+from rpc.tls import (
     ENV,
     PLAINTEXT,
     TLSConfig,
@@ -22,7 +22,7 @@ from tandem.grpc_tls import (
     tls_argv,
     tls_from_args,
 )
-from tandem.healthcheck import main as healthcheck
+from tandem_cli.healthcheck import main as healthcheck
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -92,7 +92,7 @@ def test_plaintext_by_default():
 
 @pytest.mark.parametrize("command", ["router", "gateway", "prefill", "decode", "serve"])
 def test_every_service_exits_at_start_naming_the_flag(command, certs, capsys):
-    from tandem.cli import main
+    from tandem_cli.main import main
 
     extra = ["--model", "/nonexistent"] if command == "router" else []
     with pytest.raises(SystemExit) as e:
@@ -130,7 +130,7 @@ def test_serve_hands_the_same_files_to_every_service(certs):
     from gateway.server import add_cli_args as gateway_args
     from prefill_service.server import add_cli_args as prefill_args
     from router.server import add_cli_args as router_args
-    from tandem.cli import _add_serve_args
+    from tandem_cli.main import _add_serve_args
 
     serve = argparse.ArgumentParser()
     _add_serve_args(serve)

@@ -20,9 +20,9 @@ from certs import bad_clients
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import worker_pb2, worker_pb2_grpc
-from tandem.cli import _free_port, _wait_grpc_healthy, _wait_http_healthy
-from tandem.grpc_tls import channel
+from rpc.tls import channel
 from tandem.loader.default_model import DEFAULT_MODEL_NAME
+from tandem_cli.main import _free_port, _wait_grpc_healthy, _wait_http_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -67,7 +67,7 @@ class Stack:
         self.http_port = _free_port(HOST)
         self.serve_out = log_dir / "serve.out"
         self.serve_err = log_dir / "serve.err"
-        cmd = [sys.executable, "-m", "tandem.cli", "serve", "--host", HOST]
+        cmd = [sys.executable, "-m", "tandem_cli.main", "serve", "--host", HOST]
         cmd += ["--port", str(self.http_port), "--router-port", self.router.rsplit(":", 1)[1]]
         cmd += ["--num-blocks", "512", "--max-num-batched-tokens", "256"]
         cmd += ["--startup-timeout", str(START_TIMEOUT_S), *_tls_flags(certs)]
@@ -83,7 +83,7 @@ class Stack:
             self.decode = re.search(r"decode server listening on (\S+)", text)[1]
             self.joiner_log = log_dir / "joiner.log"
             self.joiner_address = f"{HOST}:{_free_port(HOST)}"
-            cmd = [sys.executable, "-m", "tandem.cli", "decode", "--host", HOST]
+            cmd = [sys.executable, "-m", "tandem_cli.main", "decode", "--host", HOST]
             cmd += ["--port", self.joiner_address.rsplit(":", 1)[1], "--router", self.router]
             cmd += ["--num-blocks", "512", "--max-num-batched-tokens", "256"]
             cmd += ["--served-model-name", DEFAULT_MODEL_NAME, *_tls_flags(certs)]
@@ -135,7 +135,7 @@ def test_completion_through_gateway_with_remote_prefill(stack, client_tls):
 
 
 def test_healthcheck_command_against_the_tls_router(stack, certs):
-    probe = [sys.executable, "-m", "tandem.healthcheck", stack.router]
+    probe = [sys.executable, "-m", "tandem_cli.healthcheck", stack.router]
     env = {
         **os.environ,
         "TANDEM_TLS_CERTFILE": str(certs.client.cert),

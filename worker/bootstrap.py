@@ -1,7 +1,7 @@
 """What prefill and decode servers share: engine flags, and the gRPC server lifecycle.
 
 config -> engine -> grpc.aio.server -> servicers + health + reflection -> start -> SERVING
--> register with the router (--router) -> SIGTERM -> drain (decode_service/drain.py) -> stop
+-> register with the router (--router) -> SIGTERM -> drain (worker/drain.py) -> stop
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from decode_service.drain import QUIET_S, QUIET_STATIC_S, InFlightRpcs, wait_idle
-from decode_service.registration import RegistryClient
-from decode_service.worker_load import LoadSampler, WorkerMetrics
-from decode_service.worker_load import worker_stats as worker_stats  # the servicers' import
 from kvtransfer.grpc_transport import CHANNEL_OPTIONS
 from kvtransfer.select import CHOICES
 from protos import worker_pb2
+from rpc.tls import TLSConfig, add_port, add_tls_args
 from tandem.async_engine import DEFAULT_MAX_NUM_WAITING, AsyncEngine, EngineDeadError
 from tandem.config import EngineConfig
 from tandem.engine import LLMEngine
-from tandem.grpc_tls import TLSConfig, add_port, add_tls_args
 from tandem.loader.default_model import DEFAULT_MODEL_NAME
+from worker.drain import QUIET_S, QUIET_STATIC_S, InFlightRpcs, wait_idle
+from worker.load import LoadSampler, WorkerMetrics
+from worker.load import worker_stats as worker_stats  # the servicers' import
+from worker.registration import RegistryClient
 
 log = logging.getLogger("tandem.worker")
 

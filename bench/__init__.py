@@ -6,6 +6,6 @@ E2EL, throughput and goodput. Never imports torch.
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tandem.benchmark.cli import main as cli_main
+    from bench.cli import main as cli_main
 
     return cli_main(argv)

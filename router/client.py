@@ -2,7 +2,7 @@
 
 Imports only grpc and the generated protos (no torch), so other services can use it:
 
-    from tandem.client import TandemClient
+    from router.client import TandemClient
     with TandemClient("127.0.0.1:50051") as c:   # tls=TLSConfig.from_files(...) for TLS
         for chunk in c.generate("Hello", max_tokens=16):
             print(chunk.text, end="")
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos import common_pb2, router_pb2, router_pb2_grpc
-from tandem.grpc_tls import PLAINTEXT, TLSConfig, aio_channel, channel
+from rpc.tls import PLAINTEXT, TLSConfig, aio_channel, channel
 
 _FINISH = {1: "stop", 2: "length", 3: "abort", 4: "error"}
 _SAMPLING = {f.name for f in common_pb2.SamplingParams.DESCRIPTOR.fields}

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from tandem.grpc_tls import PLAINTEXT, TLSConfig, add_tls_args, channel, tls_argv, tls_from_args
+from rpc.tls import PLAINTEXT, TLSConfig, add_tls_args, channel, tls_argv, tls_from_args
 
 
 def _free_port(host: str) -> int:
@@ -116,7 +116,7 @@ def _serve(args: argparse.Namespace, tls: TLSConfig) -> None:
         DEFAULT_MODEL_NAME if args.model is None else model_dir.name
     )
     host = args.host
-    py = [sys.executable, "-m", "tandem.cli"]
+    py = [sys.executable, "-m", "tandem_cli.main"]
     engine_flags = []
     for name in _ENGINE_FLAGS:
         value = getattr(args, name)
@@ -330,11 +330,11 @@ def main(argv: list[str] | None = None) -> None:
 
         return decode_main(argv[1:])
     if command == "bench":
-        from tandem.benchmark import main as bench_main
+        from bench import main as bench_main
 
         sys.exit(bench_main(argv[1:]))
     if command == "compose":
-        from tandem.compose import main as compose_main
+        from tandem_cli.compose import main as compose_main
 
         return compose_main(argv[1:])
     args = parser.parse_args(argv)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 
-from tandem.benchmark.client import Endpoint, stream_request
-from tandem.benchmark.datasets import SampleRequest
-from tandem.benchmark.metrics import RequestRecord
+from bench.client import Endpoint, stream_request
+from bench.datasets import SampleRequest
+from bench.metrics import RequestRecord
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ prefill  Prefill: push one empty final KVChunk with token 0 to the decode server
          token 0. No KV events (the router then approximates its prefix index).
 both     Abort, Stats (no KV blocks: the pool is reported as effectively unbounded), health.
 
-No torch and no engine import: `python -m tandem.benchmark.fake_worker --role decode`.
+No torch and no engine import: `python -m bench.fake_worker --role decode`.
 """
 
 from __future__ import annotations
@@ -343,7 +343,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tandem.benchmark.fake_worker", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.fake_worker", description=__doc__)
     p.add_argument("--role", choices=["decode", "prefill"], required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)

@@ -1,4 +1,4 @@
-"""`python -m tandem.healthcheck TARGET`: one health probe, for container health checks.
+"""`python -m tandem_cli.healthcheck TARGET`: one health probe, for container health checks.
 
 TARGET is a gRPC address (HOST:PORT), asked through the standard grpc.health.v1 service, or an
 http(s):// URL, which must answer 200. Exit 0 when healthy, 1 otherwise (1 is what Docker reads
@@ -15,7 +15,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from tandem.grpc_tls import (
+from rpc.tls import (
     PLAINTEXT,
     TLSConfig,
     TLSConfigError,
@@ -59,7 +59,7 @@ def check_http(url: str, timeout: float) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m tandem.healthcheck",
+        prog="python -m tandem_cli.healthcheck",
         description="exit 0 when a tandem service is healthy (grpc.health.v1 or HTTP 200), else 1",
     )
     p.add_argument("target", help="HOST:PORT (gRPC health) or http(s)://HOST:PORT/health")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tandem.cli import _free_port, _wait_grpc_healthy, _wait_http_healthy, gateway_pool
+from tandem_cli.main import _free_port, _wait_grpc_healthy, _wait_http_healthy, gateway_pool
 
 
 def free_port() -> int:
@@ -51,7 +51,7 @@ class FakeStack:
             for role, count in (("decode", num_decode), ("prefill", num_prefill)):
                 for k in range(count):
                     addr = f"127.0.0.1:{free_port()}"
-                    cmd = [py, "-m", "tandem.benchmark.fake_worker", "--role", role]
+                    cmd = [py, "-m", "bench.fake_worker", "--role", role]
                     cmd += ["--port", addr.rsplit(":", 1)[1], "--itl-ms", str(itl_ms)]
                     cmd += ["--coalesce"] if coalesce else []
                     cmd += ["--session"] if session and role == "decode" else []
@@ -63,7 +63,7 @@ class FakeStack:
             routers = []
             for k in range(num_routers):
                 addr = f"127.0.0.1:{free_port()}"
-                cmd = [py, "-m", "tandem.cli", "router", "--port", addr.rsplit(":", 1)[1]]
+                cmd = [py, "-m", "tandem_cli.main", "router", "--port", addr.rsplit(":", 1)[1]]
                 cmd += ["--model", str(model_dir), "--served-model-name", served_model_name]
                 for role, waddr, _ in workers:
                     cmd += [f"--{role}", waddr]
@@ -75,7 +75,7 @@ class FakeStack:
             port = free_port()
             flags, env, self._metrics_dir = gateway_pool(num_gateways)
             for k in range(num_gateways):
-                cmd = [py, "-m", "tandem.cli", "gateway", "--port", str(port)]
+                cmd = [py, "-m", "tandem_cli.main", "gateway", "--port", str(port)]
                 cmd += ["--router", routers[k % num_routers][0], *flags]
                 proc = self._spawn(_name("gateway", k), cmd, env)
             self.base_url = f"http://127.0.0.1:{port}"

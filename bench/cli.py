@@ -12,22 +12,22 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from tandem.benchmark.client import Endpoint
-from tandem.benchmark.datasets import (
+from bench.client import Endpoint
+from bench.datasets import (
     SampleRequest,
     WordVocab,
     load_tokenizer,
     prefix_requests,
     random_requests,
 )
-from tandem.benchmark.metrics import (
+from bench.metrics import (
     METRICS,
     format_summary,
     parse_goodput,
     parse_percentiles,
     summarize,
 )
-from tandem.benchmark.runner import LoadConfig, fetch_model, run_requests, warm_up
+from bench.runner import LoadConfig, fetch_model, run_requests, warm_up
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
-from tandem.grpc_tls import PLAINTEXT, TLSConfig, aio_channel
+from rpc.tls import PLAINTEXT, TLSConfig, aio_channel
 
 log = logging.getLogger("tandem.worker.registration")
 

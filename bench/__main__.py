@@ -1,5 +1,5 @@
 import sys
 
-from tandem.benchmark import main
+from bench import main
 
 sys.exit(main(sys.argv[1:]))

@@ -3,7 +3,7 @@
 One asyncio client process cannot read the SSE events of hundreds of fast streams (512 streams
 at a 25 ms step are ~20k events a second): a client that lags measures its own delay as the
 server's. The processes start their requests together at one wall-clock time (--start-at);
-tandem.benchmark.metrics.merge_results puts their records on one clock.
+bench.metrics.merge_results puts their records on one clock.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def run_bench_processes(
     outs = [out_dir / f"{tag}-client{i}.json" for i in range(num_clients)]
     procs = []
     for i, (share, out) in enumerate(zip(shares, outs, strict=True)):
-        cmd = [sys.executable, "-m", "tandem.benchmark", "--base-url", base_url, "--disable-tqdm"]
+        cmd = [sys.executable, "-m", "bench", "--base-url", base_url, "--disable-tqdm"]
         cmd += ["--result-file", str(out), *flags, "--num-prompts", str(share)]
         cmd += ["--seed", str(seed + i), "--num-warmups", str(warmups if i == 0 else 0)]
         cmd += ["--start-at", f"{start_at:.3f}"]

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from tandem.benchmark.datasets import SampleRequest
-from tandem.benchmark.metrics import RequestRecord
+from bench.datasets import SampleRequest
+from bench.metrics import RequestRecord
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""gRPC plumbing shared by every server and client: TLS credentials and channels."""

@@ -43,8 +43,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 async def _register(args, server, engine, address, offered, shm) -> WorkerParts:
     ledger = HandoffLedger(args.kv_lease_seconds, args.kv_stall_seconds)
-    runner = engine.engine.runner
-    kv_cache = runner.kv_cache
+    core = engine.engine
+    kv_cache = core.kv_cache
     export = None
     if shm is not None:
         export = shm.export(kv_cache)
@@ -60,14 +60,12 @@ async def _register(args, server, engine, address, offered, shm) -> WorkerParts:
     servicer = DecodeServicer(engine, ledger, address, offer)
     worker_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
     tp_write = None
-    if runner.tp.size > 1:  # the scatter to every rank runs between engine steps
-
-        async def tp_write(block_ids, layer_start, layer_end, kv) -> None:
-            await engine.call(runner.scatter_kv, block_ids, layer_start, layer_end, kv)
+    if core.cfg.tensor_parallel_size > 1:  # the scatter to every rank runs between steps
+        tp_write = engine.write_kv
 
     worker_pb2_grpc.add_KVTransferServicer_to_server(
         SameHostKVTransferServicer(
-            ledger, kv_cache, offered, export, runner.kv_transfer_shape, tp_write
+            ledger, kv_cache, offered, export, core.kv_transfer_shape, tp_write
         ),
         server,
     )

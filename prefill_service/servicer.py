@@ -48,16 +48,18 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         self.engine = engine
         self.sender = sender
         self.kv_transport = kv_transport  # --kv-transport: auto, or the one forced
-        self.kv_cache = engine.engine.runner.kv_cache
+        core = engine.engine  # read once here: the servicer calls the engine, never walks it
+        self.kv_cache = core.kv_cache
+        self.tp_size = core.cfg.tensor_parallel_size
         self.here = Endpoint(host_id(), gpu_uuid(self.kv_cache.device))
         self.direct = DirectKVSender(sender, self.here)
         self._unopenable: set[str] = set()  # pool ids auto mode could not open: grpc for them
-        self.block_size = engine.engine.cfg.block_size
+        self.block_size = core.cfg.block_size
         # sender side of each handoff; a push may take at most the sender's timeout
         self.ledger = HandoffLedger(lease_s=sender.timeout_s)
         self._pushes: set[asyncio.Task] = set()
         self._subscribers: list[asyncio.Queue] = []
-        engine.engine.block_manager.record_events = True
+        core.enable_kv_events()
         self._events_task = asyncio.get_running_loop().create_task(self._pump_events())
 
     def _validate(self, request) -> None:
@@ -82,7 +84,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         """The transport for this KVTarget (and its pool); ValueError when none fits."""
         pool = pool_from_proto(t.pool) if t.HasField("pool") else None
         offered = list(t.transports) or [t.transport or "grpc"]
-        if self.engine.engine.runner.tp.size > 1:
+        if self.tp_size > 1:
             # the direct writes copy one local pool holding every KV head; at TP > 1 each
             # rank holds only its heads, and only grpc gathers them (_copy_out_and_release)
             if "grpc" not in offered:
@@ -145,7 +147,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
         if last is None or not last.new_token_ids or h.state.terminal:
             # aborted (Abort RPC) during or right after the prefill
-            await self.engine.call(self.engine.engine.release, req_id)
+            await self.engine.release(req_id)
             await context.abort(grpc.StatusCode.CANCELLED, "request aborted during prefill")
         prefill_ms = (time.perf_counter() - start) * 1000
         token, logprob = last.new_token_ids[0], last.new_logprobs[0]
@@ -161,11 +163,16 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         name, pool = transport
         kv = None
         if finish is None:  # the decode server continues: it needs the KV
-            # grpc: a snapshot of the KV, blocks released; same host: the held block ids
-            take = self._copy_out_and_release if pool is None else self._held_blocks
-            kv = await self.engine.call(take, req_id, first_block)
+            # grpc: a copy of the KV, blocks released; same host: the held block ids
+            if pool is None:
+                kv = await self.engine.copy_kv_and_release(req_id, first_block)
+                if kv is not None:  # block i of the copy is table entry first_block + i
+                    ids = [0] * first_block + list(range(kv.shape[2]))
+                    kv = plan_slices(kv, ids, first_block, CHUNK_BYTES)
+            else:
+                kv = await self.engine.held_block_ids(req_id, first_block)
         if kv is None:  # finished at this token (or aborted just now): nothing to push
-            await self.engine.call(self.engine.engine.release, req_id)
+            await self.engine.release(req_id)
             why = "sequence finished at its first token" if finish else "aborted"
             self.ledger.fail(h.handoff_id, HandoffState.RECLAIMED, why)
             if finish is None:
@@ -198,36 +205,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             resp.logprob.CopyFrom(lp)
         return resp
 
-    def _copy_out_and_release(self, req_id: str, first_block: int):
-        """On the engine thread: snapshot the request's KV, then give its blocks back.
-        None when the request is gone (aborted after its last step)."""
-        eng = self.engine.engine
-        req = eng.requests.get(req_id)
-        if req is None:
-            return None
-        try:
-            runner = eng.runner
-            if runner.tp.size == 1:
-                return plan_slices(runner.kv_cache, req.block_table, first_block, CHUNK_BYTES)
-            # tensor parallel: gather every rank's KV heads of the blocks to send (the wire
-            # carries all heads whatever the TP size); block i of that copy is table entry
-            # first_block + i
-            kv = runner.gather_kv(req.block_table[first_block:])
-            ids = [0] * first_block + list(range(kv.shape[2]))
-            return plan_slices(kv, ids, first_block, CHUNK_BYTES)
-        finally:
-            eng.release(req_id)
-
-    def _held_blocks(self, req_id: str, first_block: int) -> list[int] | None:
-        """On the engine thread: the request's block ids from first_block (still held, so
-        nothing overwrites them until the write is done); None when the request is gone."""
-        req = self.engine.engine.requests.get(req_id)
-        return None if req is None else list(req.block_table[first_block:])
-
     async def _release(self, req_id: str) -> None:
         """Held blocks back to the pool (they stay cached); idempotent."""
         try:
-            await self.engine.call(self.engine.engine.release, req_id)
+            await self.engine.release(req_id)
         except EngineDeadError:
             pass
 
@@ -267,11 +248,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
 
     # -- prefix-index feed --------------------------------------------------------------------
     async def _pump_events(self) -> None:
-        bm = self.engine.engine.block_manager
         while True:
             await asyncio.sleep(0.05)
             try:
-                stored, evicted = await self.engine.call(bm.pop_events)
+                stored, evicted = await self.engine.pop_kv_events()
             except EngineDeadError:
                 return
             if stored or evicted:
@@ -282,9 +262,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
                     q.put_nowait(batch)
 
     async def KVEvents(self, request, context):
-        bm = self.engine.engine.block_manager
         q: asyncio.Queue = asyncio.Queue()
-        snapshot = await self.engine.call(lambda: list(bm.cached))
+        snapshot = await self.engine.cached_block_hashes()
         self._subscribers.append(q)
         try:
             yield worker_pb2.KVEventBatch(reset=True, stored_block_hashes=snapshot)

@@ -147,6 +147,24 @@ class AsyncEngine:
     async def abort(self, req_id: str) -> bool:
         return await self.call(self.engine.abort, req_id)
 
+    async def release(self, req_id: str) -> None:
+        await self.call(self.engine.release, req_id)
+
+    async def held_block_ids(self, req_id: str, first_block: int = 0) -> list[int] | None:
+        return await self.call(self.engine.held_block_ids, req_id, first_block)
+
+    async def copy_kv_and_release(self, req_id: str, first_block: int = 0):
+        return await self.call(self.engine.copy_kv_and_release, req_id, first_block)
+
+    async def write_kv(self, block_ids: list[int], layer_start: int, layer_end: int, kv) -> None:
+        await self.call(self.engine.write_kv, block_ids, layer_start, layer_end, kv)
+
+    async def pop_kv_events(self) -> tuple[list[int], list[int]]:
+        return await self.call(self.engine.pop_kv_events)
+
+    async def cached_block_hashes(self) -> list[int]:
+        return await self.call(self.engine.cached_block_hashes)
+
     def _open_stream(self, req_id: str) -> OutputStream:
         if req_id in self._streams:
             raise ValueError(f"request id {req_id!r} is already in use")

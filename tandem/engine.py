@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
+
 from tandem.block_manager import BlockManager
 from tandem.config import EngineConfig, ModelConfig
 from tandem.loader import read_hf_config, resolve_model_dir
@@ -236,6 +238,52 @@ class LLMEngine:
         if req is not None and req.block_table:
             self.block_manager.free(req)
 
+    # -- what a KV transport reads and writes (servers never reach into the runner) -----------
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """This rank's KV pool, [layers, 2, num_blocks, block_size, local kv_heads, head_dim]."""
+        return self.runner.kv_cache
+
+    @property
+    def kv_transfer_shape(self) -> tuple[int, ...]:
+        """The pool's shape with every KV head (what crosses the wire at any TP size)."""
+        return self.runner.kv_transfer_shape
+
+    def held_block_ids(self, req_id: str, first_block: int = 0) -> list[int] | None:
+        """Prefill side: the request's block ids from first_block (held after it finished, so
+        nothing overwrites them until release); None when the request is gone."""
+        req = self.requests.get(req_id)
+        return None if req is None else list(req.block_table[first_block:])
+
+    def copy_kv_and_release(self, req_id: str, first_block: int = 0) -> torch.Tensor | None:
+        """Prefill side: a copy of the request's KV from block first_block with every KV head
+        (gathered over the tensor-parallel ranks), [layers, 2, n, block_size, kv_heads,
+        head_dim]; then its blocks go back (they stay cached). None when the request is gone
+        (aborted after its last step)."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return None
+        try:
+            return self.runner.gather_kv(req.block_table[first_block:])
+        finally:
+            self.release(req_id)
+
+    def write_kv(self, block_ids: list[int], layer_start: int, layer_end: int, kv) -> None:
+        """Decode side: store kv (every KV head, [layer_end - layer_start, 2, len(block_ids),
+        ...]) into block_ids; each tensor-parallel rank keeps its own heads."""
+        self.runner.scatter_kv(block_ids, layer_start, layer_end, kv)
+
+    # -- prefix-cache events (the router's prefix index) ----------------------------------------
+    def enable_kv_events(self) -> None:
+        self.block_manager.record_events = True
+
+    def pop_kv_events(self) -> tuple[list[int], list[int]]:
+        """Block hashes (stored, evicted) since the last call."""
+        return self.block_manager.pop_events()
+
+    def cached_block_hashes(self) -> list[int]:
+        return list(self.block_manager.cached)
+
     def abort(self, req_id: str) -> bool:
         """Idempotent: False when the request is unknown (finished or never seen)."""
         req = self.requests.get(req_id)
@@ -359,6 +407,14 @@ class LLMEngine:
         if self.tp_workers is not None:
             self.tp_workers.stop(self.runner.sync.send_stop)
             atexit.unregister(self.shutdown)
+
+    def num_in_flight_prompt_tokens(self) -> int:
+        """Prompt tokens admitted and not computed yet (the router's load measure)."""
+        waiting = sum(r.num_tokens - r.num_computed_tokens for r in self.scheduler.waiting)
+        running = sum(
+            max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in self.scheduler.running
+        )
+        return waiting + running
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

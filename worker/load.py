@@ -36,15 +36,10 @@ async def worker_stats(
     num_kv_handoffs: Mapping[str, int] | None = None,
     wait_s: float = STATS_WAIT_S,
 ) -> worker_pb2.WorkerStats:
+    core = engine.engine
+
     def collect():
-        s = engine.engine.stats()
-        in_flight = sum(
-            r.num_tokens - r.num_computed_tokens for r in engine.engine.scheduler.waiting
-        ) + sum(
-            max(0, r.num_prompt_tokens - r.num_computed_tokens)
-            for r in engine.engine.scheduler.running
-        )
-        return s, in_flight
+        return core.stats(), core.num_in_flight_prompt_tokens()
 
     read = asyncio.ensure_future(engine.call(collect))
     try:
@@ -67,7 +62,7 @@ async def worker_stats(
         prefix_cache_hits=s.prefix_cache_hits,
         prefix_cache_queries=s.prefix_cache_queries,
         num_active_handoffs=num_active_handoffs,
-        block_size=engine.engine.cfg.block_size,
+        block_size=core.cfg.block_size,
         in_flight_prompt_tokens=in_flight,
         num_kv_handoffs=dict(num_kv_handoffs or {}),
     )

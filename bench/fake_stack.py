@@ -12,11 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tandem_cli.main import _free_port, _wait_grpc_healthy, _wait_http_healthy, gateway_pool
-
-
-def free_port() -> int:
-    return _free_port("127.0.0.1")
+from gateway.pool import gateway_pool
+from rpc.procs import free_port, wait_grpc_healthy, wait_http_healthy
 
 
 def _name(role: str, k: int) -> str:
@@ -50,19 +47,19 @@ class FakeStack:
             workers = []
             for role, count in (("decode", num_decode), ("prefill", num_prefill)):
                 for k in range(count):
-                    addr = f"127.0.0.1:{free_port()}"
+                    addr = f"127.0.0.1:{free_port('127.0.0.1')}"
                     cmd = [py, "-m", "bench.fake_worker", "--role", role]
                     cmd += ["--port", addr.rsplit(":", 1)[1], "--itl-ms", str(itl_ms)]
                     cmd += ["--coalesce"] if coalesce else []
                     cmd += ["--session"] if session and role == "decode" else []
                     workers.append((role, addr, self._spawn(f"{role}-{k}", cmd)))
             for _, addr, proc in workers:
-                _wait_grpc_healthy(addr, proc, startup_timeout)
+                wait_grpc_healthy(addr, proc, startup_timeout)
             # as `tandem serve --routers N --gateways M`: gateway i on router i % N, the
             # gateways on one port (SO_REUSEPORT) with one metrics directory
             routers = []
             for k in range(num_routers):
-                addr = f"127.0.0.1:{free_port()}"
+                addr = f"127.0.0.1:{free_port('127.0.0.1')}"
                 cmd = [py, "-m", "tandem_cli.main", "router", "--port", addr.rsplit(":", 1)[1]]
                 cmd += ["--model", str(model_dir), "--served-model-name", served_model_name]
                 for role, waddr, _ in workers:
@@ -70,16 +67,16 @@ class FakeStack:
                 cmd += list(router_args)  # e.g. --stream-interval N
                 routers.append((addr, self._spawn(_name("router", k), cmd)))
             for addr, proc in routers:
-                _wait_grpc_healthy(addr, proc, startup_timeout)
+                wait_grpc_healthy(addr, proc, startup_timeout)
             self.router = routers[0][0]
-            port = free_port()
+            port = free_port("127.0.0.1")
             flags, env, self._metrics_dir = gateway_pool(num_gateways)
             for k in range(num_gateways):
                 cmd = [py, "-m", "tandem_cli.main", "gateway", "--port", str(port)]
                 cmd += ["--router", routers[k % num_routers][0], *flags]
                 proc = self._spawn(_name("gateway", k), cmd, env)
             self.base_url = f"http://127.0.0.1:{port}"
-            _wait_http_healthy(f"{self.base_url}/health", proc, startup_timeout)
+            wait_http_healthy(f"{self.base_url}/health", proc, startup_timeout)
         except BaseException:
             self.stop()
             raise

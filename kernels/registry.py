@@ -42,11 +42,14 @@ def _torch_ops() -> KernelOps:
     )
 
 
-_BACKENDS: dict[str, Callable[[], KernelOps]] = {"torch": _torch_ops}
+def _triton_ops() -> KernelOps:
+    # ImportError when Triton is missing: "auto" falls back to torch
+    from tandem_kernels.triton_backend import triton_ops
+
+    return KernelOps(name="triton", **triton_ops())
 
 
-def register_backend(name: str, factory: Callable[[], KernelOps]) -> None:
-    _BACKENDS[name] = factory
+_BACKENDS: dict[str, Callable[[], KernelOps]] = {"torch": _torch_ops, "triton": _triton_ops}
 
 
 def available_backends() -> list[str]:
@@ -56,16 +59,12 @@ def available_backends() -> list[str]:
 def get_ops(name: str = "auto", device: torch.device | str = "cpu") -> KernelOps:
     """`auto` is Triton on CUDA (when importable) and torch everywhere else."""
     if name == "auto":
-        name = "torch"
         if torch.device(device).type == "cuda":
             try:
-                import tandem_kernels.triton_backend  # noqa: F401  (registers "triton")
-
-                name = "triton" if "triton" in _BACKENDS else "torch"
+                return _triton_ops()
             except ImportError:
-                name = "torch"
-    elif name == "triton" and name not in _BACKENDS:
-        import tandem_kernels.triton_backend  # noqa: F401
+                pass
+        name = "torch"
     if name not in _BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose from {available_backends()}")
     return _BACKENDS[name]()

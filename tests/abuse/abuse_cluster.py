@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rpc.procs import free_port, wait_grpc_healthy, wait_http_healthy
 from tandem.loader.default_model import resolve_model_dir
-from tandem_cli.main import _free_port, _wait_grpc_healthy, _wait_http_healthy
 
 MODEL = "smol"
 MAX_MODEL_LEN = 256  # bounds the work any accepted request can cause
@@ -35,30 +35,30 @@ class Cluster:
     def start_workers(self) -> None:
         engine = ["--model", self.model_dir, "--num-blocks", "256", "--max-model-len",
                   str(MAX_MODEL_LEN), "--max-num-batched-tokens", "512"]  # fmt: skip
-        self.prefill, self.decode = (f"127.0.0.1:{_free_port('127.0.0.1')}" for _ in range(2))
+        self.prefill, self.decode = (f"127.0.0.1:{free_port('127.0.0.1')}" for _ in range(2))
         procs = [
             self._spawn([*PY, role, "--port", addr.rsplit(":", 1)[1], *engine])
             for role, addr in (("prefill", self.prefill), ("decode", self.decode))
         ]
         for addr, proc in zip((self.prefill, self.decode), procs, strict=True):
-            _wait_grpc_healthy(addr, proc, 180)
+            wait_grpc_healthy(addr, proc, 180)
 
     def router(self, port: int = 0, *flags: str) -> tuple[str, subprocess.Popen]:
         """A router over the package's workers (port 0: a free one)."""
-        address = f"127.0.0.1:{port or _free_port('127.0.0.1')}"
+        address = f"127.0.0.1:{port or free_port('127.0.0.1')}"
         proc = self._spawn(
             [*PY, "router", "--port", address.rsplit(":", 1)[1], "--model", self.model_dir,
              "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
              "--prefill", self.prefill, "--decode", self.decode, *flags]
         )  # fmt: skip
-        _wait_grpc_healthy(address, proc, 60)
+        wait_grpc_healthy(address, proc, 60)
         return address, proc
 
     def gateway(self, router: str, *flags: str) -> tuple[str, subprocess.Popen]:
-        port = _free_port("127.0.0.1")
+        port = free_port("127.0.0.1")
         proc = self._spawn([*PY, "gateway", "--port", str(port), "--router", router, *flags])
         url = f"http://127.0.0.1:{port}"
-        _wait_http_healthy(url + "/health", proc, 60)
+        wait_http_healthy(url + "/health", proc, 60)
         return url, proc
 
     def stop(self) -> None:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from abuse_cluster import MODEL
 
-from tandem_cli.main import _free_port
+from rpc.procs import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -20,7 +20,7 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_to
 
 
 def test_router_restart(cluster):
-    port = _free_port("127.0.0.1")
+    port = free_port("127.0.0.1")
     router, router_proc = cluster.router(port)
     url, gateway_proc = cluster.gateway(router)
     client = httpx.Client(base_url=url, timeout=30)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from rpc.procs import wait_grpc_healthy, wait_http_healthy
 from tandem.loader.default_model import resolve_model_dir
-from tandem_cli.main import _wait_grpc_healthy, _wait_http_healthy
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -38,7 +38,7 @@ class Stack:
             for a in addrs:
                 self._spawn([*py, role, "--port", a.rsplit(":", 1)[1], *engine])
         for a, p in zip(self.prefill + self.decode, self.procs, strict=True):
-            _wait_grpc_healthy(a, p, 180)
+            wait_grpc_healthy(a, p, 180)
         self.router = f"127.0.0.1:{free_port()}"
         cmd = [*py, "router", "--port", self.router.rsplit(":", 1)[1], "--model", str(model_dir)]
         cmd += ["--served-model-name", MODEL_NAME, "--routing-policy", policy]
@@ -47,13 +47,13 @@ class Stack:
         for a in self.decode:
             cmd += ["--decode", a]
         self.router_proc = self._spawn(cmd)
-        _wait_grpc_healthy(self.router, self.router_proc, 60)
+        wait_grpc_healthy(self.router, self.router_proc, 60)
         port = free_port()
         self.gateway_proc = self._spawn(
             [*py, "gateway", "--port", str(port), "--router", self.router]
         )
         self.base_url = f"http://127.0.0.1:{port}/v1"
-        _wait_http_healthy(f"http://127.0.0.1:{port}/health", self.gateway_proc, 60)
+        wait_http_healthy(f"http://127.0.0.1:{port}/health", self.gateway_proc, 60)
 
     def _spawn(self, cmd) -> subprocess.Popen:
         self.procs.append(subprocess.Popen(cmd))

@@ -21,7 +21,7 @@ import grpc
 from kvtransfer.pool import sweep_stale_pool_files
 from protos import worker_pb2, worker_pb2_grpc
 from router.client import TandemClient
-from tandem_cli.main import _wait_grpc_healthy, _wait_http_healthy
+from rpc.procs import wait_grpc_healthy, wait_http_healthy
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 NUM_BLOCKS = 512
@@ -60,7 +60,7 @@ class FaultStack:
                 for a in addrs:
                     self._spawn_worker(role, a, self.worker_flags.get(role, ()))
             for a in self.workers:
-                _wait_grpc_healthy(a, self.procs[a], START_TIMEOUT_S)
+                wait_grpc_healthy(a, self.procs[a], START_TIMEOUT_S)
             self.router = f"127.0.0.1:{free_port()}"
             cmd = [*self._py, "router", "--port", self.router.rsplit(":", 1)[1]]
             cmd += ["--model", str(model_dir), "--served-model-name", MODEL_NAME, *router_flags]
@@ -69,13 +69,13 @@ class FaultStack:
             for a in self.decode:
                 cmd += ["--decode", a]
             self._spawn("router", cmd)
-            _wait_grpc_healthy(self.router, self.procs["router"], 60)
+            wait_grpc_healthy(self.router, self.procs["router"], 60)
             port = free_port()
             self._spawn(
                 "gateway", [*self._py, "gateway", "--port", str(port), "--router", self.router]
             )
             self.base_url = f"http://127.0.0.1:{port}/v1"
-            _wait_http_healthy(f"http://127.0.0.1:{port}/health", self.procs["gateway"], 60)
+            wait_http_healthy(f"http://127.0.0.1:{port}/health", self.procs["gateway"], 60)
         except BaseException:
             self.stop()
             raise
@@ -111,7 +111,7 @@ class FaultStack:
         request to it (its channel may sit in reconnect backoff for a while)."""
         assert self.procs[address].poll() is not None, "restart only a dead worker"
         self._spawn(address, self.cmds[address], self.worker_env)
-        _wait_grpc_healthy(address, self.procs[address], START_TIMEOUT_S)
+        wait_grpc_healthy(address, self.procs[address], START_TIMEOUT_S)
         deadline = time.monotonic() + timeout
         with TandemClient(self.router, timeout=60) as client:
             for i in itertools.count():

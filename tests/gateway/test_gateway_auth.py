@@ -10,21 +10,21 @@ import httpx
 import pytest
 
 from gateway.config import GatewayConfig
-from tandem_cli.main import _free_port, _wait_http_healthy
+from rpc.procs import free_port, wait_http_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
 
 @pytest.fixture(scope="module")
 def gateway():
-    port, dead_router = _free_port("127.0.0.1"), _free_port("127.0.0.1")
+    port, dead_router = free_port("127.0.0.1"), free_port("127.0.0.1")
     env = {**os.environ, "TANDEM_API_KEY": "sekret"}
     cmd = [sys.executable, "-m", "tandem_cli.main", "gateway", "--port", str(port),
            "--router", f"127.0.0.1:{dead_router}"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_http_healthy(url + "/health", proc, 30)
+        wait_http_healthy(url + "/health", proc, 30)
         yield url
     finally:
         proc.terminate()

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from rpc.procs import free_port, wait_grpc_healthy
 from tandem.loader.default_model import DEFAULT_MODEL_NAME
-from tandem_cli.main import _free_port, _wait_grpc_healthy
 
 HOST = "127.0.0.1"
 HEARTBEAT_MS = 400
@@ -62,8 +62,8 @@ class PoolStack:
         self.router_proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.router = f"{HOST}:{_free_port(HOST)}"
-        self.router_metrics_port = _free_port(HOST)
+        self.router = f"{HOST}:{free_port(HOST)}"
+        self.router_metrics_port = free_port(HOST)
         cmd = self._cli("router", self.router)
         cmd += ["--served-model-name", DEFAULT_MODEL_NAME, "--metrics-port"]
         cmd += [str(self.router_metrics_port), "--heartbeat-interval-ms", str(HEARTBEAT_MS)]
@@ -75,7 +75,7 @@ class PoolStack:
             [*cmd, "--decode", self.static_decode.address], "router"
         )
         self.prefill = self.start_worker("prefill", wait=False)
-        _wait_grpc_healthy(self.router, self.router_proc, 60)
+        wait_grpc_healthy(self.router, self.router_proc, 60)
         self.wait_healthy(self.prefill)
         self.wait_members("prefill", 1)
 
@@ -101,8 +101,8 @@ class PoolStack:
     def start_worker(
         self, role: str, address: str = "", register: bool = True, wait: bool = True, extra=()
     ) -> Worker:
-        address = address or f"{HOST}:{_free_port(HOST)}"
-        metrics_port = _free_port(HOST)
+        address = address or f"{HOST}:{free_port(HOST)}"
+        metrics_port = free_port(HOST)
         cmd = [*self._cli(role, address), *ENGINE_FLAGS, "--metrics-port", str(metrics_port)]
         if register:
             cmd += ["--router", self.router]
@@ -114,7 +114,7 @@ class PoolStack:
 
     def wait_healthy(self, w: Worker) -> None:
         try:
-            _wait_grpc_healthy(w.address, w.proc, 180)
+            wait_grpc_healthy(w.address, w.proc, 180)
         except (RuntimeError, TimeoutError) as e:  # say why: the worker's own last words
             tail = "\n".join(w.log_text().splitlines()[-40:])
             raise RuntimeError(f"{w.role} worker {w.address}: {e}\n--- its log ---\n{tail}") from e

@@ -18,8 +18,8 @@ from protos import worker_pb2, worker_pb2_grpc
 from router.config import RouterConfig
 from router.server import start_router
 from router.workers import MISSED_HEARTBEATS, Role
+from rpc.procs import free_port
 from tandem.loader.default_model import DEFAULT_MODEL_NAME
-from tandem_cli.main import _free_port
 from worker.drain import wait_idle
 from worker.registration import RegistryClient
 
@@ -73,7 +73,7 @@ def _membership(running) -> dict[tuple[str, str], float]:
 
 
 def _nowhere() -> str:
-    return f"127.0.0.1:{_free_port('127.0.0.1')}"  # nothing listens there
+    return f"127.0.0.1:{free_port('127.0.0.1')}"  # nothing listens there
 
 
 def test_register_checks_model_role_and_address(model_dir):
@@ -169,7 +169,7 @@ async def _registered_and_heartbeating(pool, address: str) -> None:
 
 def test_registry_client_survives_router_down_and_restart(model_dir):
     async def main():
-        port = _free_port("127.0.0.1")
+        port = free_port("127.0.0.1")
         address = _nowhere()
         client = RegistryClient(f"127.0.0.1:{port}", _info(address), _load)
         client.start()  # the router is not up yet: Register retries with backoff

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from router.client import TandemClient
+from rpc.procs import free_port, wait_grpc_healthy
 from tandem.loader.default_model import resolve_model_dir
-from tandem_cli.main import _free_port, _wait_grpc_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -79,13 +79,13 @@ class Procs:
         self.killed: list[str] = []
 
     def start(self, *args: str) -> str:
-        port = _free_port("127.0.0.1")
+        port = free_port("127.0.0.1")
         cmd = [sys.executable, "-m", "tandem_cli.main", *args, "--port", str(port)]
         self.logs.append(self.log_dir / f"{args[0]}-{port}.log")
         log = open(self.logs[-1], "w")  # noqa: SIM115 - the child's
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
         address = f"127.0.0.1:{port}"
-        _wait_grpc_healthy(address, self.procs[-1], 240)
+        wait_grpc_healthy(address, self.procs[-1], 240)
         return address
 
     def stop(self) -> None:

@@ -12,7 +12,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from tandem_cli.main import _free_port
+from rpc.procs import free_port
 
 HOST = "127.0.0.1"
 
@@ -40,7 +40,7 @@ def test_a_worker_on_a_taken_metrics_port_exits_before_loading_the_model(tmp_pat
         s.listen()
         metrics_port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "tandem_cli.main", "decode", "--host", HOST]
-        cmd += ["--port", str(_free_port(HOST)), "--metrics-port", str(metrics_port)]
+        cmd += ["--port", str(free_port(HOST)), "--metrics-port", str(metrics_port)]
         cmd += ["--model", str(tmp_path / "no-such-model")]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0

@@ -130,10 +130,10 @@ def test_serve_hands_the_same_files_to_every_service(certs):
     from gateway.server import add_cli_args as gateway_args
     from prefill_service.server import add_cli_args as prefill_args
     from router.server import add_cli_args as router_args
-    from tandem_cli.main import _add_serve_args
+    from tandem_cli.serve import add_serve_args
 
     serve = argparse.ArgumentParser()
-    _add_serve_args(serve)
+    add_serve_args(serve)
     flags = ["--tls-certfile", str(certs.server.cert), "--tls-keyfile", str(certs.server.key)]
     flags += ["--tls-ca-certs", str(certs.ca), "--tls-require-client-cert"]
     flags += ["--tls-server-name", "localhost"]

@@ -20,9 +20,9 @@ from certs import bad_clients
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import worker_pb2, worker_pb2_grpc
+from rpc.procs import free_port, wait_grpc_healthy, wait_http_healthy
 from rpc.tls import channel
 from tandem.loader.default_model import DEFAULT_MODEL_NAME
-from tandem_cli.main import _free_port, _wait_grpc_healthy, _wait_http_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -63,8 +63,8 @@ def _stop(proc: subprocess.Popen) -> None:
 class Stack:
     def __init__(self, certs, log_dir, client_tls) -> None:
         self.log_dir = log_dir
-        self.router = f"{HOST}:{_free_port(HOST)}"
-        self.http_port = _free_port(HOST)
+        self.router = f"{HOST}:{free_port(HOST)}"
+        self.http_port = free_port(HOST)
         self.serve_out = log_dir / "serve.out"
         self.serve_err = log_dir / "serve.err"
         cmd = [sys.executable, "-m", "tandem_cli.main", "serve", "--host", HOST]
@@ -75,21 +75,19 @@ class Stack:
             self.serve = subprocess.Popen(cmd, stdout=out, stderr=err, start_new_session=True)
         self.joiner = None
         try:
-            _wait_http_healthy(
-                f"http://{HOST}:{self.http_port}/health", self.serve, START_TIMEOUT_S
-            )
+            wait_http_healthy(f"http://{HOST}:{self.http_port}/health", self.serve, START_TIMEOUT_S)
             text = self.serve_out.read_text()
             self.prefill = re.search(r"prefill server listening on (\S+)", text)[1]
             self.decode = re.search(r"decode server listening on (\S+)", text)[1]
             self.joiner_log = log_dir / "joiner.log"
-            self.joiner_address = f"{HOST}:{_free_port(HOST)}"
+            self.joiner_address = f"{HOST}:{free_port(HOST)}"
             cmd = [sys.executable, "-m", "tandem_cli.main", "decode", "--host", HOST]
             cmd += ["--port", self.joiner_address.rsplit(":", 1)[1], "--router", self.router]
             cmd += ["--num-blocks", "512", "--max-num-batched-tokens", "256"]
             cmd += ["--served-model-name", DEFAULT_MODEL_NAME, *_tls_flags(certs)]
             with open(self.joiner_log, "wb") as log:
                 self.joiner = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            _wait_grpc_healthy(self.joiner_address, self.joiner, START_TIMEOUT_S, client_tls)
+            wait_grpc_healthy(self.joiner_address, self.joiner, START_TIMEOUT_S, client_tls)
         except BaseException:
             self.stop()
             raise

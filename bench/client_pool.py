@@ -3,7 +3,7 @@ with one httpx client for all of them and with bench.runner.ClientPool (clients 
 POOL_SHARD connections). A raw asyncio server in a subprocess streams EVENTS SSE chunks on each
 connection, starting once all N are connected, so every stream ends together.
 
-    python bench/client_pool.py --streams 512
+    python -m bench.client_pool --streams 512
 """
 
 from __future__ import annotations

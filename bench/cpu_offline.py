@@ -2,9 +2,9 @@
 
 SmolLM2-135M-Instruct (the default model, fp32), 16 prompts, 128 output tokens each (EOS
 ignored on both sides), greedy. Both sides warm up first. Writes
-bench/results/cpu-offline-<date>.json.
+bench/results/raw/cpu-offline-<date>.json and its summary bench/results/cpu-offline-<date>.json.
 
-    python bench/cpu_offline.py [--date 2026-11-22] [--batch 16] [--max-tokens 128]
+    python -m bench.cpu_offline [--date 2026-11-22] [--batch 16] [--max-tokens 128]
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.summarize import write_beside
 
 PROMPTS = [
     "The capital of France is",
@@ -122,10 +124,10 @@ def main() -> None:
         result["tandem"]["tokens_per_s"] / result["hf_transformers"]["tokens_per_s"], 3
     )
     print(json.dumps(result, indent=2))
-    out = Path(__file__).parent / "results" / f"cpu-offline-{args.date}.json"
+    out = Path(__file__).parent / "results" / "raw" / f"cpu-offline-{args.date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {out} and its summary {write_beside(out)}")
 
 
 def _model_dir() -> str:

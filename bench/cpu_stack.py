@@ -1,7 +1,9 @@
 """CPU: streamed tokens/s of the whole stack (gateway -> router -> prefill -> decode, real
 processes, openai client, 16 concurrent streams) next to LLM.generate on the same prompts.
 
-    python bench/cpu_stack.py --out bench/results/cpu-stack-2026-11-22.json
+    python -m bench.cpu_stack --out bench/results/raw/cpu-stack-2026-11-22.json
+
+(written into a raw/ folder, the summary goes one folder up: bench.summarize)
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+from bench.summarize import write_beside
 
 NUM_REQUESTS, MAX_TOKENS = 16, 64
 
@@ -116,6 +121,7 @@ def main() -> None:
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
+    write_beside(Path(args.out))
     print(json.dumps({"ratio_stack_to_offline": result["ratio_stack_to_offline"]}))
 
 

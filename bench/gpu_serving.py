@@ -1,15 +1,16 @@
 """GPU serving benchmarks through the real stack (gateway -> router -> workers), one device call.
 
-    PYTHONPATH=. python bench/gpu_serving.py w1 --out $OUT --peers .carry/hf_peers.py \
+    python -m bench.gpu_serving w1 --out $OUT/raw --peers .carry/hf_peers.py \
         --ceilings .carry/gpu_ceilings.py --tokenizer-from .carry/smollm2-tokenizer
-    PYTHONPATH=. python bench/gpu_serving.py w2 --out $OUT --rates 2,8,16,32 ...
+    python -m bench.gpu_serving w2 --out $OUT/raw --rates 2,8,16,32 ...
 
 w1: the ceilings, then `tandem serve` (aggregated) on dummy Llama-3.1-8B and `tandem bench` W1
     (512 x 512 in / 256 out, all at once, ignore EOS), then HF transformers' peers
-    (../shared/tools/hf_peers.py) in the same call.
+    (--peers: the script carried to the GPU machine) in the same call.
 w2: for each mode (aggregated, disaggregated on the one GPU), `tandem serve`, then W2 at each
     Poisson rate (1024 in / 128 out), TTFT/TPOT/ITL/E2EL percentiles and goodput.
-Each step's JSON lands in --out; a summary line per step goes to stdout.
+Each step's raw JSON lands in --out (bench.summarize makes the committed summaries); a summary
+line per step goes to stdout.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from pathlib import Path
 
 import httpx
 
+from bench.dummy_model_dir import make_dummy_model_dir
+from bench.metrics import merge_results
+from bench.processes import run_bench_processes
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from dummy_model_dir import make_dummy_model_dir  # noqa: E402
 
 # bench_clients: each client loads the tokenizer and the first runs its warm-ups before this
 CLIENT_START_S = 25.0
@@ -97,9 +100,6 @@ def bench_clients(
 ) -> dict:
     """`tandem bench` in n processes started together (bench.processes), merged
     into one result file."""
-    from bench.metrics import merge_results
-    from bench.processes import run_bench_processes
-
     results, start_at = run_bench_processes(
         url, args, num_prompts, n, seed, result.parent, result.stem, start_s, warmups
     )

@@ -1,6 +1,7 @@
-"""Print W2's table rows (docs/benchmarks.md) from bench/gpu_serving.py's w2.json.
+"""Print W2's table rows (docs/benchmarks.md) from bench/gpu_serving.py's w2.json (raw) or
+its summary (bench.summarize: the same runs under "runs", without the per-request records).
 
-python bench/w2_table.py w2.json
+python -m bench.w2_table bench/results/w2-h200-2026-12-04-s9-call6.json
 """
 
 import json
@@ -22,4 +23,5 @@ def rows(runs: list[dict]) -> list[str]:
 
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
-        print("\n".join(rows(json.load(f))))
+        data = json.load(f)
+    print("\n".join(rows(data["runs"] if isinstance(data, dict) else data)))

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from bench.gpu_engine_tools import StepTimer, profiled, sync_device
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "tandem" / "configs" / "llama-3.1-8b"
 
 
@@ -71,78 +73,10 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
-class StepTimer:
-    """Per engine.step() call: its wall time, the GPU time of the step it launched (CUDA events
-    recorded before the launch and after the sampling: the GPU stamps them when it gets
-    there, so under async scheduling this is the step's own GPU time, not the host's), and
-    the time the call spent waiting for sampled tokens (runner.collect), so host CPU work =
-    wall - wait."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.records: list[dict] = []
-        runner = engine.runner
-        launch, collect = runner.launch, runner.collect
-
-        def timed_launch(chunks, sampling, prev):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
-            start.record()
-            out = launch(chunks, sampling, prev)
-            end.record()
-            ctx = sum(r.num_computed_tokens for r, _ in chunks)
-            self._launched.append((start, end, len(chunks), sum(n for _, n in chunks), ctx))
-            return out
-
-        def timed_collect(launched):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            out = collect(launched)
-            self._wait += time.perf_counter() - t0
-            self._wait_cpu += time.thread_time() - c0
-            return out
-
-        runner.launch, runner.collect = timed_launch, timed_collect
-        self._launched: list = []
-        self._events = []
-        self._wait = 0.0
-        self._wait_cpu = 0.0  # CPU the waiting thread burns (CUDA's event wait spins)
-
-    def close(self) -> None:
-        del self.engine.runner.launch  # back to the class's methods
-        del self.engine.runner.collect
-        for rec, (start, end) in zip(self.records, self._events, strict=True):
-            end.synchronize()
-            rec["gpu_s"] = start.elapsed_time(end) / 1000
-
-    def step(self):
-        self._launched.clear()
-        self._wait = 0.0
-        self._wait_cpu = 0.0
-        t0, c0 = time.perf_counter(), time.thread_time()
-        out = self.engine.step()
-        wall = time.perf_counter() - t0
-        # the step's own CPU time, less the wait's: work the thread did (not time it lost to
-        # other processes on a shared host, which wall - wait counts)
-        cpu = time.thread_time() - c0 - self._wait_cpu
-        for start, end, batch, tokens, ctx in self._launched:
-            self.records.append(
-                {
-                    "batch": batch,
-                    "tokens": tokens,
-                    "context_tokens": ctx,
-                    "decode_only": tokens == batch,
-                    "wall_s": wall,
-                    "wait_s": self._wait,
-                    "thread_cpu_s": cpu,
-                }
-            )
-            self._events.append((start, end))
-        return out
-
-
 def run_w1(engine, args, seed: int | None = None) -> dict:
     """W1 in the engine alone. A second run on the same engine needs its own seed: the same
     prompts would come out of the prefix cache and skip the prefill."""
-    from tandem.sampling_params import SamplingParams
+    from tandem.records import SamplingParams
 
     seed = args.seed if seed is None else seed
 
@@ -203,7 +137,7 @@ def run_w1(engine, args, seed: int | None = None) -> dict:
 def steady_decode(engine, args) -> dict:
     """profile_batch requests decoding at once; per-step times with graphs (async scheduling,
     then synchronous steps), then eager (synchronous)."""
-    from tandem.sampling_params import SamplingParams
+    from tandem.records import SamplingParams
 
     vocab = engine.model_cfg.vocab_size
     n = args.profile_batch
@@ -268,113 +202,9 @@ def steady_decode(engine, args) -> dict:
     return result
 
 
-# kernel kinds, by the first pattern a kernel's name matches (cuBLAS/CUTLASS GEMM names vary
-# with the version: nvjet, sm90_xmma, cutlass, gemm)
-KERNEL_KINDS = [
-    ("attention", r"_decode_split|_decode_reduce|_prefill_kernel|attention|attn|flash|fmha"),
-    ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|matmul|sgemv|gemv|splitk|aten::(mm|addmm|bmm)$"),
-    ("rms_norm", r"rms|norm"),
-    ("rotary", r"rotary|rope"),
-    ("silu_mul", r"silu|act_and_mul|swiglu"),
-    ("kv_write", r"_write_kv|kv_write|reshape_and_cache"),
-    ("sampling", r"argmax|argmin|softmax|exponential|distribution|topk|sort|reduce_kernel"),
-    ("copy", r"memcpy|memset|copy|index|gather|scatter|cat|fill"),
-]
-
-
-def kind_of(name: str) -> str:
-    import re
-
-    low = name.lower()
-    for kind, pattern in KERNEL_KINDS:
-        if re.search(pattern, low):
-            return kind
-    return "other"
-
-
-def _device_time_us(evt) -> float:
-    for attr in ("self_device_time_total", "self_cuda_time_total"):
-        v = getattr(evt, attr, None)
-        if v:
-            return float(v)
-    return 0.0
-
-
-def summarize_profile(prof, steps: int, top: int = 12, cuda: bool = True) -> dict:
-    """GPU time per step from a torch.profiler run of `steps` steps: totals by kernel kind and
-    the top kernels by time (names cut to 90 characters). cuda=False (a CPU run): the aten
-    ops' self CPU time instead."""
-    kernels = []
-    for evt in prof.key_averages():
-        if cuda:
-            us = _device_time_us(evt)
-            on_device = "cuda" in str(getattr(evt, "device_type", "")).lower()
-        else:
-            us, on_device = float(evt.self_cpu_time_total), evt.key.startswith("aten::")
-        if us > 0 and on_device:
-            kernels.append((evt.key, us, evt.count))
-    total = sum(us for _, us, _ in kernels)
-    by_kind: dict[str, float] = {}
-    for name, us, _ in kernels:
-        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + us
-    kernels.sort(key=lambda k: -k[1])
-    # the host's side: CPU time per step by op or runtime call (cudaGraphLaunch, the copies'
-    # cudaMemcpyAsync, kernel launches), self time, so nested ops are not counted twice
-    host = sorted(
-        ((e.key, float(e.self_cpu_time_total), e.count) for e in prof.key_averages()),
-        key=lambda k: -k[1],
-    )
-    return {
-        "host_self_ms_per_step_top": [
-            {
-                "name": name[:60],
-                "ms_per_step": round(us / steps / 1e3, 4),
-                "calls_per_step": c / steps,
-            }
-            for name, us, c in host[:top]
-            if us > 0
-        ],
-        "steps": steps,
-        "gpu_ms_per_step": total / steps / 1e3,
-        "by_kind_ms_per_step": {
-            k: round(v / steps / 1e3, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])
-        },
-        "top_kernels": [
-            {
-                "name": name[:90],
-                "kind": kind_of(name),
-                "ms_per_step": round(us / steps / 1e3, 4),
-                "calls_per_step": count / steps,
-                "share": round(us / total, 4) if total else 0.0,
-            }
-            for name, us, count in kernels[:top]
-        ],
-    }
-
-
-def _sync(engine) -> None:
-    if engine.runner.device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _profiled(engine, steps: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = engine.runner.device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    if cuda:
-        torch.cuda.synchronize()
-    with profile(activities=acts) as prof:
-        for _ in range(steps):
-            engine.step()
-        if cuda:
-            torch.cuda.synchronize()
-    return summarize_profile(prof, steps, cuda=cuda)
-
-
 def _decode_batch(engine, n: int, input_len: int, tag: str) -> None:
     """n requests of input_len random tokens, stepped until every one is decoding."""
-    from tandem.sampling_params import SamplingParams
+    from tandem.records import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
     for i, p in enumerate(prompts(n, input_len, engine.model_cfg.vocab_size, 11)):
@@ -390,17 +220,17 @@ def kernel_profile(engine, args) -> dict:
     """Where a step's GPU time goes: decode at each --kernel-profile-batches size (graphs,
     then eager) and one prefill step of max_num_batched_tokens prompt tokens
     (max_num_batched_tokens / input_len fresh prompts)."""
-    from tandem.sampling_params import SamplingParams
+    from tandem.records import SamplingParams
 
     result = {"context_tokens": args.input_len, "decode": {}}
     graphs = engine.runner.graphs
     for n in args.kernel_profile_batches:
         _decode_batch(engine, n, args.input_len, "kprof")
-        one = {"graphs": _profiled(engine, 5)}
+        one = {"graphs": profiled(engine, 5)}
         engine.runner.graphs = None
         engine.async_scheduling = False
         engine.step()  # drains the step in flight
-        one["eager"] = _profiled(engine, 5)
+        one["eager"] = profiled(engine, 5)
         engine.runner.graphs = graphs
         engine.async_scheduling = engine.runner.device.type == "cuda"
         result["decode"][str(n)] = one
@@ -412,7 +242,7 @@ def kernel_profile(engine, args) -> dict:
     small = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     for i, p in enumerate(prompts(k, args.input_len, engine.model_cfg.vocab_size, 12)):
         engine.add_request(f"kpre-{i}", p, small)
-    result["prefill"] = _profiled(engine, 1)
+    result["prefill"] = profiled(engine, 1)
     result["prefill"]["prompt_tokens"] = k * args.input_len
     while engine.has_unfinished():
         engine.step()
@@ -424,7 +254,7 @@ def mixed_profile(engine, args, n: int, k: int) -> dict:
     """One mixed step, synchronous: n requests decoding plus k fresh prompts filling the rest
     of the token budget; the decode rows through the decode kernel (split) and, for the
     comparison, every row through one prefill-kernel call."""
-    from tandem.sampling_params import SamplingParams
+    from tandem.records import SamplingParams
 
     vocab = engine.model_cfg.vocab_size
     _decode_batch(engine, n, args.input_len, "kmix")
@@ -433,25 +263,25 @@ def mixed_profile(engine, args, n: int, k: int) -> dict:
     small = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     out = {"decode_rows": n, "new_prompts": k}
     for split in (True, False):
-        engine.runner.split_mixed_attention = split
+        engine.runner.inputs.split_mixed_attention = split
         tag = f"kmix-new-{int(split)}"
         for i, p in enumerate(prompts(k, args.input_len, vocab, 13 + split)):
             engine.add_request(f"{tag}-{i}", p, small)
-        _sync(engine)
+        sync_device(engine)
         t0 = time.perf_counter()
         engine.step()
-        _sync(engine)
+        sync_device(engine)
         wall = time.perf_counter() - t0
         for i in range(k):
             engine.abort(f"{tag}-{i}")
         for i, p in enumerate(prompts(k, args.input_len, vocab, 23 + split)):
             engine.add_request(f"{tag}-p-{i}", p, small)
-        prof = _profiled(engine, 1)
+        prof = profiled(engine, 1)
         prof["step_wall_ms_unprofiled"] = wall * 1e3
         out["split" if split else "one_prefill_call"] = prof
         for i in range(k):
             engine.abort(f"{tag}-p-{i}")
-    engine.runner.split_mixed_attention = True
+    engine.runner.inputs.split_mixed_attention = True
     engine.async_scheduling = engine.runner.device.type == "cuda"
     for i in range(n):
         engine.abort(f"kmix-{i}")
@@ -530,9 +360,9 @@ def main() -> None:
         if args.w1_unsplit:  # W1 with every mixed step's rows in one prefill call, then
             # split again: new prompts each time (no prefix-cache hits), and a split run on
             # either side of the unsplit one for the spread
-            engine.runner.split_mixed_attention = False
+            engine.runner.inputs.split_mixed_attention = False
             out["w1_engine_unsplit"] = run_w1(engine, args, args.seed + 1)
-            engine.runner.split_mixed_attention = True
+            engine.runner.inputs.split_mixed_attention = True
             print("UNSPLIT", json.dumps(out["w1_engine_unsplit"]), flush=True)
             out["w1_engine_split_again"] = run_w1(engine, args, args.seed + 2)
             print("SPLIT2", json.dumps(out["w1_engine_split_again"]), flush=True)

@@ -1,6 +1,6 @@
 """tandem: an LLM inference server. The offline API is `from tandem import LLM, SamplingParams`."""
 
-from tandem.sampling_params import SamplingParams
+from tandem.records import SamplingParams
 
 __version__ = "0.1.0"
 

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
+from tandem.block_tables import BlockTables
 from tandem.host_inputs import HostInputs
 from tandem.models.attention_metadata import AttentionMetadata
 from tandem.scheduler import ScheduledChunk
-
-if TYPE_CHECKING:
-    from tandem.runner import ModelRunner
+from tandem.tp.group import TPGroup
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +40,25 @@ class DecodeGraphs:
     width (max_model_len / block_size), so the decode kernel's grid is fixed per graph.
     """
 
-    def __init__(self, runner: ModelRunner, sizes: list[int]) -> None:
-        self.runner = runner
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        tables: BlockTables,
+        block_size: int,
+        max_blocks_per_seq: int,
+        tp: TPGroup,
+        device: torch.device,
+        sizes: list[int],
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.tables = tables  # the requests' block-table rows (the runner's, shared)
+        self.block_size = block_size
+        self.tp = tp
         self.sizes = sizes
         self.max_batch_size = sizes[-1]
-        dev, nb = runner.device, runner.max_blocks_per_seq
+        dev, nb = device, max_blocks_per_seq
         mb = self.max_batch_size
         # int64 inputs as the rows of one buffer, so a step stages them with one copy:
         # input ids, positions, KV slots, and (async scheduling) the rows whose input token is
@@ -82,8 +95,8 @@ class DecodeGraphs:
             "event=cuda_graphs_captured sizes=%d max_batch=%d tp_rank=%d/%d seconds=%.1f",
             len(sizes),
             mb,
-            runner.tp.rank,
-            runner.tp.size,
+            tp.rank,
+            tp.size,
             time.perf_counter() - t0,
         )
 
@@ -98,8 +111,7 @@ class DecodeGraphs:
         )
 
     def _forward(self, b: int) -> torch.Tensor:
-        r = self.runner
-        return r.model(self.input_ids[:b], self.positions[:b], self._meta(b), r.kv_caches)
+        return self.model(self.input_ids[:b], self.positions[:b], self._meta(b), self.kv_caches)
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -114,7 +126,7 @@ class DecodeGraphs:
         # tensor parallel: the captured forward includes the NCCL all-reduces (capturable since
         # NCCL 2.9.6; c10d keeps captured work out of its watchdog), and thread_local capture
         # keeps CUDA calls of other threads (c10d's watchdog, gRPC's) from breaking it
-        mode = "thread_local" if self.runner.tp.size > 1 else "global"
+        mode = "thread_local" if self.tp.size > 1 else "global"
         for b in reversed(self.sizes):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool, capture_error_mode=mode):
@@ -126,9 +138,6 @@ class DecodeGraphs:
         self._turn ^= 1
         self._host64, self._host32 = self._staging[self._turn]
 
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        return self.replay(*self.stage(chunks, None))
-
     def stage(
         self, chunks: list[ScheduledChunk], prev_tokens: torch.Tensor | None
     ) -> tuple[int, int, int]:
@@ -137,13 +146,13 @@ class DecodeGraphs:
         scheduling: it is row req.pending_row of prev_tokens, the previous step's sampled
         tokens) gets it there, by a gather on the device after the copies."""
         self._next_staging()
-        r = self.runner
-        bs = r.block_size
+        tables = self.tables
+        bs = self.block_size
         n = len(chunks)
         h64 = self._host64.numpy()
         # one pass over the batch, into plain lists (element stores into numpy arrays cost
         # more than the rest of the loop)
-        slot = r._slot
+        slot = tables.slot
         slots, starts, ids, dst, src = [], [], [], [], []
         width = 1
         for i, (req, _) in enumerate(chunks):
@@ -160,7 +169,9 @@ class DecodeGraphs:
             if len(req.block_table) > width:
                 width = len(req.block_table)
         pos = np.asarray(starts, dtype=np.int64)
-        rows = r._tables[np.asarray(slots), :width]  # [n, width]: only the columns in use
+        # after the loop: slot() may have grown (replaced) the array; read in place, not
+        # through a method (a call per step)
+        rows = tables._tables[np.asarray(slots), :width]  # [n, width]: only the columns in use
         h64[0, :n] = ids
         h64[1, :n] = pos
         h64[2, :n] = rows[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
@@ -180,7 +191,8 @@ class DecodeGraphs:
         return staged
 
     def run_host(self, host: HostInputs) -> torch.Tensor:
-        """run() from prepared host inputs (tensor parallel: every rank, the same inputs)."""
+        """stage() and replay() from prepared host inputs (tensor parallel: every rank, the
+        same inputs)."""
         self._next_staging()
         n = len(host.seq_lens)
         h64 = self._host64.numpy()

@@ -31,53 +31,21 @@ from __future__ import annotations
 
 import atexit
 import logging
-import time
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
 from tandem.block_manager import BlockManager
 from tandem.config import EngineConfig, ModelConfig
-from tandem.loader import read_hf_config, resolve_model_dir
-from tandem.request import Logprob, Request, RequestStatus, finish_reason
+from tandem.engine_records import EngineFullError, EngineStats, HandoffTarget, StepOutput
+from tandem.loader import read_hf_config
+from tandem.loader.default_model import resolve_model_dir
+from tandem.records import Logprob, SamplingParams
+from tandem.request import Request, RequestStatus, finish_reason
 from tandem.runner import Launched, ModelRunner
-from tandem.sampling_params import SamplingParams
 from tandem.scheduler import Scheduler
 from tandem.tp.group import check_tensor_parallel
 
 log = logging.getLogger(__name__)
-
-
-class StepOutput(NamedTuple):
-    req_id: str
-    new_token_ids: list[int]
-    new_logprobs: list[Logprob | None]
-    finish_reason: str | None  # None while running; "stop" | "length" | "abort"
-    num_cached_tokens: int
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_reserved: int
-    num_held: int
-    num_free_blocks: int
-    num_total_blocks: int
-    num_cached_blocks: int
-    prefix_cache_queries: int  # tokens
-    prefix_cache_hits: int  # tokens
-    num_preemptions: int
-
-
-class EngineFullError(RuntimeError):
-    """The waiting queue is at its bound (max_num_waiting): refused, nothing was added."""
-
-
-class HandoffTarget(NamedTuple):
-    block_ids: list[int]
-    num_cached_tokens: int  # block-aligned prefix already in this pool (not to be sent)
 
 
 class LLMEngine:
@@ -164,7 +132,6 @@ class LLMEngine:
             params=params,
             eos_token_ids=self.eos_token_ids,
             max_total_tokens=self.max_model_len,
-            arrival_time=time.monotonic(),
         )
         self.requests[req_id] = req
         if params.needs_penalties or params.logprobs is not None:
@@ -247,7 +214,7 @@ class LLMEngine:
     @property
     def kv_transfer_shape(self) -> tuple[int, ...]:
         """The pool's shape with every KV head (what crosses the wire at any TP size)."""
-        return self.runner.kv_transfer_shape
+        return self.runner.kv_copy.transfer_shape
 
     def held_block_ids(self, req_id: str, first_block: int = 0) -> list[int] | None:
         """Prefill side: the request's block ids from first_block (held after it finished, so
@@ -264,14 +231,14 @@ class LLMEngine:
         if req is None:
             return None
         try:
-            return self.runner.gather_kv(req.block_table[first_block:])
+            return self.runner.kv_copy.gather(req.block_table[first_block:])
         finally:
             self.release(req_id)
 
     def write_kv(self, block_ids: list[int], layer_start: int, layer_end: int, kv) -> None:
         """Decode side: store kv (every KV head, [layer_end - layer_start, 2, len(block_ids),
         ...]) into block_ids; each tensor-parallel rank keeps its own heads."""
-        self.runner.scatter_kv(block_ids, layer_start, layer_end, kv)
+        self.runner.kv_copy.scatter(block_ids, layer_start, layer_end, kv)
 
     # -- prefix-cache events (the router's prefix index) ----------------------------------------
     def enable_kv_events(self) -> None:
@@ -397,7 +364,7 @@ class LLMEngine:
         self.scheduler.finish(req, status, free_blocks=not defer)
         if defer:  # the step in flight still writes its KV: free after it is processed
             self._deferred_free.append(req)
-        self.runner.forget(req.req_id)
+        self.runner.tables.forget(req.req_id)
         self._sync_reqs.discard(req.req_id)
         if not req.hold_blocks:
             self._drop(req.req_id)
@@ -421,8 +388,6 @@ class LLMEngine:
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
-            num_reserved=sum(r.status == RequestStatus.RESERVED for r in self.requests.values()),
-            num_held=sum(r.hold_blocks and r.status.finished for r in self.requests.values()),
             num_free_blocks=bm.num_free_blocks,
             num_total_blocks=bm.num_blocks,
             num_cached_blocks=bm.num_cached_blocks,

@@ -8,8 +8,7 @@ from typing import Any
 
 from tandem.config import EngineConfig
 from tandem.engine import LLMEngine
-from tandem.request import Logprob
-from tandem.sampling_params import SamplingParams
+from tandem.records import Logprob, SamplingParams
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from tandem.sampling_params import SamplingParams
+from tandem.records import Logprob, SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -37,13 +37,6 @@ def finish_reason(status: RequestStatus) -> str | None:
     return _FINISH_REASON.get(status)
 
 
-@dataclass(slots=True)
-class Logprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the top-k (token_id, logprob), best first
-
-
 @dataclass(slots=True, eq=False)  # identity: queues look requests up by object
 class Request:
     req_id: str
@@ -51,7 +44,6 @@ class Request:
     params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     max_total_tokens: int = 0  # prompt + output cap (max_model_len)
-    arrival_time: float = 0.0
     status: RequestStatus = RequestStatus.WAITING
     # all tokens so far: prompt, then outputs; KV exists for the first num_computed_tokens
     token_ids: list[int] = field(default_factory=list)

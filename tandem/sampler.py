@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from tandem.request import Logprob, Request
+from tandem.records import Logprob
+from tandem.request import Request
 
 _SEED_STRIDE = 1_000_003
 

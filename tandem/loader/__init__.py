@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from tandem.config import ModelConfig
-from tandem.loader.default_model import resolve_model_dir
 from tandem.loader.weights import iter_dummy_weights, iter_safetensors, load_weights
 from tandem.models import get_model_class
 from tandem.tp.group import TPGroup
@@ -61,4 +60,4 @@ def load_model(
     return model
 
 
-__all__ = ["load_model", "read_hf_config", "resolve_model_dir"]
+__all__ = ["load_model", "read_hf_config"]

@@ -4,8 +4,5 @@ group.py     the ranks' process groups and the collectives the model calls
 sharding.py  which slice of each checkpoint tensor a rank holds
 step_sync.py rank 0 -> other ranks: each step's inputs (tensors over torch.distributed)
 launch.py    rank 0 starts ranks 1..N-1 as child processes; worker.py is their main loop
+kv_copy.py   the KV handoff's gather and scatter over the ranks' KV heads
 """
-
-from tandem.tp.group import TPGroup, check_tensor_parallel
-
-__all__ = ["TPGroup", "check_tensor_parallel"]

@@ -31,10 +31,6 @@ class TPGroup:
     device_group: Any = None  # torch ProcessGroup (NCCL on CUDA, gloo on CPU)
     cpu_group: Any = None  # gloo ProcessGroup for host-side traffic
 
-    @property
-    def is_driver(self) -> bool:
-        return self.rank == 0
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place (the row-parallel projections' partial sums)."""
         if self.size > 1:

@@ -10,7 +10,7 @@ Per message, three broadcasts (never pickle):
 kind STOP ends the other ranks' loop (the header alone is sent). The KV handoff's commands
 (KV_GATHER: header [kind, n blocks], then the block ids; KV_SCATTER: header [kind, n blocks,
 layer_start, layer_end], then the block ids) are followed by the KV itself on the device group
-(ModelRunner.gather_kv / scatter_kv).
+(tp/kv_copy.py).
 """
 
 from __future__ import annotations

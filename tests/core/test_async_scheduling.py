@@ -162,6 +162,6 @@ def test_more_requests_than_the_first_block_table_rows(corpus_ids):
     llm = _llm(num_blocks=256, async_scheduling=True)
     want = _tokens(_llm(num_blocks=256, async_scheduling=False), prompts, params)
     assert _tokens(llm, prompts, params) == want
-    runner = llm.engine.runner
+    runner = llm.engine.runner.tables  # the runner's block-table rows
     assert len(runner._tables) >= 100 and not runner._slot_of
     _all_free(llm)

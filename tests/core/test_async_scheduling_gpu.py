@@ -10,8 +10,8 @@ import torch
 
 from tandem.config import EngineConfig
 from tandem.engine import LLMEngine
+from tandem.records import SamplingParams
 from tandem.runner import ModelRunner
-from tandem.sampling_params import SamplingParams
 
 pytestmark = [
     pytest.mark.gpu,

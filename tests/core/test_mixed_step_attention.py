@@ -16,10 +16,13 @@ import torch
 from core_helpers import engine_generate, greedy, make_request, save_tiny_model
 
 from tandem import LLM
+from tandem.block_tables import TABLE_WIDTH_ALIGN
 from tandem.config import EngineConfig
 from tandem.engine import LLMEngine
-from tandem.runner import TABLE_WIDTH_ALIGN, ModelRunner
+from tandem.runner import ModelRunner
 from tandem.scheduler import ScheduledChunk
+from tandem.step_inputs import StepInputs
+from tandem.warmup import warm_up_kernels
 
 CONFIG = Path(__file__).resolve().parents[2] / "tandem" / "configs" / "llama-3.1-8b"
 
@@ -52,7 +55,7 @@ def _prompt(n: int, seed: int, vocab: int) -> list[int]:
 def _mixed_hidden(runner: ModelRunner, bm, vocab: int, split: bool) -> tuple[torch.Tensor, list]:
     """One mixed batch, decode rows first: four requests adding their last prompt token over a
     computed context, a fresh prompt, and a prompt continuing after a computed first chunk."""
-    runner.split_mixed_attention = split
+    runner.inputs.split_mixed_attention = split
     decoding = [make_request(f"d{i}", _prompt(n, i, vocab)) for i, n in enumerate((20, 33, 7, 50))]
     fresh = make_request("fresh", _prompt(23, 10, vocab))
     cont = make_request("cont", _prompt(41, 11, vocab))
@@ -64,7 +67,7 @@ def _mixed_hidden(runner: ModelRunner, bm, vocab: int, split: bool) -> tuple[tor
             warm.append(ScheduledChunk(cont, 16))
             for req, n in warm:
                 bm.allocate(req, n)
-            ids, pos, meta, _ = runner.prepare(warm)
+            ids, pos, meta, _ = runner.inputs.prepare(warm)
             runner.model(ids, pos, meta, runner.kv_caches)
             for req, n in warm:
                 req.num_computed_tokens += n
@@ -72,7 +75,7 @@ def _mixed_hidden(runner: ModelRunner, bm, vocab: int, split: bool) -> tuple[tor
             mixed += [ScheduledChunk(fresh, fresh.num_tokens), ScheduledChunk(cont, 25)]
             for req, n in mixed:  # d1's 33rd token starts a new block
                 bm.allocate(req, n)
-            ids, pos, meta, _ = runner.prepare(mixed)
+            ids, pos, meta, _ = runner.inputs.prepare(mixed)
             assert meta.num_decode_rows == (len(decoding) if split else 0)
             _check_alignment(meta)
             hidden, calls = _forward_counting_decode_calls(
@@ -82,7 +85,7 @@ def _mixed_hidden(runner: ModelRunner, bm, vocab: int, split: bool) -> tuple[tor
     finally:
         for r in reqs:
             bm.free(r)
-            runner.forget(r.req_id)
+            runner.tables.forget(r.req_id)
 
 
 def _check_alignment(meta) -> None:
@@ -120,7 +123,8 @@ def test_warm_up_runs_every_path_and_writes_no_kv(tmp_path):
 
     runner.model.forward = watched
     try:
-        runner._warm_up_kernels(2048, 256)
+        # max_len 2048: the block tables' full width in tokens (256 blocks of 8)
+        warm_up_kernels(runner.model, runner.inputs, runner.kv_caches, 2048, 2048, 256)
     finally:
         del runner.model.forward
     assert shapes == [(16, 0, False), (1040, 0, False), (18, 2, False), (1, 0, True)] + [
@@ -132,7 +136,7 @@ def test_warm_up_runs_every_path_and_writes_no_kv(tmp_path):
 def _check_split_equals_unsplit(runner, bm, vocab, atol: float) -> None:
     ref, ref_calls = _mixed_hidden(runner, bm, vocab, split=False)
     got, calls = _mixed_hidden(runner, bm, vocab, split=True)
-    runner.split_mixed_attention = True
+    runner.inputs.split_mixed_attention = True
     assert ref_calls == [] and calls and set(calls) == {4}  # every layer, the 4 decode rows
     assert got.shape == ref.shape == (4 + 23 + 25, ref.shape[1])
     torch.testing.assert_close(got, ref, atol=atol, rtol=atol)
@@ -182,25 +186,25 @@ def test_decodes_come_first_in_a_mixed_step(tiny_llm, monkeypatch):
     while not held.status.finished:
         eng.step()
     first = held.token_ids[-1]
-    kv = eng.runner.gather_kv(list(held.block_table))
+    kv = eng.runner.kv_copy.gather(list(held.block_table))
     eng.release("pre")
     eng.block_manager.reset_prefix_cache()
     eng.add_request("long", long_prompt, params)
     eng.step()  # the long prompt's first chunk (48 of its 150 tokens)
     target = eng.reserve("short", short_prompt, params)
     assert target is not None and target.num_cached_tokens == 0
-    eng.runner.scatter_kv(target.block_ids, 0, kv.shape[0], kv)
+    eng.runner.kv_copy.scatter(target.block_ids, 0, kv.shape[0], kv)
     assert eng.commit("short", first) is None
 
     steps: list[tuple[list[int], int]] = []
-    device_inputs = ModelRunner._device_inputs
+    device_inputs = StepInputs.device_inputs
 
     def watched(self, host):
         ids, pos, meta = device_inputs(self, host)
         steps.append((np.diff(host.query_start_loc).tolist(), meta.num_decode_rows))
         return ids, pos, meta
 
-    monkeypatch.setattr(ModelRunner, "_device_inputs", watched)
+    monkeypatch.setattr(StepInputs, "device_inputs", watched)
     out: dict[str, list[int]] = {"long": [], "short": [first]}
     while eng.has_unfinished():
         for o in eng.step():

@@ -57,7 +57,7 @@ def _tandem_logits(llm: LLM, ids: list[int], chunk_lens: list[int]) -> torch.Ten
     try:
         for n in chunk_lens:
             bm.allocate(req, n)
-            ids_t, pos, meta, _ = runner.prepare([ScheduledChunk(req, n)])
+            ids_t, pos, meta, _ = runner.inputs.prepare([ScheduledChunk(req, n)])
             with torch.inference_mode():
                 hidden = runner.model(ids_t, pos, meta, runner.kv_caches)
                 out.append(runner.model.compute_logits(hidden))

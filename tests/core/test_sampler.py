@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tandem.records import SamplingParams
 from tandem.request import Request
 from tandem.sampler import sample
-from tandem.sampling_params import SamplingParams
 
 V = 50
 EOS = 7

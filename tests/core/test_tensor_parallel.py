@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from tandem import LLM
 from tandem.config import ModelConfig
 from tandem.loader import load_model, read_hf_config
-from tandem.tp import TPGroup
+from tandem.tp.group import TPGroup
 from tandem_kernels.registry import get_ops
 
 pytestmark = pytest.mark.timeout(300)

@@ -1,0 +1,100 @@
+"""The records the router shares with the core, once: sampling settings, a token's logprobs,
+a request's token usage.
+
+Torch-free and grpc-free: the router (which never imports torch) and the router client import
+this module as the core does. Their wire forms (tandem.v1.SamplingParams, TokenLogprob, Usage)
+are converted at the servicers (worker/convert.py, router/convert.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import InitVar, dataclass, field
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings, mirroring vLLM's SamplingParams (the names users know)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: no top-k (the sampler applies only k > 0)
+    min_p: float = 0.0
+    seed: int | None = None  # per-request seed: same output whatever the batch
+    presence_penalty: float = 0.0  # OpenAI semantics, on generated tokens
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # HF/CTRL semantics, on prompt and generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # stop strings (offline API / router)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    max_tokens: int | None = 16  # None: up to max_model_len (the router fills it in)
+    logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token + top-k
+    skip_special_tokens: bool = True
+    # False: the values are taken as given, unchecked. Only for a caller that refuses
+    # out-of-range values itself before anything reads them: the router, which answers
+    # with the public API's messages and param names, in its own order (router/validate.py).
+    check: InitVar[bool] = True
+
+    def __post_init__(self, check: bool) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not check:
+            return
+        checks = [
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k == -1 or self.top_k >= 0, "top_k", "must be -1 (off) or >= 0"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
+            (
+                self.max_tokens is None or self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                "must be <= max_tokens",
+            ),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs", "must be >= 0"),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0
+            or self.frequency_penalty != 0
+            or self.repetition_penalty != 1.0
+        )
+
+
+@dataclass(slots=True)
+class Logprob:
+    """One output token's logprob entry: sampled by a worker, streamed by the router."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the top-k (token_id, logprob), best first
+
+
+@dataclass(slots=True)
+class Usage:
+    """A request's token counts (OpenAI's usage), for all its choices."""
+
+    prompt_tokens: int  # once per request, whatever n
+    completion_tokens: int  # summed over the choices
+    cached_tokens: int = 0  # prompt tokens served from a prefix cache (the first choice's)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens

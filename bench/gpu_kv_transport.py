@@ -20,6 +20,7 @@ On a machine without CUDA, (a) runs the shm transport on a small CPU geometry an
 skipped: that checks the script, not the numbers. The JSON is rewritten after every step,
 so a run cut short keeps what it measured.
 """
+# ruff: noqa: E402 (imports after the sys.path lines)
 
 from __future__ import annotations
 
@@ -33,24 +34,23 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import torch
+from google.protobuf import json_format
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from kvtransfer.base import KVDest, plan_slices  # noqa: E402
-from kvtransfer.direct_receiver import SameHostKVTransferServicer  # noqa: E402
-from kvtransfer.direct_transport import (  # noqa: E402
-    DirectKVSender,
-    SlabWriter,
-    pool_from_proto,
-    pool_to_proto,
-)
-from kvtransfer.grpc_transport import CHANNEL_OPTIONS, CHUNK_BYTES, GrpcKVSender  # noqa: E402
-from kvtransfer.ledger import HandoffLedger  # noqa: E402
-from kvtransfer.pool import ShmPoolFile, export_cuda_pool, gpu_uuid, host_id  # noqa: E402
-from kvtransfer.select import Endpoint  # noqa: E402
+from kvtransfer.base import DecodeKV, Endpoint, KVDest, KVSource
+from kvtransfer.channel import CHANNEL_OPTIONS, Channels
+from kvtransfer.direct_transport import SLAB_BYTES, SlabWriter, plan_layer_slabs, slab_bytes_for
+from kvtransfer.ledger import HandoffLedger
+from kvtransfer.pool import ShmPoolFile, export_cuda_pool, gpu_uuid, host_id, map_shm_pool
+from kvtransfer.receiver import KVTransferServicer
+from kvtransfer.registry import RECEIVERS, SENDERS
+from kvtransfer.wire import pool_from_proto, pool_to_proto
+from protos import worker_pb2, worker_pb2_grpc
 
 SEED = 1234
 POISON = -3.0
@@ -81,29 +81,28 @@ def sync(device: torch.device) -> None:
 # -- (a) the sender child ---------------------------------------------------------------------
 async def sender_main(spec: dict) -> None:
     """Child: reads one JSON command per line, runs the handoff, answers its wall time."""
-    from google.protobuf import json_format
-
-    from protos import worker_pb2
-
     g = spec["geometry"]
     device = torch.device(spec["device"])
     cache = source_cache(g, spec["num_blocks"], device)
     sync(device)
     export = pool_from_proto(json_format.Parse(spec["pool"], worker_pb2.KVPoolExport()))
-    channels = GrpcKVSender(timeout_s=120)
-    direct = DirectKVSender(channels, Endpoint(host_id(), gpu_uuid(device)))
+    channels = Channels(timeout_s=120)
+    here = Endpoint(host_id(), gpu_uuid(device))
+    offered = (export.transport, "grpc")
+    senders = {name: SENDERS[name](channels, here) for name in offered}
     loop = asyncio.get_running_loop()
     print(json.dumps({"ready": True}), flush=True)
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         cmd = json.loads(line)
-        dest = KVDest(cmd["handoff_id"], spec["address"], tuple(cmd["dest"]), 0, "bench")
+        dest = KVDest(
+            cmd["handoff_id"], spec["address"], tuple(cmd["dest"]), 0, "", offered, export
+        )
+        source = KVSource(cache, cmd["src"], release=lambda: asyncio.sleep(0))  # held blocks
         t0 = time.perf_counter()
-        if cmd["transport"] == "grpc":
-            slices = plan_slices(cache, cmd["src"], 0, CHUNK_BYTES)  # what the servicer does
-            await channels.send(dest, slices, 1, None)
-        else:
-            await direct.send(dest, export, cache, cmd["src"], 1, None)
+        await senders[cmd["transport"]].send(dest, source, 1, None)
         print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+    for sender in senders.values():
+        await sender.close()
     await channels.close()
 
 
@@ -125,7 +124,6 @@ def time_copy(device: torch.device, nbytes: int, reps: int = 20) -> float:
 def time_local_ref(src, pool, src_ids, dst_ids, reps: int = 10) -> float:
     """The torch gather/scatter (kernels/kv_block_copy.py, 128 MiB slabs) within this
     process: the CPU path, and what the GPU path ran before the Triton block copy."""
-    from kvtransfer.direct_transport import SLAB_BYTES, plan_layer_slabs
     from tandem_kernels.kv_block_copy import copy_kv_blocks_ref
 
     s_ids = torch.tensor(src_ids, dtype=torch.long, device=src.device)
@@ -144,8 +142,6 @@ def time_local_ref(src, pool, src_ids, dst_ids, reps: int = 10) -> float:
 
 def time_local_scatter(src, pool, src_ids, dst_ids, reps: int = 10) -> float:
     """The transport's own copy (SlabWriter, same slabs), within this process."""
-    from kvtransfer.direct_transport import plan_layer_slabs, slab_bytes_for
-
     stream = torch.cuda.Stream(src.device) if src.device.type == "cuda" else None
     writer = SlabWriter(src, pool, src_ids, dst_ids, stream)
     slabs = plan_layer_slabs(src, len(src_ids), slab_bytes_for(pool.device))
@@ -159,11 +155,6 @@ def time_local_scatter(src, pool, src_ids, dst_ids, reps: int = 10) -> float:
 
 
 async def bandwidth(a, device: torch.device, result: dict, save) -> None:
-    import grpc
-    from google.protobuf import json_format
-
-    from protos import worker_pb2_grpc
-
     cuda = device.type == "cuda"
     g = geometry(cuda)
     lengths = [int(x) for x in a.lengths.split(",")] if cuda else [256, 1024]
@@ -176,16 +167,15 @@ async def bandwidth(a, device: torch.device, result: dict, save) -> None:
         pool = torch.zeros(cache_shape(g, num_blocks), dtype=dtype, device=device)
         export = export_cuda_pool(pool)
     else:
-        from kvtransfer.pool import map_shm_pool
-
         shm = ShmPoolFile()
         pool = map_shm_pool(shm.path, cache_shape(g, num_blocks), dtype)
         export = shm.export(pool)
     ledger = HandoffLedger(lease_s=300, stall_s=120)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     port = server.add_insecure_port("127.0.0.1:0")
-    servicer = SameHostKVTransferServicer(ledger, pool, [same_host, "grpc"], export)
-    worker_pb2_grpc.add_KVTransferServicer_to_server(servicer, server)
+    kv = DecodeKV(pool, tuple(pool.shape), export=export)
+    receivers = {name: RECEIVERS[name](kv) for name in (same_host, "grpc")}
+    worker_pb2_grpc.add_KVTransferServicer_to_server(KVTransferServicer(ledger, receivers), server)
     await server.start()
     spec = dict(
         geometry=g,

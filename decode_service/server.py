@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from decode_service.servicer import DecodeServicer, KVOffer
-from kvtransfer.direct_receiver import SameHostKVTransferServicer
-from kvtransfer.direct_transport import pool_to_proto
+from kvtransfer.base import DecodeKV
 from kvtransfer.ledger import DEFAULT_STALL_S, HandoffLedger
-from kvtransfer.pool import ShmPoolFile, export_cuda_pool
-from kvtransfer.select import offered_transports
+from kvtransfer.receiver import KVTransferServicer
+from kvtransfer.registry import RECEIVERS
+from kvtransfer.select import export_offer, offered_transports, pool_file_for
+from kvtransfer.wire import pool_to_proto
 from protos import worker_pb2, worker_pb2_grpc
 from rpc.tls import TLSConfig, tls_from_args
-from worker.bootstrap import (
-    WorkerParts,
-    add_engine_args,
-    engine_config_from_args,
-    run_worker,
-)
-
-log = logging.getLogger("tandem.decode")
+from worker.bootstrap import WorkerParts, run_worker
+from worker.flags import add_engine_args, engine_config_from_args
 
 SERVICES = [
     worker_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
@@ -44,31 +38,18 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 async def _register(args, server, engine, address, offered, shm) -> WorkerParts:
     ledger = HandoffLedger(args.kv_lease_seconds, args.kv_stall_seconds)
     core = engine.engine
-    kv_cache = core.kv_cache
-    export = None
-    if shm is not None:
-        export = shm.export(kv_cache)
-    elif "cuda_ipc" in offered:
-        try:
-            export = export_cuda_pool(kv_cache)
-        except RuntimeError as e:  # e.g. an allocator whose memory CUDA IPC cannot share
-            if args.kv_transport != "auto":
-                raise SystemExit(f"tandem decode: cannot export the KV pool: {e}") from e
-            log.warning("event=kv_pool_not_exported transport=cuda_ipc error=%s", e)
-            offered = [t for t in offered if t != "cuda_ipc"]
+    try:  # the pool shared with same-host senders, if one is offered
+        offered, export = export_offer(args.kv_transport, offered, core.kv_cache, shm)
+    except ValueError as e:
+        raise SystemExit(f"tandem decode: {e}") from e
     offer = KVOffer(offered, pool_to_proto(export) if export else None)
     servicer = DecodeServicer(engine, ledger, address, offer)
     worker_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
-    tp_write = None
-    if core.cfg.tensor_parallel_size > 1:  # the scatter to every rank runs between steps
-        tp_write = engine.write_kv
-
-    worker_pb2_grpc.add_KVTransferServicer_to_server(
-        SameHostKVTransferServicer(
-            ledger, kv_cache, offered, export, core.kv_transfer_shape, tp_write
-        ),
-        server,
-    )
+    # at TP > 1 received KV is scattered over every rank by the engine, between steps
+    tp_write = engine.write_kv if core.cfg.tensor_parallel_size > 1 else None
+    kv = DecodeKV(core.kv_cache, core.kv_transfer_shape, tp_write, export)
+    receivers = {name: RECEIVERS[name](kv) for name in offered}
+    worker_pb2_grpc.add_KVTransferServicer_to_server(KVTransferServicer(ledger, receivers), server)
 
     async def close() -> None:
         return None
@@ -90,7 +71,7 @@ def run(args: argparse.Namespace, tls: TLSConfig) -> None:
     except ValueError as e:
         raise SystemExit(f"tandem decode: {e}") from None
     # the shm pool file must exist before the engine maps its KV pool into it
-    shm = ShmPoolFile() if "shm" in offered else None
+    shm = pool_file_for(offered)
     args.kv_cache_file = shm.path if shm is not None else ""
     try:
         run_worker(args, tls, SERVICES, lambda s, e, a: _register(args, s, e, a, offered, shm))

@@ -1,5 +1,14 @@
-"""KV handoff between prefill and decode servers (only the `grpc` transport exists so far)."""
+"""KV handoff from prefill to decode servers.
 
-from kvtransfer.base import HandoffState, KVDest, KVSender, KVSlice, plan_slices
+One interface for every transport (kvtransfer/base.py): a prefill server's `KVSender.send(dest,
+source, first token)` moves a request's KV into the blocks a decode server reserved, and
+returns once that server completed the handoff; the decode server's one KVTransfer.Transfer
+service (kvtransfer/receiver.py) drives its `HandoffLedger` (kvtransfer/ledger.py: reserved ->
+receiving -> complete | failed | reclaimed, with a lease and a stall deadline) the same way
+for every transport, a small `KVReceiver` per transport doing the rest.
 
-__all__ = ["HandoffState", "KVDest", "KVSender", "KVSlice", "plan_slices"]
+Transports, picked by name (kvtransfer/registry.py) per handoff (kvtransfer/select.py):
+    grpc      the KV's bytes in the Transfer call (any hosts, any tensor-parallel sizes)
+    shm       same host, CPU: the sender writes the decode pool's /dev/shm file itself
+    cuda_ipc  same GPU: the sender writes the decode pool through a CUDA IPC handle
+"""

@@ -1,44 +1,47 @@
-"""Same-host KV transports (`shm`, `cuda_ipc`): the sender writes the prompt's KV straight into
-the decode server's pool; only metadata rides gRPC (KVTransfer.Write).
+"""What the same-host KV transports (`shm`, `cuda_ipc`) share: the sender writes the prompt's
+KV straight into the decode server's pool; only metadata rides the Transfer call.
 
-One code path for both; they differ only in how the pool is opened (kvtransfer/pool.py).
-This module is the sender (and the protobuf form of a pool); kvtransfer/direct_receiver.py
-the decode server's side of KVTransfer.Write.
-A handoff's KV is written in slabs (a layer range over all its blocks), each one gather from
-the sender's cache and scatter into the receiver's reserved block ids:
+They differ only in how the pool is reached and opened (kvtransfer/shm_transport.py,
+kvtransfer/cuda_ipc_transport.py). The sender reads the KV from its own held blocks (no
+copy) and writes it in slabs (a layer range over all the handoff's blocks), each one gather
+from the sender's cache and scatter into the receiver's reserved block ids:
 
     dst[l0:l1, :, dst_block_ids] = src[l0:l1, :, src_block_ids]
 
-Why the control stream (KVTransfer.Write): the receiver may free its reserved blocks only
-when no write can land in them. The sender writes only after the receiver's grant, and says
-`done` once every slab is written (on the GPU: after its side stream synchronized); between
-the two a write may be in flight (`Handoff.store` pending), at any other time none is. A
-handoff that ends meanwhile (abort, lease) gets an immediate stop; the sender finishes its
-current slab, ends its stream, and only then does the store resolve. A sender that is
-cancelled mid-slab still finishes that slab before its call ends; one that dies ends the
-call by dying. Two round trips per handoff, whatever the number of slabs. The one case this
-cannot cover: a sender frozen mid-slab (SIGSTOP) past the stall deadline and then resumed can
-land that one slab after the blocks were freed.
+Why the control stream: the receiver may free its reserved blocks only when no write can
+land in them. The sender writes only after the receiver's grant, and says `done` once every
+slab is written (on the GPU: after its side stream synchronized); between the two a write
+may be in flight (`Handoff.store` pending), at any other time none is. A handoff that ends
+meanwhile (abort, lease) gets an immediate stop; the sender finishes its current slab, ends
+its stream, and only then does the store resolve. A sender that is cancelled mid-slab still
+finishes that slab before its call ends; one that dies ends the call by dying. Two round
+trips per handoff, whatever the number of slabs. The one case this cannot cover: a sender
+frozen mid-slab (SIGSTOP) past the stall deadline and then resumed can land that one slab
+after the blocks were freed.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 
 import grpc
 import torch
 
-from kvtransfer import faults
-from kvtransfer.base import KVDest
-from kvtransfer.grpc_transport import HANDOFF_ID_KEY, GrpcKVSender, HandoffRefused, dtype_name
-from kvtransfer.ledger import HandoffFailed
-from kvtransfer.pool import CudaIpcFields, PoolExport, open_pool
-from kvtransfer.select import Endpoint
+from kvtransfer.base import (
+    Endpoint,
+    HandoffFailed,
+    KVDest,
+    KVReceiver,
+    KVSender,
+    KVSource,
+)
+from kvtransfer.channel import TransferCall
+from kvtransfer.pool import PoolExport
 from protos import worker_pb2
-from tandem.request import Logprob
+from tandem.records import Logprob
 from tandem_kernels.kv_block_copy import copy_kv_blocks_ref
-from worker.convert import logprob_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -53,46 +56,12 @@ def slab_bytes_for(device: torch.device, slab_bytes: int = SLAB_BYTES) -> int:
     return max(slab_bytes, GPU_SLAB_BYTES) if device.type == "cuda" else slab_bytes
 
 
-# -- protobuf <-> PoolExport -------------------------------------------------------------------
-def pool_to_proto(p: PoolExport) -> worker_pb2.KVPoolExport:
-    msg = worker_pb2.KVPoolExport(
-        transport=p.transport,
-        pool_id=p.pool_id,
-        host_id=p.host_id,
-        shape=list(p.shape),
-        dtype=dtype_name(p.dtype),
-        shm_path=p.shm_path,
-        gpu_uuid=p.gpu_uuid,
-    )
-    if p.cuda is not None:
-        msg.cuda.CopyFrom(worker_pb2.CudaIpcHandle(**p.cuda._asdict()))
-    return msg
-
-
-def pool_from_proto(msg: worker_pb2.KVPoolExport) -> PoolExport:
-    dtype = getattr(torch, msg.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"KVPoolExport.dtype {msg.dtype!r} is not a torch dtype")
-    if len(msg.shape) != 6 or min(msg.shape) < 1:
-        raise ValueError(f"KVPoolExport.shape {list(msg.shape)} is not a KV pool shape")
-    cuda = None
-    if msg.HasField("cuda"):
-        cuda = CudaIpcFields(*(getattr(msg.cuda, f) for f in CudaIpcFields._fields))
-    return PoolExport(
-        msg.transport,
-        msg.pool_id,
-        msg.host_id,
-        tuple(msg.shape),
-        dtype,
-        msg.shm_path,
-        msg.gpu_uuid,
-        cuda,
-    )
-
-
 # -- the copy ---------------------------------------------------------------------------------
 def plan_layer_slabs(kv_cache: torch.Tensor, num_blocks: int, max_bytes: int) -> list[range]:
-    """Layer ranges whose KV over num_blocks blocks stays within max_bytes (>= 1 layer each)."""
+    """Layer ranges whose KV over num_blocks blocks stays within max_bytes (>= 1 layer each);
+    none for no blocks."""
+    if num_blocks == 0:
+        return []
     per_layer = kv_cache[0, :, 0].numel() * kv_cache.element_size() * num_blocks
     step = max(1, max_bytes // max(1, per_layer))
     n = kv_cache.shape[0]
@@ -150,26 +119,46 @@ async def _run_to_end(fut: asyncio.Future) -> None:
 
 
 # -- sender -----------------------------------------------------------------------------------
-class DirectKVSender:
+class DirectSender(KVSender):
     """Prefill side: opens each decode server's pool once (cached by address and pool id;
     dropped when the server goes away or shows a new pool) and writes handoffs into it."""
 
-    def __init__(
-        self, channels: GrpcKVSender, here: Endpoint, slab_bytes: int = SLAB_BYTES
-    ) -> None:
-        self.channels = channels
-        self.here = here
+    holds_blocks = True  # written from the engine's blocks, held until the push ended
+
+    def __init__(self, channels, here: Endpoint, slab_bytes: int = SLAB_BYTES) -> None:
+        super().__init__(channels, here)
         self.slab_bytes = slab_bytes
         self._pools: dict[str, tuple[str, torch.Tensor]] = {}  # address -> (pool_id, pool)
         self._watchers: dict[str, asyncio.Task] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    @classmethod
+    def unreachable(cls, here: Endpoint, pool: PoolExport | None) -> str:
+        if pool is None or pool.transport != cls.name:
+            return f"the decode server exports no {cls.name} pool"
+        if pool.host_id != here.host_id:
+            return "the decode server is on another host (or IPC namespace)"
+        return cls.unreachable_on_host(here, pool)
+
+    @classmethod
+    def unreachable_on_host(cls, here: Endpoint, pool: PoolExport) -> str:
+        """Why not, though both are on one host ("" when the pool can be written)."""
+        return ""
+
+    @staticmethod
+    @abc.abstractmethod
+    def open_pool(export: PoolExport) -> torch.Tensor:
+        """The exported pool as a tensor of this process (once per export)."""
+
+    async def connect(self, dest: KVDest, like: torch.Tensor) -> None:
+        check_pool_layout(like, self.pool(dest.address, dest.pool))
 
     def pool(self, address: str, export: PoolExport) -> torch.Tensor:
         cached = self._pools.get(address)
         if cached is not None and cached[0] == export.pool_id:
             return cached[1]
         self.drop(address)  # a new pool at that address: the old server is gone
-        t = open_pool(export)
+        t = self.open_pool(export)
         if tuple(t.shape) != export.shape:
             raise HandoffFailed(f"opened pool {tuple(t.shape)} is not the exported {export.shape}")
         self._pools[address] = (export.pool_id, t)
@@ -210,81 +199,60 @@ class DirectKVSender:
         return self._streams[device]
 
     async def send(
-        self,
-        dest: KVDest,
-        export: PoolExport,
-        src: torch.Tensor,
-        src_block_ids: list[int],
-        first_token_id: int,
-        first_logprob: Logprob | None,
+        self, dest: KVDest, source: KVSource, first_token_id: int, first_logprob: Logprob | None
     ) -> None:
-        """Write src's blocks src_block_ids into dest.block_ids[dest.first_block:] of the
-        decode pool; returns once the receiver has completed the handoff."""
+        src, src_block_ids = source.cache, source.block_ids
         dst_block_ids = list(dest.block_ids[dest.first_block :])
         if len(dst_block_ids) != len(src_block_ids):
             raise HandoffFailed(f"{len(src_block_ids)} blocks for {len(dst_block_ids)} targets")
+        if dest.pool is None:
+            raise HandoffFailed(f"the decode server exports no {self.name} pool")
         try:
-            dst = self.pool(dest.address, export)
+            dst = self.pool(dest.address, dest.pool)
         except (OSError, RuntimeError, ValueError) as e:
-            raise HandoffFailed(
-                f"cannot open the decode server's {export.transport} pool: {e}"
-            ) from e
+            raise HandoffFailed(f"cannot open the decode server's {self.name} pool: {e}") from e
         check_pool_layout(src, dst)
         if dst_block_ids and not 0 <= min(dst_block_ids) <= max(dst_block_ids) < dst.shape[2]:
             raise HandoffFailed("target block ids are outside the decode pool")
         writer = SlabWriter(src, dst, src_block_ids, dst_block_ids, self._stream(dst.device))
-        slab_bytes = slab_bytes_for(dst.device, self.slab_bytes)
-        slabs = plan_layer_slabs(src, len(src_block_ids), slab_bytes)
-        hid = dest.handoff_id
-        call = self.channels.stub(dest.address).Write(
-            timeout=self.channels.timeout_s, metadata=((HANDOFF_ID_KEY, hid),)
+        slabs = plan_layer_slabs(
+            src, len(src_block_ids), slab_bytes_for(dst.device, self.slab_bytes)
         )
-        answer = None
+        loop = asyncio.get_running_loop()
         try:
-            begin = worker_pb2.KVWriteBegin(
-                transport=export.transport, pool_id=export.pool_id, num_slabs=len(slabs)
-            )
-            await call.write(worker_pb2.KVWriteMessage(handoff_id=hid, begin=begin))
-            await _granted(call.read())
-            answer = asyncio.ensure_future(call.read())  # a stop can come at any time
-            loop = asyncio.get_running_loop()
-            for i, layers in enumerate(slabs):
-                if answer.done():
-                    break  # stopped: write nothing more
-                await _run_to_end(loop.run_in_executor(None, writer.write, layers))
-                await call.write(worker_pb2.KVWriteMessage(handoff_id=hid, written_slab=i))
-            if not answer.done():
-                if faults.stalls_kv_push(dest.req_id):  # test-only: every slab, no done
-                    await faults.stall_forever(hid)
-                done = worker_pb2.KVWriteDone(first_token_id=first_token_id)
-                lp = logprob_to_proto(first_logprob)
-                if lp is not None:
-                    done.first_token_logprob.CopyFrom(lp)
-                await call.write(worker_pb2.KVWriteMessage(handoff_id=hid, done=done))
-            await call.done_writing()  # no write of ours is in flight any more
-            await _granted(answer)
+            async with TransferCall(self.channels, dest) as call:
+                await call.begin(self.name, len(slabs), dest.pool.pool_id)
+                for i, layers in enumerate(slabs):
+                    if call.stopped:
+                        break  # write nothing more
+                    await _run_to_end(loop.run_in_executor(None, writer.write, layers))
+                    await call.send(worker_pb2.KVTransferMessage(written_slab=i))
+                # done unless stopped; our stream ends: no write of ours is in flight any more
+                await call.finish(first_token_id, first_logprob)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 self.drop(dest.address)  # the server is gone: let its pool go
             raise
-        except asyncio.InvalidStateError:  # a write after the receiver ended the call
-            if answer is not None and answer.done() and not answer.cancelled():
-                await _granted(answer)  # its answer says why
-            raise HandoffRefused("the decode server ended the KV write") from None
-        finally:
-            if answer is not None and not answer.done():
-                answer.cancel()
-            call.cancel()  # no-op once finished; if we were cancelled, the receiver sees it
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for address in list(self._pools):
             self.drop(address)
 
 
-async def _granted(read) -> None:
-    """The receiver's answer (a pending call.read()) must be ok."""
-    reply = await read
-    if reply is grpc.aio.EOF:
-        raise HandoffRefused("the decode server ended the KV write without an answer")
-    if not reply.ok:
-        raise HandoffRefused(f"decode server refused the KV: {reply.error}")
+# -- receiver ---------------------------------------------------------------------------------
+class DirectReceiver(KVReceiver):
+    """Decode side: the sender writes the blocks; each message says one more slab is written."""
+
+    progress = "written_slab"
+    sender_writes = True
+
+    def check_begin(self, begin: worker_pb2.KVBegin) -> None:
+        export = self.kv.export
+        if export is None or export.transport != self.name:
+            raise HandoffFailed(f"transport {begin.transport!r} is not offered here")
+        if begin.pool_id != export.pool_id:
+            raise HandoffFailed("the sender opened another pool (a previous server's)")
+
+    async def receive(self, block_ids: list[int], slab: int, written_slab: int) -> None:
+        if written_slab != slab:
+            raise HandoffFailed(f"expected slab {slab} written, got {written_slab}")

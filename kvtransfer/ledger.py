@@ -2,14 +2,14 @@ r"""Handoff ledger: one entry per KV handoff, explicit states, deadlines, idempo
 
 Both ends of a handoff keep one (same id: the decode server's KVTarget.handoff_id):
 
-    decode (receiver)  open at reserve: RESERVED --first chunk--> RECEIVING --last--> COMPLETE
+    decode (receiver)  open at reserve: RESERVED --begin--> RECEIVING --done--> COMPLETE
     prefill (sender)   open at Prefill:  RESERVED --push starts--> RECEIVING --pushed--> COMPLETE
                               \_____________________|
-                               +--abort / deadline / bad chunk / peer gone--> RECLAIMED | FAILED
+                               +--abort / deadline / bad slab / peer gone--> RECLAIMED | FAILED
 
 Deadlines: RESERVED lasts at most the lease (the decode side cannot know how long the prompt
 waits and computes on the prefill server); RECEIVING must see progress every `stall_s` (each
-chunk extends it), so a stalled stream fails long before the lease. `wait` is what the decode
+slab extends it), so a stalled transfer fails long before the lease. `wait` is what the decode
 Generate stream awaits; a terminal state other than COMPLETE makes it raise, and the stream's
 cleanup frees the blocks (through the engine's idempotent abort). `fail` / `abort_request`
 are idempotent and may come from any side (router Abort, sender error, receiver error,
@@ -23,14 +23,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from kvtransfer.base import HandoffState
-from tandem.request import Logprob
+from kvtransfer.base import HandoffFailed, HandoffState
+from tandem.records import Logprob
 
-DEFAULT_STALL_S = 5.0  # longest gap between two chunks of one KV stream
-
-
-class HandoffFailed(RuntimeError):
-    pass
+DEFAULT_STALL_S = 5.0  # longest gap between two messages of one KV transfer
 
 
 @dataclass
@@ -46,10 +42,10 @@ class Handoff:
     error: str = ""
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None  # cancelled when the handoff ends early (sender's push)
-    # receiver: done once no write into block_ids can be in flight: the grpc transport's chunk
-    # store on a worker thread (a cancelled coroutine does not stop it), or a same-host
-    # sender's granted slab (kvtransfer/direct_transport.py); whoever frees the blocks awaits
-    # it first (settle)
+    # receiver: done once no write into block_ids can be in flight: set from the grant until
+    # the transfer call is over and its last store ended (a grpc chunk stored on a worker
+    # thread runs on when its coroutine is cancelled; a same-host sender writes until its
+    # stream ended: kvtransfer/direct_transport.py); whoever frees the blocks awaits it first
     store: asyncio.Future | None = None
 
 
@@ -90,7 +86,7 @@ class HandoffLedger:
         return h
 
     def receiving(self, h: Handoff) -> None:
-        """Progress: the stream is alive; the next chunk is due within stall_s."""
+        """Progress: the transfer is alive; the next message is due within stall_s."""
         if not h.state.terminal:
             h.state = HandoffState.RECEIVING
             h.deadline = time.monotonic() + self.stall_s
@@ -148,7 +144,7 @@ class HandoffLedger:
         return h
 
     async def settle(self, h: Handoff) -> None:
-        """Until no chunk write into h's blocks is in flight (call before freeing them)."""
+        """Until no write into h's blocks is in flight (call before freeing them)."""
         store = h.store
         if store is not None and not store.done():
             await asyncio.wait([store])

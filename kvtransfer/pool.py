@@ -8,8 +8,9 @@ Two ways to share it, both exported once per decode process and opened once per 
     cuda_ipc  the pool's CUDA storage, through torch's storage IPC handle
               (UntypedStorage._share_cuda_ -> fields of KVPoolExport.cuda -> _new_shared_cuda)
 
-`PoolExport` is the transport-neutral description (what KVTarget.pool carries); the protobuf
-conversion lives in kvtransfer/direct_transport.py, at the service boundary.
+`PoolExport` is the transport-neutral description (what KVTarget.pool carries); its protobuf
+form is kvtransfer/wire.py's. Which sender opens which pool: kvtransfer/shm_transport.py and
+kvtransfer/cuda_ipc_transport.py.
 """
 
 from __future__ import annotations
@@ -190,14 +191,3 @@ def open_cuda_pool(export: PoolExport) -> torch.Tensor:
     t = torch.empty(0, dtype=export.dtype, device=device)
     t.set_(storage, 0, export.shape)  # contiguous strides
     return t
-
-
-def open_pool(export: PoolExport) -> torch.Tensor:
-    """Sender side: map / open the exported pool (once per export; callers cache it)."""
-    if export.transport == "shm":
-        if not os.path.exists(export.shm_path):
-            raise FileNotFoundError(f"pool file {export.shm_path} is not visible here")
-        return map_shm_pool(export.shm_path, export.shape, export.dtype)
-    if export.transport == "cuda_ipc":
-        return open_cuda_pool(export)
-    raise ValueError(f"no pool to open for transport {export.transport!r}")

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from kvtransfer.grpc_transport import GrpcKVSender
-from kvtransfer.select import offered_transports
+from kvtransfer.channel import Channels
+from kvtransfer.select import KVSenders, offered_transports
 from prefill_service.servicer import PrefillServicer
 from protos import worker_pb2, worker_pb2_grpc
 from rpc.tls import TLSConfig, tls_from_args
-from worker.bootstrap import (
-    WorkerParts,
-    add_engine_args,
-    engine_config_from_args,
-    run_worker,
-)
+from worker.bootstrap import WorkerParts, run_worker
+from worker.flags import add_engine_args, engine_config_from_args
 
 SERVICES = [worker_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name]
 
@@ -25,8 +21,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 
 async def _register(args, tls, server, engine, address) -> WorkerParts:
-    sender = GrpcKVSender(args.kv_push_timeout, tls)  # tls: this server's files, as a client
-    servicer = PrefillServicer(engine, sender, args.kv_transport)
+    core = engine.engine  # its KV pool: what the senders read and check decode pools against
+    channels = Channels(args.kv_push_timeout, tls)  # tls: this server's files, as a client
+    senders = KVSenders(core.kv_cache, args.kv_transport, core.cfg.tensor_parallel_size, channels)
+    servicer = PrefillServicer(engine, senders)
     worker_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
     return WorkerParts(
         role=worker_pb2.WORKER_ROLE_PREFILL,

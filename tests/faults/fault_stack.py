@@ -1,6 +1,8 @@
 """Real processes on 127.0.0.1 that tests can hurt: prefill and decode servers (static
 addresses), a router and a gateway, each logging to its own file. A worker can be killed
 (any signal) and restarted on the same port; the router's health polling takes it back.
+With `stall_kv_req_id` the prefill servers run tests/faults/stalling_prefill.py: the KV push
+of that worker req_id stalls before its last message.
 
 Engine flags are the CI ones: SmolLM2 on CPU, 512 blocks, 256-token steps.
 """
@@ -27,6 +29,7 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 NUM_BLOCKS = 512
 ENGINE_FLAGS = ["--num-blocks", str(NUM_BLOCKS), "--max-num-batched-tokens", "256"]
 START_TIMEOUT_S = 240  # model load on a busy 2-core CI machine
+STALLING_PREFILL = Path(__file__).resolve().parent / "stalling_prefill.py"
 
 
 def free_port() -> int:
@@ -45,6 +48,7 @@ class FaultStack:
         worker_env: dict[str, str] | None = None,
         router_flags: tuple[str, ...] = (),
         worker_flags: dict[str, tuple[str, ...]] | None = None,  # role -> extra flags
+        stall_kv_req_id: str = "",  # this worker req_id's KV push stalls before `done`
     ) -> None:
         self.model_dir = model_dir
         self.worker_flags = worker_flags or {}
@@ -53,6 +57,10 @@ class FaultStack:
         self.procs: dict[str, subprocess.Popen] = {}  # address (or name) -> process
         self.cmds: dict[str, list[str]] = {}
         self._py = [sys.executable, "-m", "tandem_cli.main"]
+        self._prefill = [*self._py, "prefill"]
+        if stall_kv_req_id:
+            self._prefill = [sys.executable, str(STALLING_PREFILL), "--stall-kv-req-id"]
+            self._prefill.append(stall_kv_req_id)
         self.prefill = [f"127.0.0.1:{free_port()}" for _ in range(num_prefill)]
         self.decode = [f"127.0.0.1:{free_port()}" for _ in range(num_decode)]
         try:
@@ -86,7 +94,8 @@ class FaultStack:
 
     def _spawn_worker(self, role: str, address: str, flags: tuple[str, ...] = ()) -> None:
         port = address.rsplit(":", 1)[1]
-        cmd = [*self._py, role, "--port", port, "--model", str(self.model_dir), *ENGINE_FLAGS]
+        start = self._prefill if role == "prefill" else [*self._py, role]
+        cmd = [*start, "--port", port, "--model", str(self.model_dir), *ENGINE_FLAGS]
         cmd += flags
         self._spawn(address, cmd, self.worker_env)
 

@@ -37,7 +37,7 @@ def stack(tmp_path_factory):
         tmp_path_factory.mktemp("fault_logs"),
         num_prefill=2,
         num_decode=2,
-        worker_env={"TANDEM_FAULT_KV_STALL_REQ_ID": f"{STALL_REQUEST_ID}-0"},
+        stall_kv_req_id=f"{STALL_REQUEST_ID}-0",
     )
     yield s
     s.stop()

@@ -3,8 +3,8 @@ one decode server; SmolLM2 on CPU): with the default `--kv-transport auto` the t
 of this host hand KV over through the decode server's /dev/shm pool file, as both servers'
 Stats and the decode server's Prometheus counter say; the greedy output equals the same
 request over grpc (the prefill server restarted with `--kv-transport grpc`); a Router.Abort
-while the shm handoff is under way (every slab written, the done message held back by the
-test-only stall hook) leaves every block free on both servers."""
+while the shm handoff is under way (every slab written, the done message held back by
+tests/faults/stalling_prefill.py) leaves every block free on both servers."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def stack(tmp_path_factory):
         tmp_path_factory.mktemp("kv_transport_logs"),
         num_prefill=1,
         num_decode=1,
-        worker_env={"TANDEM_FAULT_KV_STALL_REQ_ID": f"{STALL_REQUEST_ID}-0"},
+        stall_kv_req_id=f"{STALL_REQUEST_ID}-0",
         # no decode-side prefix cache: every run hands over the whole prompt
         worker_flags={
             "decode": ("--no-enable-prefix-caching", "--metrics-port", str(metrics_port))

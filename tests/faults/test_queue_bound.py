@@ -1,7 +1,8 @@
-"""A worker's waiting queue is bounded: past it the Decode servicer answers
-RESOURCE_EXHAUSTED (the router then tries another server or refuses with a retryable status,
-429 at the gateway) and the requests it did admit still finish, leaving no block behind.
-In-process grpc.aio server on 127.0.0.1, real SmolLM2 engine."""
+"""A worker's waiting queue is bounded: past it the Decode servicer refuses with
+RESOURCE_EXHAUSTED (an error event on the session; the router then tries another server or
+refuses with a retryable status, 429 at the gateway) and the requests it did admit still
+finish, leaving no block behind. In-process grpc.aio server on 127.0.0.1, real SmolLM2
+engine."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import asyncio
 import grpc
 
 from decode_service.servicer import DecodeServicer
-from kvtransfer.grpc_transport import CHANNEL_OPTIONS
+from kvtransfer.channel import CHANNEL_OPTIONS
 from kvtransfer.ledger import HandoffLedger
 from protos import common_pb2, worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine
@@ -44,37 +45,58 @@ def test_full_waiting_queue_is_refused_with_resource_exhausted():
                 async def stats():
                     return await stub.Stats(worker_pb2.StatsRequest(), timeout=5)
 
-                def generate(i: int, max_tokens: int = 4):
+                up: asyncio.Queue = asyncio.Queue()  # the session's requests
+                events: dict[str, list] = {}  # req_id -> its events
+
+                async def requests():
+                    while (msg := await up.get()) is not None:
+                        yield msg
+
+                async def read(call) -> None:
+                    async for msg in call:
+                        for ev in msg.events:
+                            events.setdefault(ev.req_id, []).append(ev)
+
+                reader = asyncio.create_task(read(stub.Session(requests(), timeout=120)))
+
+                def generate(i: int, max_tokens: int = 4) -> None:
                     sampling = common_pb2.SamplingParams(
                         temperature=0, max_tokens=max_tokens, ignore_eos=True
                     )
                     prompt = list(range(1000 + i, 1200 + i))  # 200 tokens: 7 steps of 32
-                    return stub.Generate(
-                        worker_pb2.DecodeRequest(
-                            req_id=f"q{i}",
-                            prompt_token_ids=prompt,
-                            sampling=sampling,
-                            prefill_locally=True,
-                        ),
-                        timeout=120,
+                    request = worker_pb2.DecodeRequest(
+                        req_id=f"q{i}",
+                        prompt_token_ids=prompt,
+                        sampling=sampling,
+                        prefill_locally=True,
+                    )
+                    up.put_nowait(worker_pb2.SessionRequest(generate=request))
+
+                def tokens(req_id: str) -> int:
+                    return sum(len(ev.tokens.token_ids) for ev in events.get(req_id, []))
+
+                async def all_ended() -> bool:
+                    last = [events.get(f"q{i}", [None])[-1] for i in range(3)]
+                    return all(
+                        ev is not None
+                        and (ev.WhichOneof("event") == "error" or ev.tokens.finish_reason)
+                        for ev in last
                     )
 
-                async def tokens(call) -> int:
-                    return sum([len(ev.tokens.token_ids) async for ev in call])
-
                 # long enough that it still runs while the next two arrive
-                running = asyncio.create_task(tokens(generate(0, max_tokens=64)))
+                generate(0, max_tokens=64)
                 await _until(lambda: _is(stats, running=1))
-                waiting = asyncio.create_task(tokens(generate(1)))
+                generate(1)
                 await _until(lambda: _is(stats, running=1, waiting=1))
-                refused = generate(2)
-                try:
-                    await tokens(refused)
-                    raise AssertionError("the third request was admitted")
-                except grpc.aio.AioRpcError as e:
-                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
-                    assert "queue full" in e.details()
-                assert await running == 64 and await waiting == 4
+                generate(2)
+                await _until(all_ended, timeout=120)
+                (refused,) = events["q2"]
+                assert refused.WhichOneof("event") == "error", "the third request was admitted"
+                assert refused.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+                assert "queue full" in refused.error.message
+                assert tokens("q0") == 64 and tokens("q1") == 4
+                up.put_nowait(None)  # half-close: the session ends, nothing is left on it
+                await reader
                 s = await stats()
                 assert s.num_free_blocks == s.num_total_blocks and s.num_waiting == 0
         finally:

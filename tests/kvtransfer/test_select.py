@@ -1,12 +1,16 @@
-"""Which KV transport a handoff takes: the decode server's offer against the sender's place."""
+"""Which KV transport a handoff takes: the decode server's offer against the sender's place,
+and how the prefill server's senders pick and read per handoff."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 import torch
 
+from kvtransfer.base import Endpoint, KVDest
 from kvtransfer.pool import PoolExport, host_id
-from kvtransfer.select import Endpoint, choose_transport, offered_transports, reachable
+from kvtransfer.select import KVSenders, choose_transport, offered_transports, reachable
 
 HOST, OTHER_HOST = "boot-a/ipc:[1]", "boot-b/ipc:[1]"
 GPU0, GPU1 = "GPU-0000", "GPU-1111"
@@ -127,8 +131,8 @@ def test_a_worker_refuses_to_start_with_a_transport_its_device_cannot_serve(role
 
 def test_pool_export_round_trips_through_protobuf():
     """Every CUDA IPC field travels as itself (bytes, integers, a bool), in torch's order."""
-    from kvtransfer.direct_transport import pool_from_proto, pool_to_proto
     from kvtransfer.pool import CudaIpcFields
+    from kvtransfer.wire import pool_from_proto, pool_to_proto
 
     cuda = CudaIpcFields(b"\x01" * 64, 4096, 512, b"/torch_123_456", 7, b"\x02" * 64, True)
     export = PoolExport("cuda_ipc", "p", HOST, SHAPE, torch.bfloat16, gpu_uuid=GPU0, cuda=cuda)
@@ -137,3 +141,87 @@ def test_pool_export_round_trips_through_protobuf():
     assert pool_from_proto(msg) == export
     shm = PoolExport("shm", "q", HOST, SHAPE, torch.float32, shm_path="/dev/shm/tandem-kv-q")
     assert pool_from_proto(pool_to_proto(shm)) == shm
+
+
+def _dest(transports, pool=None) -> KVDest:
+    return KVDest("h#0", "127.0.0.1:1", (0, 1), 0, "r", tuple(transports), pool)
+
+
+def test_senders_pick_grpc_only_at_tensor_parallel_size_above_one():
+    senders = KVSenders(torch.zeros(SHAPE), tensor_parallel_size=2)
+    here_pool = PoolExport("shm", "p", host_id(), SHAPE, torch.float32, "/nowhere")
+
+    async def main():
+        picked = await senders.pick(_dest(["shm", "grpc"], here_pool))
+        with pytest.raises(ValueError, match="only be sent over grpc"):
+            await senders.pick(_dest(["shm"], here_pool))
+        await senders.close()
+        return picked.name
+
+    assert asyncio.run(main()) == "grpc"
+
+
+def test_senders_fall_back_to_grpc_when_auto_cannot_open_the_pool(caplog):
+    """The pool is offered and reachable on paper, but its file is not visible here."""
+    missing = PoolExport("shm", "p", host_id(), SHAPE, torch.float32, "/dev/shm/tandem-kv-none")
+
+    async def main(flag, offered):
+        senders = KVSenders(torch.zeros(SHAPE), flag)
+        try:
+            return [(await senders.pick(_dest(offered, missing))).name for _ in range(2)]
+        finally:
+            await senders.close()
+
+    assert asyncio.run(main("auto", ["shm", "grpc"])) == ["grpc", "grpc"]
+    assert caplog.text.count("event=kv_pool_unopenable") == 1  # once per pool
+    with pytest.raises(ValueError, match="cannot open the decode server's shm pool"):
+        asyncio.run(main("shm", ["shm", "grpc"]))
+    with pytest.raises(ValueError, match="cannot open the decode server's shm pool"):
+        asyncio.run(main("auto", ["shm"]))
+
+
+def test_senders_read_held_blocks_or_a_copy_as_the_transport_needs():
+    """shm reads the engine's held blocks (released after the push); grpc a copy (the
+    engine released the blocks already)."""
+    cache = torch.arange(2 * 2 * 8 * 16 * 1 * 4, dtype=torch.float32).view(SHAPE)
+    calls = []
+
+    class Engine:
+        async def held_block_ids(self, req_id, first_block=0):
+            calls.append(("held", req_id, first_block))
+            return [5, 2, 7][first_block:]
+
+        async def copy_kv_and_release(self, req_id, first_block=0):
+            calls.append(("copy", req_id, first_block))
+            return cache[:, :, [2, 7]].clone()
+
+        async def release(self, req_id):
+            calls.append(("release", req_id))
+
+    async def main():
+        senders = KVSenders(cache)
+        held = await senders.read(senders.senders["shm"], Engine(), "r", 1)
+        copy = await senders.read(senders.senders["grpc"], Engine(), "r", 1)
+        await held.release()
+        await copy.release()
+        await senders.close()
+        return held, copy
+
+    held, copy = asyncio.run(main())
+    assert held.cache is cache and held.block_ids == [2, 7]
+    assert copy.block_ids == [0, 1] and torch.equal(copy.cache, cache[:, :, [2, 7]])
+    assert calls == [("held", "r", 1), ("copy", "r", 1), ("release", "r")]
+
+
+def test_kv_chunks_round_trip_through_protobuf():
+    from kvtransfer.wire import chunk_from_proto, chunk_to_proto
+
+    t = torch.randn(2, 2, 3, 16, 1, 4).to(torch.bfloat16)
+    msg = chunk_to_proto(0, 2, 5, t)
+    assert (msg.dtype, list(msg.shape), msg.block_offset, msg.num_blocks) == (
+        "bfloat16", [2, 2, 3, 16, 1, 4], 5, 3,
+    )  # fmt: skip
+    assert torch.equal(chunk_from_proto(msg).view(torch.uint8), t.view(torch.uint8))
+    msg.data = msg.data[:-2]
+    with pytest.raises(ValueError, match="is not"):
+        chunk_from_proto(msg)

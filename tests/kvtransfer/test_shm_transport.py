@@ -1,7 +1,8 @@
-"""The shm KV transport on its own: a decode-side pool in a /dev/shm file behind the real
-KVTransfer.Write servicer (grpc.aio on 127.0.0.1), written by the real sender, in this process
-(a second mapping of the file) and from a child process. The pool is poisoned first, so an
-element the sender should have written and did not still holds the poison."""
+"""The KV transports on their own: a decode-side pool in a /dev/shm file behind the real
+KVTransfer.Transfer servicer (grpc.aio on 127.0.0.1), written by the real senders (shm: in
+this process, a second mapping of the file, and from a child process; grpc: chunks the
+receiver stores). The pool is poisoned first, so an element the sender should have written
+and did not still holds the poison."""
 
 from __future__ import annotations
 
@@ -18,16 +19,17 @@ import grpc
 import pytest
 import torch
 
-from kvtransfer.base import HandoffState, KVDest
-from kvtransfer.direct_receiver import SameHostKVTransferServicer
-from kvtransfer.direct_transport import DirectKVSender
-from kvtransfer.grpc_transport import (
-    CHANNEL_OPTIONS,
-    HANDOFF_ID_KEY,
-    GrpcKVSender,
+from kvtransfer.base import (
+    DecodeKV,
+    Endpoint,
+    HandoffFailed,
     HandoffRefused,
+    HandoffState,
+    KVDest,
+    KVSource,
 )
-from kvtransfer.ledger import HandoffFailed, HandoffLedger
+from kvtransfer.channel import CHANNEL_OPTIONS, HANDOFF_ID_KEY, Channels
+from kvtransfer.ledger import HandoffLedger
 from kvtransfer.pool import (
     ShmPoolFile,
     export_cuda_pool,
@@ -36,7 +38,8 @@ from kvtransfer.pool import (
     map_shm_pool,
     sweep_stale_pool_files,
 )
-from kvtransfer.select import Endpoint
+from kvtransfer.receiver import KVTransferServicer
+from kvtransfer.registry import RECEIVERS, SENDERS
 from protos import worker_pb2, worker_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,9 +90,9 @@ class Receiver:
     async def serving(self):
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
         port = server.add_insecure_port("127.0.0.1:0")
-        servicer = SameHostKVTransferServicer(
-            self.ledger, self.pool, [self.transport, "grpc"], self.export
-        )
+        kv = DecodeKV(self.pool, tuple(self.pool.shape), export=self.export)
+        receivers = {name: RECEIVERS[name](kv) for name in (self.transport, "grpc")}
+        servicer = KVTransferServicer(self.ledger, receivers)
         worker_pb2_grpc.add_KVTransferServicer_to_server(servicer, server)
         await server.start()
         try:
@@ -109,8 +112,23 @@ def _assert_written_exactly(pool: torch.Tensor, src: torch.Tensor) -> None:
     assert torch.equal(pool.view(torch.uint8), expected.view(torch.uint8))
 
 
+async def _noop() -> None:
+    return None
+
+
+def _dest(handoff_id: str, address: str, rx: Receiver) -> KVDest:
+    return KVDest(
+        handoff_id, address, DEST_BLOCKS, FIRST_BLOCK, "r", (rx.transport, "grpc"), rx.export
+    )
+
+
+def _sender(transport: str, timeout_s: float = 10, **kwargs):
+    return SENDERS[transport](Channels(timeout_s), Endpoint(host_id(), ""), **kwargs)
+
+
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sender_writes_exactly_the_reserved_blocks(shm_dir, dtype):
+def test_sender_writes_exactly_the_reserved_blocks(shm_dir, dtype, transport):
     rx = Receiver(shm_dir, dtype)
     src = _source(dtype)
 
@@ -118,21 +136,21 @@ def test_sender_writes_exactly_the_reserved_blocks(shm_dir, dtype):
         async with rx.serving() as address:
             h = rx.ledger.open("h#0", "r", list(DEST_BLOCKS))
             waiter = asyncio.create_task(rx.ledger.wait(h))
-            # 1 layer per slab: the lockstep runs over LAYERS slabs
+            # one layer per slab: the lockstep runs over LAYERS slabs
             per_layer = 2 * len(SRC_BLOCKS) * BLOCK_SIZE * HEADS * DIM * src.element_size()
-            sender = DirectKVSender(
-                GrpcKVSender(timeout_s=10), Endpoint(host_id(), ""), slab_bytes=per_layer
-            )
-            dest = KVDest("h#0", address, DEST_BLOCKS, FIRST_BLOCK, "r")
-            await sender.send(dest, rx.export, src, SRC_BLOCKS, 42, None)
+            kwargs = {"slab_bytes": per_layer} if transport == "shm" else {}
+            sender = _sender(transport, **kwargs)
+            await sender.send(_dest("h#0", address, rx), KVSource(src, SRC_BLOCKS, _noop), 42, None)
             done = await waiter
-            assert sender.num_open_pools == 1
+            open_pools = getattr(sender, "num_open_pools", 1)
+            await sender.close()
             await sender.channels.close()
-            return done
+            return done, open_pools
 
-    done = asyncio.run(main())
+    done, open_pools = asyncio.run(main())
     assert (done.state, done.first_token_id) == (HandoffState.COMPLETE, 42)
-    assert rx.ledger.num_completed == {"shm": 1}
+    assert open_pools == 1
+    assert rx.ledger.num_completed == {transport: 1}
     _assert_written_exactly(rx.pool, src)
 
 
@@ -140,13 +158,13 @@ SENDER_CHILD = """
 import asyncio, json, sys
 import torch
 sys.path.insert(0, sys.argv[2])
-from kvtransfer.base import KVDest
-from kvtransfer.direct_transport import DirectKVSender, pool_from_proto
-from kvtransfer.grpc_transport import GrpcKVSender
-from kvtransfer.pool import gpu_uuid, host_id
-from kvtransfer.select import Endpoint
-from protos import worker_pb2
 from google.protobuf import json_format
+from kvtransfer.base import Endpoint, KVDest, KVSource
+from kvtransfer.channel import Channels
+from kvtransfer.pool import gpu_uuid, host_id
+from kvtransfer.registry import SENDERS
+from kvtransfer.wire import pool_from_proto
+from protos import worker_pb2
 
 a = json.loads(sys.argv[1])
 export = pool_from_proto(json_format.Parse(a["pool"], worker_pb2.KVPoolExport()))
@@ -154,11 +172,18 @@ g = torch.Generator().manual_seed(a["seed"])
 device = torch.device(a["device"])
 src = torch.randn(a["src_shape"], generator=g).to(export.dtype).to(device)
 
+async def noop():
+    return None
+
 async def main():
     here = Endpoint(host_id(), gpu_uuid(device))
-    sender = DirectKVSender(GrpcKVSender(timeout_s=20), here)
-    dest = KVDest(a["handoff_id"], a["address"], tuple(a["dest"]), a["first_block"], "r")
-    await sender.send(dest, export, src, a["src_blocks"], 7, None)
+    sender = SENDERS[export.transport](Channels(20), here)
+    dest = KVDest(
+        a["handoff_id"], a["address"], tuple(a["dest"]), a["first_block"], "r",
+        (export.transport,), export,
+    )
+    await sender.send(dest, KVSource(src, a["src_blocks"], noop), 7, None)
+    await sender.close()
     await sender.channels.close()
 
 asyncio.run(main())
@@ -170,7 +195,7 @@ def _child_writes(directory: str, device: str, dtype: torch.dtype) -> None:
     """A child process, the real sender, writes one handoff into this process's pool."""
     from google.protobuf import json_format
 
-    from kvtransfer.direct_transport import pool_to_proto
+    from kvtransfer.wire import pool_to_proto
 
     rx = Receiver(directory, dtype, device)
 
@@ -215,15 +240,20 @@ def test_a_child_process_writes_through_cuda_ipc(shm_dir):
     _child_writes(shm_dir, "cuda", torch.bfloat16)
 
 
-async def _open_write(address: str, handoff_id: str):
+async def _open_transfer(address: str, handoff_id: str):
     channel = grpc.aio.insecure_channel(address)
-    call = worker_pb2_grpc.KVTransferStub(channel).Write(metadata=((HANDOFF_ID_KEY, handoff_id),))
-    return channel, call
+    stub = worker_pb2_grpc.KVTransferStub(channel)
+    return channel, stub.Transfer(metadata=((HANDOFF_ID_KEY, handoff_id),))
 
 
-def _begin(handoff_id: str, pool_id: str, num_slabs: int = 2) -> worker_pb2.KVWriteMessage:
-    begin = worker_pb2.KVWriteBegin(transport="shm", pool_id=pool_id, num_slabs=num_slabs)
-    return worker_pb2.KVWriteMessage(handoff_id=handoff_id, begin=begin)
+def _begin(
+    handoff_id: str, pool_id: str, num_slabs: int = 2, transport: str = "shm"
+) -> worker_pb2.KVTransferMessage:
+    begin = worker_pb2.KVBegin(transport=transport, pool_id=pool_id, num_slabs=num_slabs)
+    return worker_pb2.KVTransferMessage(handoff_id=handoff_id, begin=begin)
+
+
+GRANT, STOP = worker_pb2.KV_REPLY_GRANT, worker_pb2.KV_REPLY_STOP
 
 
 def test_reclaim_stops_the_sender_and_waits_for_its_stream_to_end(shm_dir):
@@ -239,16 +269,16 @@ def test_reclaim_stops_the_sender_and_waits_for_its_stream_to_end(shm_dir):
     async def main():
         async with rx.serving() as address:
             h = rx.ledger.open("g#0", "r", list(DEST_BLOCKS))
-            channel, call = await _open_write(address, "g#0")
+            channel, call = await _open_transfer(address, "g#0")
             await call.write(_begin("g#0", rx.export.pool_id, num_slabs=3))
-            assert (await call.read()).ok  # every slab granted
+            assert (await call.read()).reply == GRANT  # every slab granted
             assert h.state == HandoffState.RECEIVING
             assert [x.handoff_id for x in rx.ledger.abort_request("r")] == ["g#0"]
             stop = await call.read()
             settle = asyncio.create_task(rx.ledger.settle(h))
             await spin()
             assert not settle.done()  # a write may still be landing
-            await call.write(worker_pb2.KVWriteMessage(handoff_id="g#0", written_slab=0))
+            await call.write(worker_pb2.KVTransferMessage(handoff_id="g#0", written_slab=0))
             await spin()
             assert not settle.done()  # slab 1 may be on its way
             await call.done_writing()  # the sender stopped: nothing more can land
@@ -257,7 +287,7 @@ def test_reclaim_stops_the_sender_and_waits_for_its_stream_to_end(shm_dir):
             return h, stop
 
     h, stop = asyncio.run(main())
-    assert not stop.ok and "reclaimed" in stop.error
+    assert stop.reply == STOP and "reclaimed" in stop.error
     assert h.state == HandoffState.RECLAIMED
 
 
@@ -267,14 +297,14 @@ def test_wrong_pool_is_refused_and_fails_the_handoff(shm_dir):
     async def main():
         async with rx.serving() as address:
             h = rx.ledger.open("p#0", "r", list(DEST_BLOCKS))
-            channel, call = await _open_write(address, "p#0")
+            channel, call = await _open_transfer(address, "p#0")
             await call.write(_begin("p#0", "a-previous-servers-pool"))
             reply = await call.read()
             await channel.close()
             return h, reply
 
     h, reply = asyncio.run(main())
-    assert not reply.ok and "another pool" in reply.error
+    assert reply.reply == STOP and "another pool" in reply.error
     assert h.state == HandoffState.FAILED
 
 
@@ -282,15 +312,17 @@ SILENT_CHILD = """
 import asyncio, sys
 sys.path.insert(0, sys.argv[3])
 import grpc
-from kvtransfer.grpc_transport import HANDOFF_ID_KEY
+from kvtransfer.channel import HANDOFF_ID_KEY
 from protos import worker_pb2, worker_pb2_grpc
 
 async def main():
     channel = grpc.aio.insecure_channel(sys.argv[1])
-    call = worker_pb2_grpc.KVTransferStub(channel).Write(metadata=((HANDOFF_ID_KEY, "k#0"),))
-    begin = worker_pb2.KVWriteBegin(transport="shm", pool_id=sys.argv[2], num_slabs=3)
-    await call.write(worker_pb2.KVWriteMessage(handoff_id="k#0", begin=begin))
-    print("granted" if (await call.read()).ok else "refused", flush=True)
+    stub = worker_pb2_grpc.KVTransferStub(channel)
+    call = stub.Transfer(metadata=((HANDOFF_ID_KEY, "k#0"),))
+    begin = worker_pb2.KVBegin(transport="shm", pool_id=sys.argv[2], num_slabs=3)
+    await call.write(worker_pb2.KVTransferMessage(handoff_id="k#0", begin=begin))
+    granted = (await call.read()).reply == worker_pb2.KV_REPLY_GRANT
+    print("granted" if granted else "refused", flush=True)
     await asyncio.Event().wait()  # "mid-copy" until killed
 
 asyncio.run(main())
@@ -321,18 +353,21 @@ def test_a_sender_killed_mid_copy_fails_the_handoff(shm_dir):
     assert h.state == HandoffState.FAILED and h.store.done()
 
 
-def test_refused_sender_raises(shm_dir):
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
+def test_refused_sender_raises(shm_dir, transport):
     """A handoff the receiver no longer has (lease reclaimed): the real sender gets a refusal
-    before writing anything."""
+    before writing or sending anything."""
     rx = Receiver(shm_dir, torch.float32)
     src = _source(torch.float32)
 
     async def main():
         async with rx.serving() as address:
-            sender = DirectKVSender(GrpcKVSender(timeout_s=10), Endpoint(host_id(), ""))
-            dest = KVDest("gone#0", address, DEST_BLOCKS, FIRST_BLOCK, "r")
+            sender = _sender(transport)
             with pytest.raises(HandoffRefused, match="unknown"):
-                await sender.send(dest, rx.export, src, SRC_BLOCKS, 1, None)
+                await sender.send(
+                    _dest("gone#0", address, rx), KVSource(src, SRC_BLOCKS, _noop), 1, None
+                )
+            await sender.close()
             await sender.channels.close()
 
     asyncio.run(main())
@@ -344,11 +379,10 @@ def test_the_sender_drops_a_pool_once_its_server_is_gone(shm_dir):
     src = _source(torch.float32)
 
     async def main():
-        sender = DirectKVSender(GrpcKVSender(timeout_s=10), Endpoint(host_id(), ""))
+        sender = _sender("shm")
         async with rx.serving() as address:
             rx.ledger.open("d#0", "r", list(DEST_BLOCKS))
-            dest = KVDest("d#0", address, DEST_BLOCKS, FIRST_BLOCK, "r")
-            await sender.send(dest, rx.export, src, SRC_BLOCKS, 1, None)
+            await sender.send(_dest("d#0", address, rx), KVSource(src, SRC_BLOCKS, _noop), 1, None)
             for _ in range(20):
                 await asyncio.sleep(0)
             assert sender.num_open_pools == 1  # the server is up: the pool stays open
@@ -362,6 +396,96 @@ def test_the_sender_drops_a_pool_once_its_server_is_gone(shm_dir):
         return open_after
 
     assert asyncio.run(main()) == 0
+
+
+def test_a_grpc_transfer_is_stopped_at_once_when_its_handoff_ends(shm_dir):
+    """grpc: the receiver stores chunks itself, so a handoff that ends mid-transfer stops the
+    sender and ends the call at once, and settles at once (no store in flight)."""
+    rx = Receiver(shm_dir, torch.float32)
+
+    async def main():
+        async with rx.serving() as address:
+            h = rx.ledger.open("s#0", "r", list(DEST_BLOCKS))
+            channel, call = await _open_transfer(address, "s#0")
+            await call.write(_begin("s#0", "", num_slabs=2, transport="grpc"))
+            assert (await call.read()).reply == GRANT
+            rx.ledger.abort_request("r")
+            stop = await call.read()
+            end = await call.read()
+            await asyncio.wait_for(rx.ledger.settle(h), 5)
+            await channel.close()
+            return h, stop, end
+
+    h, stop, end = asyncio.run(main())
+    assert stop.reply == STOP and "reclaimed" in stop.error
+    assert end is grpc.aio.EOF
+    assert h.state == HandoffState.RECLAIMED and h.store.done()
+    assert bool((rx.pool == POISON).all())
+
+
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
+def test_done_before_every_slab_fails_the_handoff(shm_dir, transport):
+    rx = Receiver(shm_dir, torch.float32)
+
+    async def main():
+        async with rx.serving() as address:
+            h = rx.ledger.open("e#0", "r", list(DEST_BLOCKS))
+            channel, call = await _open_transfer(address, "e#0")
+            pool_id = rx.export.pool_id if transport == "shm" else ""
+            await call.write(_begin("e#0", pool_id, num_slabs=2, transport=transport))
+            assert (await call.read()).reply == GRANT
+            done = worker_pb2.KVDone(first_token_id=3)
+            await call.write(worker_pb2.KVTransferMessage(handoff_id="e#0", done=done))
+            reply = await call.read()
+            await channel.close()
+            return h, reply
+
+    h, reply = asyncio.run(main())
+    assert reply.reply == STOP and "expected slab 0 of 2" in reply.error
+    assert h.state == HandoffState.FAILED
+
+
+def test_a_second_transfer_for_one_handoff_is_refused_and_the_first_still_settles(shm_dir):
+    rx = Receiver(shm_dir, torch.float32)
+
+    async def main():
+        async with rx.serving() as address:
+            h = rx.ledger.open("t#0", "r", list(DEST_BLOCKS))
+            channel, first = await _open_transfer(address, "t#0")
+            await first.write(_begin("t#0", rx.export.pool_id))
+            assert (await first.read()).reply == GRANT
+            channel2, second = await _open_transfer(address, "t#0")
+            await second.write(_begin("t#0", rx.export.pool_id))
+            refused = await second.read()
+            assert refused.reply == STOP and "already under way" in refused.error
+            assert h.state == HandoffState.FAILED
+            stop = await first.read()  # the handoff ended under the first sender
+            await asyncio.sleep(0.05)
+            assert not h.store.done()  # the first sender may still be writing
+            await first.done_writing()
+            await asyncio.wait_for(rx.ledger.settle(h), 5)
+            await channel.close()
+            await channel2.close()
+            return stop
+
+    assert asyncio.run(main()).reply == STOP
+
+
+def test_a_transport_not_offered_is_refused(shm_dir):
+    rx = Receiver(shm_dir, torch.float32)
+
+    async def main():
+        async with rx.serving() as address:
+            h = rx.ledger.open("n#0", "r", list(DEST_BLOCKS))
+            channel, call = await _open_transfer(address, "n#0")
+            await call.write(_begin("n#0", "", transport="cuda_ipc"))
+            reply = await call.read()
+            await channel.close()
+            return h, reply
+
+    h, reply = asyncio.run(main())
+    assert reply.reply == STOP and "not offered" in reply.error
+    assert h.state == HandoffState.FAILED
 
 
 def test_stale_pool_files_are_swept_live_ones_kept(shm_dir):

@@ -11,15 +11,19 @@ first send -> last finish. Per process the script reports the CPU it used during
 and µs/token is what that hop costs. --profile repeats the run while py-spy samples the router
 and the gateway (--nonblocking) and adds each one's top functions (self and total %).
 
-    python bench/control_plane.py                      # 256 streams x 1024 tokens, 1 decode
-    python bench/control_plane.py --profile --out bench/results/control-plane-cpu.json
-    python bench/control_plane.py --modes lockstep,interval4,coalesce   # three, one JSON
+    python -m bench.control_plane                 # 256 streams x 1024 tokens, 1 decode
+    python -m bench.control_plane --profile --out bench/results/raw/control-plane-cpu.json
+    python -m bench.control_plane --modes lockstep,interval4,coalesce   # three, one JSON
 
-The fake decode server sends one message per token and makes each token only when the stream
-takes it (the worst case for the router: every hop handles one message per token). With
---worker-coalesce it behaves like the real decode server instead: its "engine" steps on its own
-clock (--itl-ms per step; 0: as fast as its event loop turns) and a lagging stream gets all
-its queued tokens in one message. --stream-interval N is passed to the router.
+The result JSON goes to bench/results/raw/ (git-ignored) and its summary (bench.summarize)
+one folder up, unless --out names a file outside a raw/ folder.
+
+The fake decode server makes each step (one token per stream) only when the router's session
+took the last one (the worst case for the router: every message carries one token per
+stream, every hop after it one message per token). With --worker-coalesce it behaves like the
+real decode server instead: its "engine" steps on its own clock (--itl-ms per step; 0: as fast
+as its event loop turns) and a lagging session gets all the steps made meanwhile in one
+message. --stream-interval N is passed to the router.
 """
 
 from __future__ import annotations
@@ -38,12 +42,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # this checkout's tandem, not an installed one
+from bench.fake_stack import FakeStack
+from bench.metrics import merge_results
+from bench.processes import run_bench_processes
+from bench.summarize import write_beside
 
-from bench.fake_stack import FakeStack  # noqa: E402
-from bench.metrics import merge_results  # noqa: E402
-from bench.processes import run_bench_processes  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 _FRAME = re.compile(r"^(.*) \((?:.*/)?([^/]*?)(?::\d+)?\)$")  # "fn (/a/b.py:12)" -> fn, b.py
 # Where a sample's innermost frame lives (py-spy --native names the file of C frames too).
@@ -67,18 +71,15 @@ _AREAS = [
 ]
 CLIENT_STARTUP_S = 6.0  # imports + dataset before the common start time
 # --modes presets (the settings they change):
-#   lockstep   the fake decode makes each token when the stream takes it, one message each:
-#              every hop handles one message per token (the worst case; the default)
+#   lockstep   the fake decode makes each step when the session takes the last one: one
+#              token per stream per message (the worst case; the default)
 #   interval4  the same, the router sending at most every 4 tokens (--stream-interval 4)
 #   coalesce   the fake decode steps on its own clock as fast as it can and merges what a
 #              lagging stream queued, as the real decode server does
-#   session    the same clock, every choice on one Decode.Session stream to the router, as
-#              the real decode server and router do since the session was added
 MODES = {
     "lockstep": {},
     "interval4": {"stream_interval": 4},
     "coalesce": {"worker_coalesce": True},
-    "session": {"worker_session": True},
 }
 
 
@@ -248,10 +249,6 @@ def main() -> None:
         "--worker-coalesce", action="store_true",
         help="fake decode steps on its own clock and merges what a lagging stream queued",
     )  # fmt: skip
-    p.add_argument(
-        "--worker-session", action="store_true",
-        help="fake decode serves Decode.Session (one stream to the router, one engine clock)",
-    )  # fmt: skip
     p.add_argument("--stream-interval", type=int, default=1, help="router --stream-interval")
     p.add_argument(
         "--modes", default="",
@@ -266,7 +263,7 @@ def main() -> None:
         help="Python frames only, without pausing the processes (C time shows as Runner.run)",
     )  # fmt: skip
     p.add_argument("--note", default="", help="free text stored with the result")
-    p.add_argument("--out", default=None, help="result JSON (default bench/results/...)")
+    p.add_argument("--out", default=None, help="result JSON (default bench/results/raw/...)")
     args = p.parse_args()
     if args.model is None:
         from tandem.loader.default_model import resolve_model_dir
@@ -288,12 +285,12 @@ def main() -> None:
     else:
         result = measure(args, info)
         rates = result["output_tok_per_s"]
-    out = Path(args.out) if args.out else (
-        ROOT / "bench" / "results" / f"control-plane-{info['cores']}cores-{result['date']}.json"
-    )  # fmt: skip
+    default = f"control-plane-{info['cores']}cores-{result['date']}.json"
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / "raw" / default
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(rates), f"-> {out}")
+    write_beside(out)
 
 
 def measure(args, info: dict) -> dict:
@@ -304,7 +301,7 @@ def measure(args, info: dict) -> dict:
     )
     with FakeStack(
         args.model, args.num_decode, args.num_prefill, itl_ms=args.itl_ms,
-        coalesce=args.worker_coalesce, session=args.worker_session, router_args=router_args,
+        coalesce=args.worker_coalesce, router_args=router_args,
         num_routers=args.num_routers, num_gateways=args.num_gateways,
     ) as stack:  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:

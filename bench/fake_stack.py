@@ -31,7 +31,6 @@ class FakeStack:
         num_prefill: int = 0,
         itl_ms: float = 0.0,
         coalesce: bool = False,
-        session: bool = False,
         router_args: tuple[str, ...] = (),
         num_routers: int = 1,
         num_gateways: int = 1,
@@ -51,7 +50,6 @@ class FakeStack:
                     cmd = [py, "-m", "bench.fake_worker", "--role", role]
                     cmd += ["--port", addr.rsplit(":", 1)[1], "--itl-ms", str(itl_ms)]
                     cmd += ["--coalesce"] if coalesce else []
-                    cmd += ["--session"] if session and role == "decode" else []
                     workers.append((role, addr, self._spawn(f"{role}-{k}", cmd)))
             for _, addr, proc in workers:
                 wait_grpc_healthy(addr, proc, startup_timeout)

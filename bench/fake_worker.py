@@ -5,19 +5,16 @@ that claims anything about model output: its "tokens" are the prompt's own ids r
 (output token i = prompt[i % len(prompt)], valid ids that detokenize to real text), produced
 as fast as the stream accepts them, or one every --itl-ms.
 
-decode   Generate(prefill_locally=true): stream every token, one TokenEvent each (as a real
-         decode server does, one per step)
-         --coalesce: like the real decode server (tandem/async_engine.py `_drain`), tokens
-         are made by the "engine" on its own clock (one per --itl-ms, or one per event-loop
-         turn at 0) whether or not the stream takes them, and a stream that lags sends all
-         its queued tokens as one TokenEvent
-         Generate(prefill_locally=false): send a KVTarget, wait for the fake prefill's one
-         KVChunk (last=true, token 0), then stream tokens 1..
-         Session (--session, and Stats says so, so the router uses it): like the real
-         decode server's, every request on the stream steps on one engine clock (one token
-         each per --itl-ms, or per event-loop turn at 0) and each write carries every event
-         queued since the last one
-prefill  Prefill: push one empty final KVChunk with token 0 to the decode server, answer
+decode   Session: every request on the router's stream steps on one engine clock, one token
+         each per step, and each write carries every event queued since the last one
+         (prefill_locally=true: every token; false: a KVTarget first, then, once the fake
+         prefill's transfer (one empty slab and token 0) arrived, tokens 1..)
+         default (lockstep): the next step is made once the last write is done, so every
+         message carries one step, each token made when the stream takes it
+         --coalesce: like the real decode server, the "engine" steps on its own clock (one
+         step per --itl-ms, or per event-loop turn at 0) whether or not the stream takes
+         them, and a stream that lags gets every step made meanwhile in one message
+prefill  Prefill: transfer one empty KV slab and token 0 to the decode server, answer
          token 0. No KV events (the router then approximates its prefix index).
 both     Abort, Stats (no KV blocks: the pool is reported as effectively unbounded), health.
 
@@ -61,103 +58,19 @@ def output_token(prompt: list[int], i: int) -> int:
 
 
 class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServicer):
-    def __init__(
-        self, address: str, itl_s: float = 0.0, coalesce: bool = False, session: bool = False
-    ):
+    def __init__(self, address: str, itl_s: float = 0.0, coalesce: bool = False):
         self.address = address  # KVTransfer is served on the same port
         self.itl_s = itl_s
         self.coalesce = coalesce
-        self.session = session
         self.active: set[str] = set()
         self.handoffs: dict[str, asyncio.Future] = {}
         self._ids = itertools.count()
 
-    async def Generate(self, request, context):
-        s, prompt = request.sampling, list(request.prompt_token_ids)
-        self.active.add(request.req_id)
-        try:
-            start = 0
-            if not request.prefill_locally:
-                hid = f"{request.req_id}#{next(self._ids)}"
-                fut = asyncio.get_running_loop().create_future()
-                self.handoffs[hid] = fut
-                yield worker_pb2.DecodeEvent(
-                    kv_target=worker_pb2.KVTarget(
-                        handoff_id=hid,
-                        decode_kv_address=self.address,
-                        block_ids=list(range(-(-len(prompt) // BLOCK_SIZE))),
-                        block_size=BLOCK_SIZE,
-                        transport="grpc",
-                    )
-                )
-                try:
-                    first = await asyncio.wait_for(fut, HANDOFF_TIMEOUT_S)
-                finally:
-                    self.handoffs.pop(hid, None)
-                if finish_reason(0, first, s):
-                    return  # finished at token 0: the prefill's answer was the whole output
-                start = 1
-            steps = self._steps if self.coalesce else self._lockstep
-            async for toks, reason in steps(prompt, s, start):
-                ev = worker_pb2.TokenEvent(
-                    token_ids=toks, finish_reason=reason, num_prompt_tokens=len(prompt)
-                )
-                if reason == common_pb2.FINISH_REASON_STOP:
-                    ev.stop_token_id = toks[-1]
-                yield worker_pb2.DecodeEvent(tokens=ev)
-                if reason:
-                    return
-        except asyncio.TimeoutError:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "KV push did not arrive")
-        finally:
-            self.active.discard(request.req_id)
-
-    async def _lockstep(self, prompt, s, start):
-        """One token per event, made when the stream asks for it."""
-        for i in itertools.count(start):
-            if self.itl_s:
-                await asyncio.sleep(self.itl_s)
-            tok = output_token(prompt, i)
-            yield [tok], finish_reason(i, tok, s)
-
-    async def _steps(self, prompt, s, start):
-        """Tokens made on the engine's clock; each event takes every token made since the last."""
-        made: list[int] = []
-        reason = _UNSET
-        ready = asyncio.Event()
-
-        async def engine():
-            nonlocal reason
-            for i in itertools.count(start):
-                await asyncio.sleep(self.itl_s)  # one decode step (0: one loop turn)
-                tok = output_token(prompt, i)
-                made.append(tok)
-                reason = finish_reason(i, tok, s)
-                ready.set()
-                if reason:
-                    return
-
-        task = asyncio.create_task(engine())
-        try:
-            while True:
-                await ready.wait()
-                ready.clear()
-                # the reason of the last token taken (the engine may finish during the yield)
-                toks, last_reason = list(made), reason
-                made.clear()
-                yield toks, last_reason
-                if last_reason:
-                    return
-        finally:
-            task.cancel()
-
     async def Session(self, request_iterator, context):
-        if not self.session:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "started without --session")
         running: dict[str, list] = {}  # req_id -> [prompt, sampling, next output index]
-        waiting: dict[str, asyncio.Task] = {}  # remote prefill: waiting for the KV push
+        waiting: dict[str, asyncio.Task] = {}  # remote prefill: waiting for the KV transfer
         out = [worker_pb2.SessionEvents()]
-        queued, have_work = asyncio.Event(), asyncio.Event()
+        queued, have_work, written = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
         def event(req_id: str) -> worker_pb2.SessionEvent:
             ev = out[0].events.add()
@@ -170,7 +83,7 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
                 first = await asyncio.wait_for(fut, HANDOFF_TIMEOUT_S)
             except asyncio.TimeoutError:
                 err = event(req_id).error
-                err.code, err.message = grpc.StatusCode.UNAVAILABLE.value[0], "no KV push"
+                err.code, err.message = grpc.StatusCode.UNAVAILABLE.value[0], "no KV transfer"
                 return
             finally:
                 self.handoffs.pop(hid, None)
@@ -226,6 +139,9 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
                         self.active.discard(rid)
                     else:
                         st[2] = i + 1
+                if not self.coalesce and out[0].events:  # lockstep: once this one is written
+                    written.clear()
+                    await written.wait()
 
         tasks = [asyncio.ensure_future(read_requests()), asyncio.ensure_future(engine())]
         try:
@@ -234,20 +150,28 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
                 queued.clear()
                 msg, out[0] = out[0], worker_pb2.SessionEvents()
                 await context.write(msg)
+                written.set()
         finally:
             for task in [*tasks, *waiting.values()]:
                 task.cancel()
             for rid in [*running, *waiting]:
                 self.active.discard(rid)
 
-    async def Push(self, request_iterator, context):
-        async for chunk in request_iterator:
-            if chunk.last:
-                fut = self.handoffs.get(chunk.handoff_id)
-                if fut is None or fut.done():
-                    return worker_pb2.KVPushResult(ok=False, error="unknown handoff")
-                fut.set_result(chunk.first_token_id)
-        return worker_pb2.KVPushResult(ok=True)
+    async def Transfer(self, request_iterator, context):
+        async for msg in request_iterator:
+            fut = self.handoffs.get(msg.handoff_id)
+            if fut is None or fut.done():
+                yield worker_pb2.KVTransferReply(
+                    reply=worker_pb2.KV_REPLY_STOP, error="unknown handoff"
+                )
+                return
+            kind = msg.WhichOneof("kind")
+            if kind == "begin":
+                yield worker_pb2.KVTransferReply(reply=worker_pb2.KV_REPLY_GRANT)
+            elif kind == "done":
+                fut.set_result(msg.done.first_token_id)
+                yield worker_pb2.KVTransferReply(reply=worker_pb2.KV_REPLY_COMPLETE)
+                return
 
     async def Abort(self, request, context):
         return worker_pb2.AbortResponse(found=request.req_id in self.active)
@@ -259,7 +183,6 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
             num_total_blocks=NUM_BLOCKS,
             num_active_handoffs=len(self.handoffs),
             block_size=BLOCK_SIZE,
-            decode_session=self.session,
         )
 
 
@@ -279,12 +202,23 @@ class FakePrefill(worker_pb2_grpc.PrefillServicer):
         try:
             tok = output_token(list(request.prompt_token_ids), 0)
             target = request.kv_target
-            chunk = worker_pb2.KVChunk(
-                handoff_id=target.handoff_id, num_blocks=0, last=True, first_token_id=tok
-            )
-            result = await self._kv_stub(target.decode_kv_address).Push(iter([chunk]))
-            if not result.ok:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV push: {result.error}")
+            hid = target.handoff_id
+            msgs = [
+                worker_pb2.KVTransferMessage(
+                    handoff_id=hid, begin=worker_pb2.KVBegin(transport="grpc", num_slabs=1)
+                ),
+                worker_pb2.KVTransferMessage(handoff_id=hid, chunk=worker_pb2.KVChunk()),
+                worker_pb2.KVTransferMessage(
+                    handoff_id=hid, done=worker_pb2.KVDone(first_token_id=tok)
+                ),
+            ]
+            error = "the transfer ended without an answer"
+            async for reply in self._kv_stub(target.decode_kv_address).Transfer(iter(msgs)):
+                if reply.reply != worker_pb2.KV_REPLY_GRANT:
+                    error = "" if reply.reply == worker_pb2.KV_REPLY_COMPLETE else reply.error
+                    break
+            if error:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer: {error}")
             ms = (time.monotonic() - t0) * 1000
             return worker_pb2.PrefillResponse(
                 token_id=tok,
@@ -318,7 +252,7 @@ async def serve(args: argparse.Namespace) -> None:
     address = f"{args.host}:{port}"
     prefill = None
     if args.role == "decode":
-        decode = FakeDecode(address, args.itl_ms / 1000, args.coalesce, args.session)
+        decode = FakeDecode(address, args.itl_ms / 1000, args.coalesce)
         worker_pb2_grpc.add_DecodeServicer_to_server(decode, server)
         worker_pb2_grpc.add_KVTransferServicer_to_server(decode, server)
         services = ["Decode", "KVTransfer"]
@@ -351,12 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--coalesce",
         action="store_true",
-        help="decode: make tokens on the engine's clock and merge those a lagging stream queued",
-    )
-    p.add_argument(
-        "--session",
-        action="store_true",
-        help="decode: serve Decode.Session (one stream per router, one engine clock)",
+        help="decode: step on the engine's clock, not once per write (a lagging stream gets "
+        "every step made meanwhile in one message)",
     )
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)

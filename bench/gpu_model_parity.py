@@ -100,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     from tandem.config import EngineConfig
     from tandem.engine import LLMEngine
-    from tandem.sampling_params import SamplingParams
+    from tandem.records import SamplingParams
 
     t0 = time.perf_counter()
     engine = LLMEngine(

@@ -8,7 +8,7 @@
 #   bash bench/gpu_pass.sh E   # W1 via the gateway with async scheduling on and off + HF peer
 #   bash bench/gpu_pass.sh F   # W1 via the gateway under py-spy (decode phase, every process)
 #   bash bench/gpu_pass.sh K   # Decode.Session: W1 at stream interval 1 and 4 + HF static peer,
-#                              # token path (Generate vs Session), control plane coalesce/session
+#                              # decode token path, control plane lockstep/coalesce
 #   bash bench/gpu_pass.sh L   # where a step's time goes: kernel profile (decode 256/512,
 #                              # prefill 8k), decode host share, W1 engine-only; W2 both modes
 #   bash bench/gpu_pass.sh M   # mixed steps' decode rows through the decode kernel: GPU tests,
@@ -26,9 +26,14 @@
 #   bash bench/gpu_pass.sh W   # can K/V reads overlap the GEMMs? bench/overlap_probe.py
 #   bash bench/gpu_pass.sh X   # W2 both modes on the final code
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
-# Every step has its own time limit and a failed step does not stop the next; results go to $OUT.
+# Every step has its own time limit and a failed step does not stop the next. Raw results go to
+# $OUT/raw/ and come back as $OUT/raw.tar.gz (at most 8 files come back), beside their summaries
+# in $OUT (bench/summarize.py): a summary goes to bench/results/NAME and its raw file (unpacked)
+# to bench/results/raw/NAME (git-ignored), NAME the same for both (e.g. w1-gateway-h200-DATE.json).
 set -u
 export PYTHONUNBUFFERED=1
+RAW="$OUT/raw"
+mkdir -p "$RAW"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || {
@@ -42,215 +47,216 @@ step() { local t=$1; shift; echo "=== $* (limit ${t}s)"; timeout "$t" "$@" || ec
 case "${1:-A}" in
 A)
   step 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/kvtransfer 2>&1 | tail -4
-  step 90 python3 bench/kernels_bench.py --out "$OUT/kernels.json" 2>&1 | grep -v "^sweep"
-  step 300 python3 bench/gpu_kv_transport.py --out "$OUT/kv-transport.json" --time-budget-s 270 \
+  step 90 python3 -m bench.kernels_bench --out "$RAW/kernels.json" 2>&1 | grep -v "^sweep"
+  step 300 python3 bench/gpu_kv_transport.py --out "$RAW/kv-transport.json" --time-budget-s 270 \
     --tokenizer-from .carry/smollm2-tokenizer 2>&1 | tail -40
-  step 60 python3 bench/decode_token_path.py --streams 512 --out "$OUT/decode-token-path.json" \
+  step 60 python3 bench/decode_token_path.py --streams 512 --out "$RAW/decode-token-path.json" \
     2>&1 | tail -6
   ;;
 B)
-  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
+  step 200 python3 -m bench.gpu_serving w1 --out "$RAW" --peers .carry/hf_peers.py \
     --peer-kinds static --ceilings .carry/gpu_ceilings.py 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | tail -8
-  step 230 python3 bench/gpu_serving.py w2 --out "$OUT" --rates 2,8,16,32 --seconds-per-rate 10 \
+  step 230 python3 -m bench.gpu_serving w2 --out "$RAW" --rates 2,8,16,32 --seconds-per-rate 10 \
     2>&1 | grep -E "^W2" | cut -c1-400
-  step 120 python3 bench/control_plane.py --model /tmp/tandem-dummy-model --num-clients 4 \
-    --modes lockstep,coalesce --repeats 1 --out "$OUT/control-plane.json" 2>&1 | tail -12
+  step 120 python3 -m bench.control_plane --model /tmp/tandem-dummy-model --num-clients 4 \
+    --modes lockstep,coalesce --repeats 1 --out "$RAW/control-plane.json" 2>&1 | tail -12
   ;;
 C)  # the reruns after the Triton block copy: KV transports, W2 both modes, token path
-  step 200 python3 bench/gpu_kv_transport.py --out "$OUT/kv-transport.json" --time-budget-s 150 \
+  step 200 python3 bench/gpu_kv_transport.py --out "$RAW/kv-transport.json" --time-budget-s 150 \
     --tokenizer-from .carry/smollm2-tokenizer 2>&1 | grep -E "^(BW|SERVE)"
-  step 240 python3 bench/gpu_serving.py w2 --out "$OUT" --rates 2,8,16,32 --seconds-per-rate 8 \
+  step 240 python3 -m bench.gpu_serving w2 --out "$RAW" --rates 2,8,16,32 --seconds-per-rate 8 \
     2>&1 | grep -E "^W2" | cut -c1-60
-  python3 bench/w2_table.py "$OUT/w2.json"
-  step 60 python3 bench/decode_token_path.py --streams 512 --out "$OUT/decode-token-path.json" \
+  python3 -m bench.w2_table "$RAW/w2.json"
+  step 60 python3 bench/decode_token_path.py --streams 512 --out "$RAW/decode-token-path.json" \
     2>&1 | tail -4
-  rm -f "$OUT"/serve-*.log  # at most 8 files come back
+  rm -f "$RAW"/serve-*.log  # at most 8 files come back
   ;;
 D)  # async scheduling: GPU equality test, engine step and W1 engine-only, W1 via the gateway
   step 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/core/test_async_scheduling_gpu.py \
     2>&1 | tail -15
-  step 240 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --out "$OUT/engine.json" \
+  step 240 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --out "$RAW/engine.json" \
     2>&1 | grep -v "^sweep" | tail -45
-  step 180 python3 bench/gpu_serving.py w1 --out "$OUT" 2>&1 | grep -E "^(CEILINGS|W1)" | cut -c1-900
-  tail -5 "$OUT"/serve-w1.log; rm -f "$OUT"/serve-*.log
+  step 180 python3 -m bench.gpu_serving w1 --out "$RAW" 2>&1 | grep -E "^(CEILINGS|W1)" | cut -c1-900
+  tail -5 "$RAW"/serve-w1.log; rm -f "$RAW"/serve-*.log
   ;;
 E)  # W1 via the gateway, async scheduling on and off, with the HF static peer in the same call
-  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
+  step 200 python3 -m bench.gpu_serving w1 --out "$RAW" --peers .carry/hf_peers.py \
     --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-900 | tail -8
-  step 150 python3 bench/gpu_serving.py w1 --out "$OUT" --serve-extra=--no-async-scheduling \
+  step 150 python3 -m bench.gpu_serving w1 --out "$RAW" --serve-extra=--no-async-scheduling \
     --tag=-sync 2>&1 | grep -E "^W1" | cut -c1-900
-  rm -f "$OUT"/serve-*.log
+  rm -f "$RAW"/serve-*.log
   ;;
 G)  # after the host-path changes: GPU test, engine step + W1 engine-only, W1 stack at
     # stream interval 1 and 4
   step 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/core/test_async_scheduling_gpu.py \
     2>&1 | tail -3
-  step 200 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --out "$OUT/engine.json" \
+  step 200 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --out "$RAW/engine.json" \
     2>&1 | grep -v "^sweep" | grep -E '^\{|function calls|engine.py|scheduler.py|graphs.py|runner.py'
-  step 150 python3 bench/gpu_serving.py w1 --out "$OUT" 2>&1 | grep -E "^W1" | cut -c1-700
-  step 150 python3 bench/gpu_serving.py w1 --out "$OUT" --serve-extra="--stream-interval 4" \
+  step 150 python3 -m bench.gpu_serving w1 --out "$RAW" 2>&1 | grep -E "^W1" | cut -c1-700
+  step 150 python3 -m bench.gpu_serving w1 --out "$RAW" --serve-extra="--stream-interval 4" \
     --tag=-si4 2>&1 | grep -E "^W1" | cut -c1-700
-  rm -f "$OUT"/serve-*.log
+  rm -f "$RAW"/serve-*.log
   ;;
 F)  # where the stack's time goes in W1: py-spy of every server process in the decode phase
   export PATH=/tmp/site/bin:$PATH
-  step 200 python3 bench/gpu_w1_profile.py --out "$OUT" 2>&1 | tail -150
-  rm -f "$OUT"/pyspy-*-gil.txt
+  step 200 python3 bench/gpu_w1_profile.py --out "$RAW" 2>&1 | tail -150
+  rm -f "$RAW"/pyspy-*-gil.txt
   ;;
 I)  # final: W1 at stream interval 1 with the HF static peer, W1 at stream interval 4, W2
-  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
+  step 200 python3 -m bench.gpu_serving w1 --out "$RAW" --peers .carry/hf_peers.py \
     --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-600 | tail -8
-  step 100 python3 bench/gpu_serving.py w1 --out "$OUT" --serve-extra="--stream-interval 4" \
+  step 100 python3 -m bench.gpu_serving w1 --out "$RAW" --serve-extra="--stream-interval 4" \
     --tag=-si4 2>&1 | grep -E "^W1" | cut -c1-600
-  rm -f "$OUT"/serve-*.log
-  step 200 python3 bench/gpu_serving.py w2 --out "$OUT" --rates 2,8,16,32 --seconds-per-rate 6 \
+  rm -f "$RAW"/serve-*.log
+  step 200 python3 -m bench.gpu_serving w2 --out "$RAW" --rates 2,8,16,32 --seconds-per-rate 6 \
     2>&1 | grep -E "^W2" | cut -c1-60
-  python3 bench/w2_table.py "$OUT/w2.json"
-  rm -f "$OUT"/serve-*.log
+  python3 -m bench.w2_table "$RAW/w2.json"
+  rm -f "$RAW"/serve-*.log
   ;;
 J)  # after the bench client fix: W1 at stream interval 4 and 1, then the HF static peer
-  step 100 python3 bench/gpu_serving.py w1 --out "$OUT" --serve-extra="--stream-interval 4" \
+  step 100 python3 -m bench.gpu_serving w1 --out "$RAW" --serve-extra="--stream-interval 4" \
     --tag=-si4 2>&1 | grep -E "^W1" | cut -c1-500
-  step 100 python3 bench/gpu_serving.py w1 --out "$OUT" 2>&1 | grep -E "^W1" | cut -c1-500
-  rm -f "$OUT"/serve-*.log
-  step 120 python3 .carry/hf_peers.py --requests 512 --peers static > "$OUT/hf-peers.txt" 2>&1
-  tail -2 "$OUT/hf-peers.txt"
+  step 100 python3 -m bench.gpu_serving w1 --out "$RAW" 2>&1 | grep -E "^W1" | cut -c1-500
+  rm -f "$RAW"/serve-*.log
+  step 120 python3 .carry/hf_peers.py --requests 512 --peers static > "$RAW/hf-peers.txt" 2>&1
+  tail -2 "$RAW/hf-peers.txt"
   ;;
 H)  # final W1 pair with the HF static peer in the same call, then the end-of-run stall under
     # py-spy (every server process and the client, stream interval 4)
   export PATH=/tmp/site/bin:$PATH
-  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
+  step 200 python3 -m bench.gpu_serving w1 --out "$RAW" --peers .carry/hf_peers.py \
     --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-700 | tail -8
-  step 150 python3 bench/gpu_w1_profile.py --out "$OUT" --serve-extra="--stream-interval 4" \
+  step 150 python3 bench/gpu_w1_profile.py --out "$RAW" --serve-extra="--stream-interval 4" \
     --at-s 13 --seconds 6 2>&1 | grep -v "^\(Mean\|Median\|P90\|P99\|Total\|Request\)" | tail -120
-  rm -f "$OUT"/serve-*.log "$OUT"/pyspy-*-gil.txt
+  rm -f "$RAW"/serve-*.log "$RAW"/pyspy-*-gil.txt
   ;;
 K)  # after Decode.Session (session 5): W1 at interval 1 and 4 with the HF static peer in the
-    # same call, the decode token path and the control plane, Generate against Session
-  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
+    # same call, the decode token path and the control plane (Session is the only decode path
+    # since Decode.Generate went; the fake decode's coalescing clock is mode "coalesce")
+  step 200 python3 -m bench.gpu_serving w1 --out "$RAW" --peers .carry/hf_peers.py \
     --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-700 | tail -8
-  step 100 python3 bench/gpu_serving.py w1 --out "$OUT" --serve-extra="--stream-interval 4" \
+  step 100 python3 -m bench.gpu_serving w1 --out "$RAW" --serve-extra="--stream-interval 4" \
     --tag=-si4 2>&1 | grep -E "^W1" | cut -c1-500
-  rm -f "$OUT"/serve-*.log
-  step 60 python3 bench/decode_token_path.py --streams 512 --out "$OUT/decode-token-path.json" \
+  rm -f "$RAW"/serve-*.log
+  step 60 python3 bench/decode_token_path.py --streams 512 --out "$RAW/decode-token-path.json" \
     2>&1 | grep '^{"'
-  step 170 python3 bench/control_plane.py --model /tmp/tandem-dummy-model --num-clients 4 \
-    --modes coalesce,session --itl-ms 20 --num-prompts 512 --output-len 256 --repeats 1 \
-    --out "$OUT/control-plane-session.json" 2>&1 | grep -E "^(run|mode|\{)"
+  step 170 python3 -m bench.control_plane --model /tmp/tandem-dummy-model --num-clients 4 \
+    --modes lockstep,coalesce --itl-ms 20 --num-prompts 512 --output-len 256 --repeats 1 \
+    --out "$RAW/control-plane-session.json" 2>&1 | grep -E "^(run|mode|\{)"
   ;;
 L)  # session 6: kernel profile + host share + W1 engine-only, then W2 both modes (sessions)
   step 280 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --kernel-profile \
-    --out "$OUT/engine.json" 2>&1 | grep -v "^sweep" | grep -vE "^(KERNELS|USDT)" | cut -c1-1500
+    --out "$RAW/engine.json" 2>&1 | grep -v "^sweep" | grep -vE "^(KERNELS|USDT)" | cut -c1-1500
   python3 -c "import json,sys; k=json.load(open(sys.argv[1]))['kernel_profile']
 for n,d in k['decode'].items():
   for m,v in d.items(): print('KP', n, m, round(v['gpu_ms_per_step'],2), v['by_kind_ms_per_step'])
 print('KP prefill', round(k['prefill']['gpu_ms_per_step'],1), k['prefill']['by_kind_ms_per_step'])" \
-    "$OUT/engine.json"
-  step 230 python3 bench/gpu_serving.py w2 --out "$OUT" --rates 2,8,16,32 --seconds-per-rate 8 \
+    "$RAW/engine.json"
+  step 230 python3 -m bench.gpu_serving w2 --out "$RAW" --rates 2,8,16,32 --seconds-per-rate 8 \
     2>&1 | grep -E "^W2" | cut -c1-60
-  python3 bench/w2_table.py "$OUT/w2.json"
-  rm -f "$OUT"/serve-*.log
+  python3 -m bench.w2_table "$RAW/w2.json"
+  rm -f "$RAW"/serve-*.log
   ;;
 M)  # session 6: the mixed-step split, measured and checked
   step 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/core/test_mixed_step_attention.py \
     tests/core/test_async_scheduling_gpu.py 2>&1 | tail -3
   step 200 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --kernel-profile \
-    --kernel-profile-batches 256 --w1-unsplit --profile-steps 60 --out "$OUT/engine.json" 2>&1 | \
+    --kernel-profile-batches 256 --w1-unsplit --profile-steps 60 --out "$RAW/engine.json" 2>&1 | \
     grep -vE "^(sweep|KERNELS|USDT| )" | grep -v "^$" | cut -c1-900 | head -20
   python3 -c "import json,sys; k=json.load(open(sys.argv[1]))['kernel_profile']['mixed']
 for m in ('split','one_prefill_call'):
   v=k[m]; print('MIXED', m, round(v['gpu_ms_per_step'],1), round(v['step_wall_ms_unprofiled'],1), v['by_kind_ms_per_step'])" \
-    "$OUT/engine.json"
-  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
+    "$RAW/engine.json"
+  step 200 python3 -m bench.gpu_serving w1 --out "$RAW" --peers .carry/hf_peers.py \
     --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-600 | tail -8
-  rm -f "$OUT"/serve-*.log
+  rm -f "$RAW"/serve-*.log
   ;;
 N)  # session 7: the mixed-step split checked on the GPU, W1 through the stack, engine A/B
   step 130 python3 -m pytest -q -m gpu -p no:cacheprovider tests/core/test_mixed_step_attention.py \
     tests/core/test_async_scheduling_gpu.py tests/kernels 2>&1 | tail -3
-  step 230 python3 bench/gpu_serving.py w1 --out "$OUT" --peers .carry/hf_peers.py \
+  step 230 python3 -m bench.gpu_serving w1 --out "$RAW" --peers .carry/hf_peers.py \
     --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-600 | tail -8
-  rm -f "$OUT"/serve-*.log
+  rm -f "$RAW"/serve-*.log
   step 170 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --kernel-profile \
-    --kernel-profile-batches 256 --skip-steady --w1-unsplit --out "$OUT/engine.json" 2>&1 | \
+    --kernel-profile-batches 256 --skip-steady --w1-unsplit --out "$RAW/engine.json" 2>&1 | \
     grep -vE "^(sweep|KERNELS|USDT| )" | grep -v "^$" | cut -c1-700 | head -12
   python3 -c "import json,sys; k=json.load(open(sys.argv[1]))['kernel_profile']['mixed']
 for m in ('split','one_prefill_call'):
   v=k[m]; print('MIXED', m, round(v['gpu_ms_per_step'],1), round(v['step_wall_ms_unprofiled'],1), v['by_kind_ms_per_step'])" \
-    "$OUT/engine.json"
+    "$RAW/engine.json"
   ;;
 O)  # session 7: the engine-only A/B with new prompts per run, W1 via the gateway again
   step 150 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --skip-steady \
-    --w1-unsplit --out "$OUT/engine-ab.json" 2>&1 | grep -E "^(CEILINGS|UNSPLIT|SPLIT2|\{\"req)" | \
+    --w1-unsplit --out "$RAW/engine-ab.json" 2>&1 | grep -E "^(CEILINGS|UNSPLIT|SPLIT2|\{\"req)" | \
     cut -c1-420
-  step 120 python3 bench/gpu_serving.py w1 --out "$OUT" --tag=-again 2>&1 | grep -E "^W1" | \
+  step 120 python3 -m bench.gpu_serving w1 --out "$RAW" --tag=-again 2>&1 | grep -E "^W1" | \
     cut -c1-600
-  rm -f "$OUT"/serve-*.log
+  rm -f "$RAW"/serve-*.log
   ;;
 P)  # session 7: a cold start with the kernel warm-up, W1 twice (first burst vs warm)
   export TRITON_CACHE_DIR=/tmp/triton-cold && rm -rf "$TRITON_CACHE_DIR"
   step 160 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --skip-steady \
-    --w1-repeats 2 --out "$OUT/engine-cold.json" 2>&1 | grep -E "^(Traceback|[A-Za-z]*Error)" | head
+    --w1-repeats 2 --out "$RAW/engine-cold.json" 2>&1 | grep -E "^(Traceback|[A-Za-z]*Error)" | head
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('START', d['startup_s'], d['triton_cache_entries_after_startup'])
 for k in ('w1_engine','w1_engine_repeat1'):
   v=d[k]; print('W1', k, round(v['output_tok_s']), round(v['seconds'],2), round(v['prefill_or_mixed_s'],2), v['triton_cache_entries_after'], [(r['batch'],r['tokens'],round(r['wall_s'],3)) for r in v['slowest_steps']])" \
-    "$OUT/engine-cold.json"
+    "$RAW/engine-cold.json"
   ;;
 Q)  # W1 through the gateway, 4 client processes against 1, HF static peer in the same call
-  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --num-clients 4 --tag=-4clients \
+  step 200 python3 -m bench.gpu_serving w1 --out "$RAW" --num-clients 4 --tag=-4clients \
     --peers .carry/hf_peers.py --peer-kinds static 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | \
     cut -c1-700 | tail -8
-  step 120 python3 bench/gpu_serving.py w1 --out "$OUT" --tag=-1client 2>&1 | grep -E "^W1" | \
+  step 120 python3 -m bench.gpu_serving w1 --out "$RAW" --tag=-1client 2>&1 | grep -E "^W1" | \
     cut -c1-700
-  rm -f "$OUT"/serve-*.log
+  rm -f "$RAW"/serve-*.log
   ;;
 R)  # session 8: W1 through 2 gateways + 2 routers (4 clients) with the HF static peer, other
     # front-end counts, one gateway + one router again, and the engine alone, all in one call
-  step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --num-clients 4 --tag=-g2r2 \
+  step 200 python3 -m bench.gpu_serving w1 --out "$RAW" --num-clients 4 --tag=-g2r2 \
     --serve-extra="--gateways 2 --routers 2" --peers .carry/hf_peers.py --peer-kinds static \
     --ceilings .carry/gpu_ceilings.py 2>&1 | grep -E "^(CEILINGS|W1)|tok/s" | cut -c1-700 | tail -8
-  step 100 python3 bench/gpu_serving.py w1 --out "$OUT" --num-clients 4 --tag=-g4r2 \
+  step 100 python3 -m bench.gpu_serving w1 --out "$RAW" --num-clients 4 --tag=-g4r2 \
     --serve-extra="--gateways 4 --routers 2" 2>&1 | grep -E "^W1" | cut -c1-500
-  step 100 python3 bench/gpu_serving.py w1 --out "$OUT" --num-clients 4 --tag=-g1r1 2>&1 | \
+  step 100 python3 -m bench.gpu_serving w1 --out "$RAW" --num-clients 4 --tag=-g1r1 2>&1 | \
     grep -E "^W1" | cut -c1-500
-  rm -f "$OUT"/serve-*.log
+  rm -f "$RAW"/serve-*.log
   step 150 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --skip-steady \
-    --out "$OUT/engine.json" 2>&1 | grep -E "^(CEILINGS|\{\"req)" | cut -c1-420
+    --out "$RAW/engine.json" 2>&1 | grep -E "^(CEILINGS|\{\"req)" | cut -c1-420
   ;;
 T)  # session 8: the control plane (fake engine, 10 ms steps, Decode.Session) with one router and
     # gateway against two of each; then W1 via 2 gateways + 2 routers under py-spy
   for fe in 1 2; do
-    step 150 python3 bench/control_plane.py --model /tmp/tandem-dummy-model --num-clients 4 \
-      --modes session --itl-ms 10 --num-prompts 512 --output-len 256 --repeats 1 \
-      --num-routers $fe --num-gateways $fe --out "$OUT/control-plane-r${fe}g${fe}.json" 2>&1 | \
+    step 150 python3 -m bench.control_plane --model /tmp/tandem-dummy-model --num-clients 4 \
+      --modes coalesce --itl-ms 10 --num-prompts 512 --output-len 256 --repeats 1 \
+      --num-routers $fe --num-gateways $fe --out "$RAW/control-plane-r${fe}g${fe}.json" 2>&1 | \
       grep -E "^(run|\{)" | cut -c1-400
   done
   export PATH=/tmp/site/bin:$PATH
-  step 200 python3 bench/gpu_w1_profile.py --out "$OUT" --serve-extra="--gateways 2 --routers 2" \
+  step 200 python3 bench/gpu_w1_profile.py --out "$RAW" --serve-extra="--gateways 2 --routers 2" \
     2>&1 | grep -E "^(==|  thread|\{)|^ +[0-9]+ " | cut -c1-200 | head -90
-  rm -f "$OUT"/pyspy-*.txt
+  rm -f "$RAW"/pyspy-*.txt
   ;;
 U)  # session 9: the decode loop's host work, before and after, in one call
   pat='^(CEILINGS|\{|REPEAT)|function calls|engine.py|scheduler.py|graphs.py|runner.py|sampler.py'
   [ -n "${SKIP_TESTS:-}" ] || step 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/core/test_async_scheduling_gpu.py tests/core/test_mixed_step_attention.py 2>&1 | tail -3
   step 150 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --skip-w1 \
-    --out "$OUT/engine-host-new1.json" 2>&1 | grep -E "$pat" | cut -c1-1500
+    --out "$RAW/engine-host-new1.json" 2>&1 | grep -E "$pat" | cut -c1-1500
   if [ -z "${SKIP_OLD:-}" ]; then
     rm -rf /tmp/old && mkdir /tmp/old && cp -r tandem bench /tmp/old/ && cp .carry/old/tandem/*.py /tmp/old/tandem/
     (cd /tmp/old && export PYTHONPATH=/tmp/site:/tmp/old && step 150 python3 bench/gpu_engine.py \
-      --ceilings "$OLDPWD/.carry/gpu_ceilings.py" --skip-w1 --out "$OUT/engine-host-old.json" 2>&1 | \
+      --ceilings "$OLDPWD/.carry/gpu_ceilings.py" --skip-w1 --out "$RAW/engine-host-old.json" 2>&1 | \
       grep -E "$pat" | cut -c1-1500)
   fi
   step 300 python3 bench/gpu_engine.py --ceilings .carry/gpu_ceilings.py --kernel-profile \
-    --kernel-profile-batches 512 --w1-repeats 2 --out "$OUT/engine-host-new2.json" 2>&1 | \
+    --kernel-profile-batches 512 --w1-repeats 2 --out "$RAW/engine-host-new2.json" 2>&1 | \
     grep -E "$pat" | cut -c1-1500
-  [ -n "${SKIP_STACK:-}" ] || step 200 python3 bench/gpu_serving.py w1 --out "$OUT" --num-clients 4 \
+  [ -n "${SKIP_STACK:-}" ] || step 200 python3 -m bench.gpu_serving w1 --out "$RAW" --num-clients 4 \
     --tag=-g2r2 --serve-extra="--gateways 2 --routers 2" --ceilings .carry/gpu_ceilings.py 2>&1 | \
     grep -E "^(CEILINGS|W1)" | cut -c1-700
-  step 150 python3 .carry/hf_peers.py --requests 512 --peers static > "$OUT/hf-peers.txt" 2>&1
-  tail -2 "$OUT/hf-peers.txt"
-  rm -f "$OUT"/serve-*.log
+  step 150 python3 .carry/hf_peers.py --requests 512 --peers static > "$RAW/hf-peers.txt" 2>&1
+  tail -2 "$RAW/hf-peers.txt"
+  rm -f "$RAW"/serve-*.log
   ;;
 V)  # session 9: the decode host share, files before (.carry/old/tandem) and after, in turn
   rm -rf /tmp/old && mkdir /tmp/old && cp -r tandem bench /tmp/old/ && cp .carry/old/tandem/*.py /tmp/old/tandem/
@@ -259,18 +265,25 @@ V)  # session 9: the decode host share, files before (.carry/old/tandem) and aft
       dir=$PWD; [ $v = old ] && dir=/tmp/old
       (cd $dir && export PYTHONPATH=/tmp/site:$dir && step 150 python3 bench/gpu_engine.py \
         --ceilings "$OLDPWD/.carry/gpu_ceilings.py" --skip-w1 --profile-steps 200 \
-        --out "$OUT/engine-host-$v$i.json" 2>&1 | grep -E '^\{"batch' | cut -c1-900)
+        --out "$RAW/engine-host-$v$i.json" 2>&1 | grep -E '^\{"batch' | cut -c1-900)
     done
   done
   ;;
 W)  # session 9: an upper bound for overlapping a decode step's attention with its GEMMs
-  step 240 python3 bench/overlap_probe.py --out "$OUT/overlap-probe.json" 2>&1 | grep -E "^\{|Error" | cut -c1-700
+  step 240 python3 bench/overlap_probe.py --out "$RAW/overlap-probe.json" 2>&1 | grep -E "^\{|Error" | cut -c1-700
   ;;
 X)  # session 9: W2 (four Poisson rates, aggregated and disaggregated) on the final code
-  step 300 python3 bench/gpu_serving.py w2 --out "$OUT" --rates 2,8,16,32 --seconds-per-rate 8 \
+  step 300 python3 -m bench.gpu_serving w2 --out "$RAW" --rates 2,8,16,32 --seconds-per-rate 8 \
     2>&1 | grep -E "^W2" | cut -c1-60
-  python3 bench/w2_table.py "$OUT/w2.json"
-  rm -f "$OUT"/serve-*.log
+  python3 -m bench.w2_table "$RAW/w2.json"
+  rm -f "$RAW"/serve-*.log
   ;;
 esac
+shopt -s nullglob
+# results get summaries; logs and py-spy dumps travel in the archive only
+meta=(--meta gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)")
+meta+=(--meta command="bash bench/gpu_pass.sh ${1:-A}")
+commit=$(git describe --always --dirty 2>/dev/null) && meta+=(--meta commit="$commit")
+python3 -m bench.summarize "$RAW"/*.json "$RAW"/hf-peers*.txt --out-dir "$OUT" "${meta[@]}"
+tar -czf "$OUT/raw.tar.gz" -C "$OUT" raw && rm -r "$RAW"
 ls -la "$OUT"

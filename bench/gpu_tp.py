@@ -49,7 +49,7 @@ def _random_prompts(lens: list[int], vocab: int, seed: int) -> list[list[int]]:
 
 
 def run_greedy(job: dict) -> dict:
-    from tandem.sampling_params import SamplingParams
+    from tandem.records import SamplingParams
 
     t0 = time.perf_counter()
     engine = _engine(job)
@@ -70,7 +70,7 @@ def run_greedy(job: dict) -> dict:
 
 
 def run_w1(job: dict) -> dict:
-    from tandem.sampling_params import SamplingParams
+    from tandem.records import SamplingParams
 
     t0 = time.perf_counter()
     engine = _engine(job)

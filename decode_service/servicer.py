@@ -1,20 +1,18 @@
 """Decode servicer: admits requests, reserves KV for remote prefill, streams tokens.
 
-A request's life on a decode server:
-    Generate(prefill_locally)   -> add to the engine -> stream every token
-    Generate(remote prefill)    -> reserve blocks -> send KVTarget -> wait for the KV push
-                                -> commit (join the running batch) -> stream tokens 1..
-    stream cancelled / error    -> engine.abort (idempotent) frees the blocks
-    Abort(req_id)               -> reclaims its open handoff (the waiting stream ends at once)
-                                   and aborts it in the engine; idempotent
-    Session (the router's path) -> the same per request, many requests on one stream: the
-                                   events of every request go out batched, one message per
-                                   engine step (more while the router lags), and a refusal is
-                                   an `error` event for that request instead of a status
-
-Status codes the router acts on: RESOURCE_EXHAUSTED (no blocks / queue full: try another
-server), ABORTED (the KV handoff failed: the sender's fault, retry with another prefill),
-INVALID_ARGUMENT (the request itself is bad).
+A request's life on a decode server, one of many on the router's Session stream:
+    generate(prefill_locally)   -> add to the engine -> every token
+    generate(remote prefill)    -> reserve blocks -> KVTarget -> wait for the KV push
+                                -> commit (join the running batch) -> tokens 1..
+    abort on the session, Abort(req_id), the session ending
+                                -> reclaims its open handoff (the waiting request ends at
+                                   once) and aborts it in the engine (idempotent: frees the
+                                   blocks)
+The events of every request go out batched, one message per engine step (more while the
+router lags); a refusal is an `error` event for that request, carrying the status code the
+router acts on: RESOURCE_EXHAUSTED (no blocks / queue full: try another server), ABORTED (the
+KV handoff failed: the sender's fault, retry with another prefill), INVALID_ARGUMENT (the
+request itself is bad).
 """
 
 from __future__ import annotations
@@ -29,18 +27,19 @@ import grpc
 
 from kvtransfer.base import HandoffState
 from kvtransfer.ledger import Handoff, HandoffFailed, HandoffLedger
+from kvtransfer.wire import logprob_to_proto
 from protos import worker_pb2, worker_pb2_grpc
-from tandem.async_engine import AsyncEngine, EngineDeadError, OutputStream, outputs_of
-from tandem.engine import EngineFullError, StepOutput
-from worker.bootstrap import worker_stats
-from worker.convert import finish_to_proto, logprob_to_proto, sampling_from_proto
+from tandem.async_engine import AsyncEngine, EngineDeadError
+from tandem.engine_records import EngineFullError, StepOutput
+from tandem.output_stream import OutputStream
+from worker.convert import finish_to_proto, sampling_from_proto
+from worker.load import worker_stats
 
 log = logging.getLogger(__name__)
 
 
 class _Refused(Exception):
-    """A request the server does not serve: Generate ends with this status, a Session
-    request with an `error` event carrying it."""
+    """A request the server does not serve: its `error` event carries this status."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -62,14 +61,9 @@ def _refusal(e: Exception) -> _Refused | None:
     return None
 
 
-def _token_event(out: StepOutput, num_prompt_tokens: int) -> worker_pb2.DecodeEvent:
-    # filled in place: a third of the cost of building a TokenEvent and wrapping it
-    ev = worker_pb2.DecodeEvent()
-    _fill_tokens(ev.tokens, out, num_prompt_tokens)
-    return ev
-
-
 def _fill_tokens(tokens: worker_pb2.TokenEvent, out: StepOutput, num_prompt_tokens: int) -> None:
+    # filled in place, in the session's outgoing message: a third of the cost of building a
+    # TokenEvent and copying it in
     tokens.token_ids.extend(out.new_token_ids)
     tokens.num_prompt_tokens = num_prompt_tokens
     if out.num_cached_tokens:
@@ -180,38 +174,6 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         """Requests admitted on a Session and not ended (the drain waits for them)."""
         return len(self._session_tasks)
 
-    async def _open(self, request):
-        """The request's events: KVTarget (remote prefill) then StepOutputs. Raises what
-        _refusal maps to a status."""
-        params = sampling_from_proto(request.sampling)
-        prompt = list(request.prompt_token_ids)
-        num_out = request.num_output_tokens
-        if request.prefill_locally:
-            return await self.engine.open_stream(
-                request.req_id, prompt, params, num_output_tokens=num_out
-            )
-        return self._remote_prefill(request.req_id, prompt, params, num_out)
-
-    async def Generate(self, request, context):
-        # context.write, not yield: no async generator between the engine and gRPC (nor the
-        # interceptor's wrapper around one), a few µs less per token on the loop
-        write, num_prompt = context.write, len(request.prompt_token_ids)
-        try:
-            stream = await self._open(request)
-            try:
-                async for item in stream:
-                    if type(item) is StepOutput:
-                        await write(_token_event(item, num_prompt))
-                    else:
-                        await write(worker_pb2.DecodeEvent(kv_target=item))
-            finally:
-                await stream.aclose()  # unfinished (client gone, error): abort, free blocks
-        except Exception as e:
-            refused = _refusal(e)
-            if refused is None:
-                raise
-            await context.abort(refused.code, refused.message)
-
     async def Session(self, request_iterator, context):
         out = _Outbox()
         tasks: dict[str, asyncio.Task] = {}  # this session's requests
@@ -305,13 +267,6 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         finally:
             await stream.aclose()  # unfinished (cancelled, error): abort, free blocks
 
-    async def _remote_prefill(self, req_id, prompt, params, num_out):
-        """Generate's remote prefill: KVTarget, then the tokens sampled here."""
-        async with self._handoff(req_id, prompt, params, num_out) as hs:
-            yield hs.kv_target
-            async for out in outputs_of(await self._commit_after_kv(hs)):
-                yield out
-
     @contextlib.asynccontextmanager
     async def _handoff(self, req_id, prompt, params, num_out):
         """Reserve the prompt's blocks and open its handoff; on the way out (finished,
@@ -378,6 +333,4 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         return found or bool(reclaimed) or task is not None
 
     async def Stats(self, request, context):
-        st = await worker_stats(self.engine, self.ledger.num_active, self.ledger.num_completed)
-        st.decode_session = True
-        return st
+        return await worker_stats(self.engine, self.ledger.num_active, self.ledger.num_completed)

@@ -1,6 +1,7 @@
 """A small typed client for tandem's public Router gRPC API (sync and asyncio).
 
-Imports only grpc and the generated protos (no torch), so other services can use it:
+Imports only grpc, the generated protos and the core's torch-free records (no torch), so
+other services can use it:
 
     from router.client import TandemClient
     with TandemClient("127.0.0.1:50051") as c:   # tls=TLSConfig.from_files(...) for TLS
@@ -21,22 +22,20 @@ import grpc
 
 from protos import common_pb2, router_pb2, router_pb2_grpc
 from rpc.tls import PLAINTEXT, TLSConfig, aio_channel, channel
+from tandem.records import Usage
 
 _FINISH = {1: "stop", 2: "length", 3: "abort", 4: "error"}
 _SAMPLING = {f.name for f in common_pb2.SamplingParams.DESCRIPTOR.fields}
 
 
 @dataclass(slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    cached_tokens: int = 0
-
-
-@dataclass(slots=True)
 class Chunk:
-    """One streamed piece of one choice."""
+    """One streamed piece of one choice, as a client reads it off the wire.
+
+    Not the router's ChoiceChunk (router/types.py), which is the engine's record of the same
+    piece before the servicer converts it: this one has OpenAI's finish_reason string, the
+    wire's TokenLogprob messages (with token text) and the request id.
+    """
 
     request_id: str
     index: int  # choice, 0..n-1
@@ -107,7 +106,8 @@ def _chunk(c: router_pb2.GenerateResponse) -> Chunk:
     usage = None
     if c.HasField("usage"):
         u = c.usage
-        usage = Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens)
+        # (total_tokens is prompt + completion: Usage computes it as the router did)
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
     return Chunk(
         c.request_id, c.index, c.text, list(c.token_ids), _FINISH.get(c.finish_reason),
         c.stop_reason, usage, list(c.logprobs),

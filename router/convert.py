@@ -4,64 +4,27 @@ from __future__ import annotations
 
 from protos import common_pb2, router_pb2
 from router.tokenizer import RouterTokenizer
-from router.types import ChoiceChunk, GenerateInput, Logprob, Sampling
-
-
-def sampling_from_proto(p: common_pb2.SamplingParams) -> Sampling:
-    return Sampling(
-        temperature=p.temperature if p.HasField("temperature") else 1.0,
-        top_p=p.top_p if p.HasField("top_p") else 1.0,
-        top_k=p.top_k,
-        min_p=p.min_p,
-        seed=p.seed if p.HasField("seed") else None,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
-        logit_bias=dict(p.logit_bias),
-        stop_token_ids=list(p.stop_token_ids),
-        ignore_eos=p.ignore_eos,
-        min_tokens=p.min_tokens,
-        max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
-        logprobs=p.logprobs,
-        top_logprobs=p.top_logprobs,
-    )
-
-
-def sampling_to_proto(s: Sampling) -> common_pb2.SamplingParams:
-    p = common_pb2.SamplingParams(
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        min_p=s.min_p,
-        presence_penalty=s.presence_penalty,
-        frequency_penalty=s.frequency_penalty,
-        repetition_penalty=s.repetition_penalty,
-        logit_bias=s.logit_bias,
-        stop_token_ids=s.stop_token_ids,
-        ignore_eos=s.ignore_eos,
-        min_tokens=s.min_tokens,
-        logprobs=s.logprobs,
-        top_logprobs=s.top_logprobs,
-    )
-    if s.seed is not None:
-        p.seed = s.seed
-    if s.max_tokens is not None:
-        p.max_tokens = s.max_tokens
-    return p
+from router.types import ChoiceChunk, GenerateInput
+from tandem.records import Logprob
+from worker.convert import sampling_from_proto
 
 
 def logprob_from_proto(p: common_pb2.TokenLogprob) -> Logprob:
+    # (the workers' twin lives with the KV handoff, in kvtransfer/, which loads torch)
     return Logprob(p.token_id, p.logprob, [(t.token_id, t.logprob) for t in p.top])
 
 
 def generate_input_from_proto(r: router_pb2.GenerateRequest) -> GenerateInput:
+    sampling = sampling_from_proto(r.sampling, check=False)  # router/validate.py checks it
+    sampling.stop = list(r.stop)
+    sampling.include_stop_str_in_output = r.include_stop_str_in_output
+    if r.HasField("skip_special_tokens"):
+        sampling.skip_special_tokens = r.skip_special_tokens
     gi = GenerateInput(
         request_id=r.request_id,
         model=r.model,
-        sampling=sampling_from_proto(r.sampling),
-        stop=list(r.stop),
-        include_stop_str_in_output=r.include_stop_str_in_output,
-        skip_special_tokens=r.skip_special_tokens if r.HasField("skip_special_tokens") else True,
+        sampling=sampling,
+        top_logprobs=r.sampling.top_logprobs,
         n=r.n or 1,
         echo=r.echo,
         add_generation_prompt=(
@@ -134,7 +97,7 @@ def chunk_to_proto(
             common_pb2.Usage(
                 prompt_tokens=u.prompt_tokens,
                 completion_tokens=u.completion_tokens,
-                total_tokens=u.prompt_tokens + u.completion_tokens,
+                total_tokens=u.total_tokens,
                 cached_tokens=u.cached_tokens,
             )
         )

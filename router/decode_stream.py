@@ -1,6 +1,5 @@
-"""A choice's events from its decode server, read with deadlines: over the server's Session
-stream (one per decode server, shared by every choice routed there), or over a Generate
-stream of its own when the server has no Session (an older or a fake one).
+"""A choice's events from its decode server, read with deadlines, over the server's Session
+stream (one per decode server, shared by every choice routed there).
 
     DecodeSession ── one Decode.Session call per decode server ──────────────────────────
       up:   SessionRequest(generate=DecodeRequest) per choice attempt, (abort=...) when a
@@ -8,13 +7,11 @@ stream of its own when the server has no Session (an older or a fake one).
       down: SessionEvents, one message per engine step for the whole batch; the reader
             task hands each event to its choice's _SessionStream
       the call ends (server stopped, channel closed, error): every open choice fails over
-      opened only once the server's Stats said it serves Session; until then, or after an
-            UNIMPLEMENTED, each choice on that server uses a Generate call of its own
+      opened on a choice's first use of the server, again after it ended
 
-Both kinds of stream have the same read(timeout_s, waiting_for, blame) -> event with a
-`kv_target` or `tokens`, raising _WorkerFailed (migrate) or RequestError (the request is
-bad); each read's deadline is kept by one lazily re-armed timer per stream, not a timer per
-token.
+A choice's _SessionStream.read(timeout_s, waiting_for, blame) -> an event with a `kv_target`
+or `tokens`, raising _WorkerFailed (migrate) or RequestError (the request is bad); each
+read's deadline is kept by one lazily re-armed timer per stream, not a timer per token.
 """
 
 from __future__ import annotations
@@ -84,12 +81,6 @@ def _fire_abort(worker, req_id: str) -> None:
     task.add_done_callback(_background.discard)
 
 
-def _cancel_requested() -> bool:
-    """The current task is being cancelled (Python >= 3.11 can tell; before, assume not)."""
-    cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    return cancelling is not None and cancelling() > 0
-
-
 class _Deadline:
     """A read's deadline for a float per read: the read writes its deadline down; one timer
     sleeps until the earliest deadline written and, woken to find that the deadline moved on
@@ -143,54 +134,10 @@ class _Deadline:
         )
 
 
-class _DecodeStream(_Deadline):
-    """A decode server's Generate stream of one choice attempt. Past a read's deadline the
-    call is cancelled, which ends that read with CancelledError; read() turns it into the
-    timeout's _WorkerFailed."""
-
-    __slots__ = ("call", "worker", "call_req_id")
-
-    def __init__(self, call, worker, req_id: str = ""):
-        super().__init__()
-        self.call = call
-        self.worker = worker  # the decode server
-        self.call_req_id = req_id
-
-    async def read(self, timeout_s: float, waiting_for: str, blame=None):
-        """The next decode event within timeout_s. Failures blame the decode server, except
-        ABORTED (a failed KV handoff) and a timeout, which blame `blame` when given (the
-        prefill server)."""
-        self._arm(timeout_s)
-        self._waiting = True
-        try:
-            return await self.call.read()
-        except asyncio.CancelledError:
-            if not self._expired or _cancel_requested():
-                raise  # cancelled from outside: client gone, Abort, shutdown
-            raise self._timed_out(blame, timeout_s, waiting_for) from None
-        except grpc.aio.AioRpcError as e:
-            if blame is not None and e.code() == grpc.StatusCode.ABORTED:
-                raise _WorkerFailed(blame, f"ABORTED: {e.details()}", e.code()) from e
-            raise _worker_error(e, self.worker) from e
-        finally:
-            self._waiting = False
-
-    def _expire(self) -> None:
-        self.call.cancel()
-
-    def close(self, finished: bool = True) -> None:
-        """Stop the timer and cancel the call (a no-op when the stream already ended), which
-        aborts the request on the decode server; unfinished, an Abort RPC makes sure."""
-        self._stop_timer()
-        self.call.cancel()
-        if not finished:
-            _fire_abort(self.worker, self.call_req_id)
-
-
 class _SessionStream(_Deadline):
     """One choice attempt's events on its decode server's session."""
 
-    __slots__ = ("session", "worker", "request", "_events", "_error", "_waiter", "_fallback")
+    __slots__ = ("session", "worker", "request", "_events", "_error", "_waiter")
 
     def __init__(self, session: DecodeSession, request: worker_pb2.DecodeRequest):
         super().__init__()
@@ -200,11 +147,12 @@ class _SessionStream(_Deadline):
         self._events: collections.deque = collections.deque()
         self._error: Exception | None = None  # the session ended under it
         self._waiter: asyncio.Future | None = None
-        self._fallback: _DecodeStream | None = None  # the server has no Session
 
     async def read(self, timeout_s: float, waiting_for: str, blame=None):
-        """As _DecodeStream.read."""
-        if self._fallback is None and not self._events and self._error is None:
+        """The next decode event within timeout_s. Failures blame the decode server, except
+        ABORTED (a failed KV handoff) and a timeout, which blame `blame` when given (the
+        prefill server)."""
+        if not self._events and self._error is None:
             self._arm(timeout_s)
             self._waiting, self._expired = True, False
             self._waiter = self._loop.create_future()
@@ -224,8 +172,6 @@ class _SessionStream(_Deadline):
             if kind == "tokens" and events and events[0].WhichOneof("event") == "tokens":
                 _merge_tokens(ev.tokens, events)  # it lagged: what queued, as one event
             return ev
-        if self._fallback is not None:
-            return await self._fallback.read(timeout_s, waiting_for, blame)
         raise self._error
 
     def _event_error(self, err: worker_pb2.SessionError, blame) -> Exception:
@@ -247,21 +193,13 @@ class _SessionStream(_Deadline):
         self._error = error
         self._wake()
 
-    def _use_generate(self) -> None:
-        call = self.worker.stub.Generate(self.request)
-        self._fallback = _DecodeStream(call, self.worker, self.request.req_id)
-        self._wake()
-
     def _expire(self) -> None:
         self._wake()
 
     def close(self, finished: bool = True) -> None:
         """Leave the session; unfinished, the request is aborted on the decode server."""
         self._stop_timer()
-        if self._fallback is not None:
-            self._fallback.close(finished)
-        else:
-            self.session.leave(self.request.req_id, self, abort=not finished)
+        self.session.leave(self.request.req_id, self, abort=not finished)
 
 
 def _merge_tokens(into: worker_pb2.TokenEvent, events: collections.deque) -> None:
@@ -314,7 +252,9 @@ class DecodeSession:
             yield msg
 
     async def _read(self) -> None:
-        error: Exception | None = None
+        error: Exception = _WorkerFailed(
+            self.worker, "the decode session ended", grpc.StatusCode.UNAVAILABLE
+        )
         try:
             async for batch in self._call:
                 streams = self._streams
@@ -322,17 +262,10 @@ class DecodeSession:
                     stream = streams.get(ev.req_id)
                     if stream is not None:  # else: a choice that already left
                         stream._push(ev)
-            error = _WorkerFailed(
-                self.worker, "the decode session ended", grpc.StatusCode.UNAVAILABLE
-            )
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-                self.worker.session_supported = False
-                log.info("event=decode_session_unsupported worker=%s", self.worker.address)
-            else:
-                error = _worker_error(e, self.worker)
-                if not isinstance(error, _WorkerFailed):  # the session's fault, not a request's
-                    error = _WorkerFailed(self.worker, str(error), e.code())
+            error = _worker_error(e, self.worker)
+            if not isinstance(error, _WorkerFailed):  # the session's fault, not a request's
+                error = _WorkerFailed(self.worker, str(error), e.code())
         except asyncio.CancelledError:
             error = _WorkerFailed(self.worker, "the decode session was cancelled")
             raise
@@ -347,21 +280,12 @@ class DecodeSession:
                 self.worker.session = None
             streams, self._streams = self._streams, {}
             for stream in streams.values():
-                if error is None:
-                    stream._use_generate()
-                else:
-                    stream._fail(error)
-            if error is not None:
-                log.debug(
-                    "event=decode_session_ended worker=%s detail=%s", self.worker.address, error
-                )
+                stream._fail(error)
+            log.debug("event=decode_session_ended worker=%s detail=%s", self.worker.address, error)
 
 
-def open_decode_stream(worker, request: worker_pb2.DecodeRequest):
-    """The choice attempt's stream on `worker`: on its session (opened on first use), or a
-    Generate call of its own when the server has no Session."""
-    if not worker.session_supported:
-        return _DecodeStream(worker.stub.Generate(request), worker, request.req_id)
+def open_decode_stream(worker, request: worker_pb2.DecodeRequest) -> _SessionStream:
+    """The choice attempt's stream on `worker`'s session (opened on first use)."""
     session = worker.session
     if session is None or session.closed:
         session = worker.session = DecodeSession(worker)

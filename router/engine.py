@@ -32,10 +32,10 @@ from router.types import (
     GenerateInput,
     RequestError,
     Timing,
-    Usage,
 )
 from router.validate import validate_input, validate_prompt
 from router.workers import Role, WorkerPool
+from tandem.records import Usage
 
 log = logging.getLogger("tandem.router")
 
@@ -204,8 +204,9 @@ class RouterEngine:
     async def _run_choice(self, gi, index, prompt_ids, prompt_text, t_arrival, queue) -> None:
         """Worker tokens -> text (detokenizer, stop strings) -> ChoiceChunks on the queue."""
         req_id = f"{gi.request_id}-{index}"
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, gi.skip_special_tokens)
-        stops = StopStringMatcher(gi.stop, gi.include_stop_str_in_output)
+        s = gi.sampling
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, s.skip_special_tokens)
+        stops = StopStringMatcher(s.stop, s.include_stop_str_in_output)
         timing = Timing()
         first = True
         num_out = num_cached = 0
@@ -223,7 +224,7 @@ class RouterEngine:
                     if gi.echo:
                         chunk.text, chunk.prompt_token_ids = prompt_text, list(prompt_ids)
                 ids = batch.token_ids
-                if batch.stop_token_id is not None and not gi.include_stop_str_in_output:
+                if batch.stop_token_id is not None and not s.include_stop_str_in_output:
                     # the stop token's own text is not output
                     ids = [t for t in ids if t != batch.stop_token_id]
                 text = detok.add(ids[0]) if len(ids) == 1 else detok.add_many(ids)

@@ -3,8 +3,8 @@
 local?    no prefill server, or the prompt's part not cached on the chosen decode server
           is shorter than max_local_prefill_length -> the decode server prefills it
           (prefill_locally, no handoff); counted local / remote
-attempt:  choose decode ─ its Decode.Session (or a Decode.Generate call, for a server
-          without one: router/decode_stream.py) ──> KVTarget (remote prefill only)
+attempt:  choose decode ─ a request on its Decode.Session (router/decode_stream.py)
+          ──> KVTarget (remote prefill only)
           choose prefill ─ Prefill.Prefill(kv_target) ──> token 0   (yielded at once)
           decode stream ──> tokens 1.. until a finish_reason
 failure:  a worker error before the choice finished starts a new attempt on other workers
@@ -21,7 +21,7 @@ blame:    Prefill RPC failed or timed out                -> that prefill server
           decode stream error or silent for idle timeout  -> that decode server
 exit:     finished on the decode server: nothing to clean. Otherwise (the prefill's token
           ended it, stop string, client cancel, error): abort it on the decode server (on
-          the session, or cancel the Generate call and Abort) and Abort on the prefill one.
+          the session) and Abort on the prefill one.
 deadlines: every call here has one (Prefill: prefill_timeout_s; each decode read: the
           handoff, local-prefill or idle timeout, kept by the stream without a timer per
           token; Abort: ABORT_TIMEOUT_S).
@@ -37,17 +37,13 @@ from typing import NamedTuple
 import grpc
 
 from protos import worker_pb2
-from router.convert import logprob_from_proto, sampling_to_proto
-from router.decode_stream import (  # noqa: F401 - _DecodeStream: tests import it from here
-    _DecodeStream,
-    _fire_abort,
-    _worker_error,
-    _WorkerFailed,
-    open_decode_stream,
-)
-from router.types import ErrorKind, FinishReason, Logprob, RequestError, Sampling, Timing
+from router.convert import logprob_from_proto
+from router.decode_stream import _fire_abort, _worker_error, _WorkerFailed, open_decode_stream
+from router.types import ErrorKind, FinishReason, RequestError, Timing
 from router.workers import Role, WorkerHandle, WorkerPool
 from tandem.block_hash import hash_prompt_blocks
+from tandem.records import Logprob, SamplingParams
+from worker.convert import sampling_to_proto
 
 log = logging.getLogger("tandem.router.handoff")
 
@@ -86,7 +82,7 @@ async def stream_choice(
     policy,
     req_id: str,
     prompt_ids: list[int],
-    sampling: Sampling,
+    sampling: SamplingParams,
     timing: Timing,
     t_arrival: float,
     limits: HandoffLimits,
@@ -129,7 +125,7 @@ async def _attempt(
     req_id: str,
     prompt_ids: list[int],
     generated: list[int],
-    sampling: Sampling,
+    sampling: SamplingParams,
     timing: Timing,
     t_arrival: float,
     bad: set[WorkerHandle],
@@ -203,8 +199,8 @@ async def _attempt(
     finally:
         decode.active -= 1
         # not finished on the decode server (the prefill's token ended the choice, a stop
-        # string, client cancel, a failure): its copy goes with its stream (a cancelled
-        # Generate call, or an abort on the session); unfinished, the prefill server's too
+        # string, client cancel, a failure): its copy goes with an abort on the session;
+        # unfinished, the prefill server's too
         stream.close(decode_done)
         if not finished and prefill is not None:
             _fire_abort(prefill, req_id)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple
+
+from tandem.records import Logprob, SamplingParams, Usage
 
 
 class FinishReason(enum.IntEnum):
@@ -43,33 +44,6 @@ class RequestError(Exception):
 
 
 @dataclass(slots=True)
-class Sampling:
-    """Mirror of tandem.v1.SamplingParams with defaults resolved."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    max_tokens: int | None = None  # None until validation fills max_model_len - prompt_len
-    logprobs: bool = False
-    top_logprobs: int = 0
-
-
-class Logprob(NamedTuple):
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token_id, logprob), best first
-
-
-@dataclass(slots=True)
 class GenerateInput:
     """One public Generate call after proto conversion."""
 
@@ -78,10 +52,12 @@ class GenerateInput:
     text: str | None = None
     messages: list[dict] | None = None  # [{"role", "content", optional "name"}]
     prompt_token_ids: list[int] | None = None
-    sampling: Sampling = field(default_factory=Sampling)
-    stop: list[str] = field(default_factory=list)
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
+    # as sent, unchecked (router/validate.py checks it), with the request's stop strings and
+    # detokenization settings; max_tokens None until validation fills it
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=None))
+    # tandem.v1.SamplingParams.top_logprobs as sent: checked even when logprobs is off, as the
+    # public API always has (sampling.logprobs holds it when on)
+    top_logprobs: int = 0
     n: int = 1
     echo: bool = False
     add_generation_prompt: bool = True
@@ -100,15 +76,14 @@ class Timing:
 
 
 @dataclass(slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
-
-
-@dataclass(slots=True)
 class ChoiceChunk:
-    """A piece of one choice's output, as streamed to the client."""
+    """A piece of one choice's output, as the engine streams it to the servicer.
+
+    Not router.client.Chunk, although both are "a piece of one choice": that one is the
+    client's view of the wire message (finish_reason as OpenAI's string, logprobs as the
+    TokenLogprob messages with their token text, the request id); this one is the engine's,
+    before the servicer adds text to logprobs and converts (enum, timing, echo, cache counts).
+    """
 
     index: int
     token_ids: list[int] = field(default_factory=list)

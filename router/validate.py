@@ -42,26 +42,28 @@ def validate_input(gi: GenerateInput, max_n: int) -> None:
         raise _bad("prompt", f"the prompt has more than {MAX_PROMPT_CHARS} characters")
     if not 1 <= gi.n <= max_n:
         raise _bad("n", f"n must be between 1 and {max_n}, got {gi.n}")
-    if len(gi.stop) > MAX_STOP_STRINGS or any(not 0 < len(s) <= MAX_STOP_LEN for s in gi.stop):
+    s = gi.sampling
+    if len(s.stop) > MAX_STOP_STRINGS or any(not 0 < len(x) <= MAX_STOP_LEN for x in s.stop):
         raise _bad(
             "stop", f"stop takes at most {MAX_STOP_STRINGS} strings of 1..{MAX_STOP_LEN} characters"
         )
-    s = gi.sampling
+    # (param, value, ok, rule): the public API's names (top_logprobs, not the core's logprobs)
     checks = [
-        ("temperature", math.isfinite(s.temperature) and s.temperature >= 0, ">= 0"),
-        ("top_p", 0 < s.top_p <= 1, "in (0, 1]"),
-        ("top_k", s.top_k >= -1, "-1 (disabled) or >= 0"),
-        ("min_p", 0 <= s.min_p <= 1, "in [0, 1]"),
-        ("presence_penalty", -2 <= s.presence_penalty <= 2, "in [-2, 2]"),
-        ("frequency_penalty", -2 <= s.frequency_penalty <= 2, "in [-2, 2]"),
-        ("repetition_penalty", 0 < s.repetition_penalty <= 2, "in (0, 2]"),
-        ("min_tokens", s.min_tokens >= 0, ">= 0"),
-        ("max_tokens", s.max_tokens is None or s.max_tokens >= 1, ">= 1"),
-        ("top_logprobs", 0 <= s.top_logprobs <= MAX_TOP_LOGPROBS, f"in [0, {MAX_TOP_LOGPROBS}]"),
-    ]
-    for name, ok, rule in checks:
+        ("temperature", s.temperature, math.isfinite(s.temperature) and s.temperature >= 0, ">= 0"),
+        ("top_p", s.top_p, 0 < s.top_p <= 1, "in (0, 1]"),
+        ("top_k", s.top_k, s.top_k >= -1, "-1 (disabled) or >= 0"),
+        ("min_p", s.min_p, 0 <= s.min_p <= 1, "in [0, 1]"),
+        ("presence_penalty", s.presence_penalty, -2 <= s.presence_penalty <= 2, "in [-2, 2]"),
+        ("frequency_penalty", s.frequency_penalty, -2 <= s.frequency_penalty <= 2, "in [-2, 2]"),
+        ("repetition_penalty", s.repetition_penalty, 0 < s.repetition_penalty <= 2, "in (0, 2]"),
+        ("min_tokens", s.min_tokens, s.min_tokens >= 0, ">= 0"),
+        ("max_tokens", s.max_tokens, s.max_tokens is None or s.max_tokens >= 1, ">= 1"),
+        ("top_logprobs", gi.top_logprobs, 0 <= gi.top_logprobs <= MAX_TOP_LOGPROBS,
+         f"in [0, {MAX_TOP_LOGPROBS}]"),
+    ]  # fmt: skip
+    for name, value, ok, rule in checks:
         if not ok:
-            raise _bad(name, f"{name} must be {rule}, got {getattr(s, name)}")
+            raise _bad(name, f"{name} must be {rule}, got {value}")
     if s.max_tokens is not None and s.min_tokens > s.max_tokens:
         raise _bad("min_tokens", "min_tokens must not exceed max_tokens")
     if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:

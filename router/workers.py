@@ -75,10 +75,8 @@ class WorkerHandle:
     active: int = 0  # decode: router requests streaming from it
     blocks: WorkerBlocks = field(default_factory=lambda: WorkerBlocks(APPROX_CAPACITY))
     exact_events: bool = False  # KV events arrive: the prefix index is exact
-    # decode: the Session call its choices share (router/decode_stream.py), opened on first
-    # use, once its Stats said it serves one; until then each choice has a Generate call
+    # decode: the Session call its choices share (router/decode_stream.py), opened on first use
     session: object = None
-    session_supported: bool = False
     last_seen: float = field(default_factory=time.monotonic)
 
     def prefill_load(self) -> int:
@@ -280,7 +278,6 @@ class WorkerPool:
         )
         if s.block_size > 0:
             w.block_size = s.block_size
-        w.session_supported = s.decode_session
         if not w.healthy:
             log.info("event=worker_healthy id=%s", w.worker_id)
         w.healthy = True

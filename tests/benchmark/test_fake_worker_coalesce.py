@@ -1,12 +1,13 @@
-"""The fake decode server's --coalesce mode: tokens made on the engine's clock, and a stream
-that lags gets every queued token in one event (as the real decode server's `_drain`)."""
+"""The fake decode server's Session: lockstep by default (the next step once the last write is
+done), and with --coalesce tokens made on the engine's clock, a stream that lags getting every
+step made meanwhile in one message (as the real decode server's session)."""
 
 import asyncio
 
 import pytest
 
 from bench.fake_worker import FakeDecode, output_token
-from protos import common_pb2
+from protos import common_pb2, worker_pb2
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -17,22 +18,47 @@ def sampling(**kw):
     return common_pb2.SamplingParams(max_tokens=12, **kw)
 
 
-async def events(gen, lag_turns: int = 0) -> list[tuple[list[int], int]]:
-    out = [await anext(gen)]
-    for _ in range(lag_turns):  # the engine makes one token per loop turn (itl 0)
-        await asyncio.sleep(0)
-    while not out[-1][1]:  # the servicer stops at the finish reason
-        out.append(await anext(gen))
-    await gen.aclose()
+class LaggingContext:
+    """A servicer context whose first write returns only after lag_turns loop turns."""
+
+    def __init__(self, lag_turns: int) -> None:
+        self.lag_turns = lag_turns
+        self.msgs: list[worker_pb2.SessionEvents] = []
+
+    async def write(self, msg) -> None:
+        self.msgs.append(msg)
+        if len(self.msgs) == 1:
+            for _ in range(self.lag_turns):  # the engine steps once per loop turn (itl 0)
+                await asyncio.sleep(0)
+
+
+async def messages(worker, s, lag_turns: int = 0) -> list[tuple[list[int], int]]:
+    """(tokens, finish_reason of the last) per Session message, for one local request."""
+    request = worker_pb2.DecodeRequest(
+        req_id="l", prompt_token_ids=PROMPT, sampling=s, prefill_locally=True
+    )
+
+    async def requests():
+        yield worker_pb2.SessionRequest(generate=request)
+        await asyncio.Event().wait()  # the router keeps its session open
+
+    ctx = LaggingContext(lag_turns)
+    session = asyncio.ensure_future(worker.Session(requests(), ctx))
+    out: list[tuple[list[int], int]] = []
+    while not out or not out[-1][1]:  # the fake stops the request at its finish reason
+        while len(ctx.msgs) <= len(out):
+            await asyncio.sleep(0)
+        evs = ctx.msgs[len(out)].events
+        out.append(([t for ev in evs for t in ev.tokens.token_ids], evs[-1].tokens.finish_reason))
+    session.cancel()
     return out
 
 
 @pytest.mark.parametrize("s", [sampling(), sampling(stop_token_ids=[8], min_tokens=5)])
-def test_lagging_stream_gets_queued_tokens_in_one_event(s):
+def test_lagging_stream_gets_queued_tokens_in_one_message(s):
     async def go():
-        worker = FakeDecode("unused", coalesce=True)
-        lockstep = await events(FakeDecode("unused")._lockstep(PROMPT, s, 0))
-        lagged = await events(worker._steps(PROMPT, s, 0), lag_turns=3 * 12)
+        lockstep = await messages(FakeDecode("unused"), s, lag_turns=3 * 12)
+        lagged = await messages(FakeDecode("unused", coalesce=True), s, lag_turns=3 * 12)
         return lockstep, lagged
 
     lockstep, lagged = asyncio.run(go())
@@ -46,8 +72,8 @@ def test_lagging_stream_gets_queued_tokens_in_one_event(s):
 
 
 def test_session_steps_every_request_on_one_clock():
-    """--session: the fake's Session serves local and remote-prefill requests on one stream,
-    tokens as in Generate, and says so in Stats (which makes the router use it)."""
+    """The fake's Session serves local and remote-prefill requests on one stream (--coalesce:
+    on one engine clock), each write carrying several events."""
     import grpc
 
     from protos import worker_pb2, worker_pb2_grpc
@@ -56,14 +82,13 @@ def test_session_steps_every_request_on_one_clock():
         server = grpc.aio.server()
         port = server.add_insecure_port("127.0.0.1:0")
         address = f"127.0.0.1:{port}"
-        worker = FakeDecode(address, session=True)
+        worker = FakeDecode(address, coalesce=True)
         worker_pb2_grpc.add_DecodeServicer_to_server(worker, server)
         worker_pb2_grpc.add_KVTransferServicer_to_server(worker, server)
         await server.start()
         try:
             async with grpc.aio.insecure_channel(address) as ch:
                 stub = worker_pb2_grpc.DecodeStub(ch)
-                stats = await stub.Stats(worker_pb2.StatsRequest())
                 up: asyncio.Queue = asyncio.Queue()
 
                 async def requests():
@@ -89,20 +114,26 @@ def test_session_steps_every_request_on_one_clock():
                     for ev in batch.events:
                         got.setdefault(ev.req_id, []).append(ev)
                         if ev.WhichOneof("event") == "kv_target":
-                            chunk = worker_pb2.KVChunk(
-                                handoff_id=ev.kv_target.handoff_id, last=True,
-                                first_token_id=output_token(PROMPT, 0),
-                            )  # fmt: skip
+                            hid = ev.kv_target.handoff_id
+                            transfer = [
+                                worker_pb2.KVTransferMessage(
+                                    handoff_id=hid, begin=worker_pb2.KVBegin(num_slabs=1)
+                                ),
+                                worker_pb2.KVTransferMessage(
+                                    handoff_id=hid,
+                                    done=worker_pb2.KVDone(first_token_id=output_token(PROMPT, 0)),
+                                ),
+                            ]
                             kv = worker_pb2_grpc.KVTransferStub(ch)
-                            assert (await kv.Push(iter([chunk]))).ok
+                            replies = [r.reply async for r in kv.Transfer(iter(transfer))]
+                            assert replies[-1] == worker_pb2.KV_REPLY_COMPLETE
                 up.put_nowait(None)
                 call.cancel()
         finally:
             await server.stop(None)
-        return stats, got, msgs
+        return got, msgs
 
-    stats, got, msgs = asyncio.run(go())
-    assert stats.decode_session
+    got, msgs = asyncio.run(go())
     want = [output_token(PROMPT, i) for i in range(12)]
     for i in range(3):
         assert [t for ev in got[f"l{i}"] for t in ev.tokens.token_ids] == want

@@ -85,18 +85,32 @@ def test_worker_contract_field_numbers():
     def numbers(msg):
         return {f.name: f.number for f in msg.DESCRIPTOR.fields}
 
-    assert numbers(worker_pb2.DecodeEvent) == {"kv_target": 1, "tokens": 2}
+    assert numbers(worker_pb2.SessionEvent) == {
+        "req_id": 1, "kv_target": 2, "tokens": 3, "error": 4,
+    }  # fmt: skip
+    assert numbers(worker_pb2.SessionRequest) == {"generate": 1, "abort": 2}
     assert numbers(worker_pb2.KVTarget) == {
         "handoff_id": 1, "decode_kv_address": 2, "block_ids": 3, "num_cached_tokens": 4,
         "block_size": 5, "transport": 6, "transports": 7, "pool": 8,
     }  # fmt: skip
-    assert numbers(worker_pb2.KVWriteMessage) == {
-        "handoff_id": 1, "begin": 2, "written_slab": 3, "done": 4,
+    assert numbers(worker_pb2.KVTransferMessage) == {
+        "handoff_id": 1, "begin": 2, "written_slab": 3, "done": 4, "chunk": 5,
+    }  # fmt: skip
+    assert numbers(worker_pb2.KVBegin) == {"transport": 1, "pool_id": 2, "num_slabs": 3}
+    assert numbers(worker_pb2.KVDone) == {"first_token_id": 1, "first_token_logprob": 2}
+    assert numbers(worker_pb2.KVTransferReply) == {"reply": 1, "error": 2}
+    assert dict(worker_pb2.KVReply.items()) == {
+        "KV_REPLY_UNSPECIFIED": 0, "KV_REPLY_GRANT": 1, "KV_REPLY_STOP": 2,
+        "KV_REPLY_COMPLETE": 3,
     }  # fmt: skip
     assert numbers(worker_pb2.KVPoolExport)["cuda"] == 8
     assert numbers(worker_pb2.WorkerStats)["num_kv_handoffs"] == 11
-    kv = numbers(worker_pb2.KVChunk)
-    assert kv["data"] == 8 and kv["last"] == 9 and kv["first_token_id"] == 10
+    assert numbers(worker_pb2.KVChunk) == {  # 1 and 9-11 are reserved
+        "layer_start": 2, "layer_end": 3, "block_offset": 4, "num_blocks": 5, "dtype": 6,
+        "shape": 7, "data": 8,
+    }  # fmt: skip
     assert numbers(worker_pb2.DecodeRequest)["prefill_locally"] == 4
     services = worker_pb2.DESCRIPTOR.services_by_name
     assert set(services) == {"Decode", "Prefill", "KVTransfer", "Registry"}
+    assert set(services["KVTransfer"].methods_by_name) == {"Transfer"}
+    assert set(services["Decode"].methods_by_name) == {"Session", "Abort", "Stats"}

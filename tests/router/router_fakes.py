@@ -1,9 +1,10 @@
 """In-process FAKE prefill/decode workers implementing worker.proto's semantics.
 
 Deterministic: the i-th output token of a request is script[i] (script given per test; a
-migrated attempt's i starts at its num_output_tokens), so expected text is known exactly. The fake prefill really pushes one KVChunk (last=True, with
-the first token) to the fake decode's KVTransfer service; the fake decode waits for it before
-streaming tokens 1.., as a real decode server does. The prefill fake keeps a prefix cache of
+migrated attempt's i starts at its num_output_tokens), so expected text is known exactly. The
+fake prefill really transfers one KV slab (an empty KVChunk) and the first token to the fake
+decode's KVTransfer service; the fake decode waits for it before streaming tokens 1.. on the
+router's session, as a real decode server does. The prefill fake keeps a prefix cache of
 block hashes and streams KV events; both fakes record aborts and active requests.
 """
 
@@ -21,9 +22,6 @@ from tandem.block_hash import hash_prompt_blocks
 
 BLOCK_SIZE = 4
 EOS = 2  # <|im_end|> in SmolLM2's vocabulary
-# Whether fake decode servers serve Decode.Session (and say so in Stats): the router then
-# streams its choices over it; False, over a Generate call each (tests/router runs both).
-DECODE_SESSION = True
 
 
 def _finish(i: int, tok: int, s: common_pb2.SamplingParams) -> int:
@@ -48,7 +46,7 @@ class FakeState:
     aborted: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
     # decode: a request's first attempt (req_id without a ".N" migration suffix) goes silent
-    # after this many DecodeEvents (its KVTarget counts), as a stuck server does; None: never
+    # after this many events (its KVTarget counts), as a stuck server does; None: never
     stall_after: int | None = None
 
 
@@ -60,31 +58,21 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
         self._ids = itertools.count()
         self.num_total_blocks = 64
         self.full = False  # True: refuse admissions like a decode server out of KV blocks
-        self.session = DECODE_SESSION
         self.num_sessions = 0  # Session calls opened
 
     async def Session(self, request_iterator, context):
-        """Generate's behaviour per request, many requests on one stream, events batched as
-        they queue; a status Generate would end with becomes an `error` event."""
-        if not self.session:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no Session here")
+        """Many requests on one stream, events batched as they queue; a refused request gets
+        an `error` event."""
         self.num_sessions += 1
         out: asyncio.Queue = asyncio.Queue()
         tasks: dict[str, asyncio.Task] = {}
 
         async def run(request):
             key = request.req_id  # the router's "<attempt id>/<n>", unique on its session
-            attempt = worker_pb2.DecodeRequest()
-            attempt.CopyFrom(request)
-            attempt.req_id = key.rsplit("/", 1)[0]  # recorded as the attempt id, as Generate's
             try:
-                async for ev in self.Generate(attempt, _RequestContext()):
-                    se = worker_pb2.SessionEvent(req_id=key)
-                    if ev.WhichOneof("event") == "kv_target":
-                        se.kv_target.CopyFrom(ev.kv_target)
-                    else:
-                        se.tokens.CopyFrom(ev.tokens)
-                    out.put_nowait(se)
+                async for ev in self._events(request, attempt=key.rsplit("/", 1)[0]):
+                    ev.req_id = key
+                    out.put_nowait(ev)
             except _Refused as e:
                 err = worker_pb2.SessionError(code=e.code.value[0], message=e.details)
                 out.put_nowait(worker_pb2.SessionEvent(req_id=key, error=err))
@@ -111,24 +99,25 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
             for task in tasks.values():
                 task.cancel()
 
-    async def Generate(self, request, context):
+    async def _events(self, request, attempt: str):
+        """One request's SessionEvents (req_id unset), recorded under its attempt id."""
         st = self.state
         if self.full:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free KV blocks")
-        st.requests.append(request.req_id)
-        st.active.add(request.req_id)
-        stall_at = st.stall_after if "." not in request.req_id else None
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free KV blocks")
+        st.requests.append(attempt)
+        st.active.add(attempt)
+        stall_at = st.stall_after if "." not in attempt else None
         try:
             s = request.sampling
             start = request.num_output_tokens  # a migrated attempt goes on from there
             if stall_at == 0:
-                await asyncio.Event().wait()  # silent until the router cancels the call
+                await asyncio.Event().wait()  # silent until the router aborts it
             if not request.prefill_locally:
                 hid = f"h{next(self._ids)}"
                 fut = asyncio.get_running_loop().create_future()
                 self.handoffs[hid] = fut
                 n_blocks = -(-len(request.prompt_token_ids) // BLOCK_SIZE)
-                yield worker_pb2.DecodeEvent(
+                yield worker_pb2.SessionEvent(
                     kv_target=worker_pb2.KVTarget(
                         handoff_id=hid,
                         decode_kv_address=self.kv_address,
@@ -136,7 +125,7 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
                         block_size=BLOCK_SIZE,
                     )
                 )
-                first = await fut  # the final KVChunk
+                first = await fut  # the transfer's done
                 if _finish(start, first, s):
                     return  # finished at the prefill's token: nothing left for decode
                 start += 1
@@ -158,20 +147,26 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
                     ev.logprobs.append(_logprob(tok, s))
                 if fin == common_pb2.FINISH_REASON_STOP:
                     ev.stop_token_id = tok
-                yield worker_pb2.DecodeEvent(tokens=ev)
+                yield worker_pb2.SessionEvent(tokens=ev)
                 if fin:
                     return
         finally:
-            st.active.discard(request.req_id)
+            st.active.discard(attempt)
 
-    async def Push(self, request_iterator, context):
-        async for chunk in request_iterator:
-            if chunk.last:
-                fut = self.handoffs.pop(chunk.handoff_id, None)
-                if fut is None:
-                    return worker_pb2.KVPushResult(ok=False, error="unknown handoff")
-                fut.set_result(chunk.first_token_id)
-        return worker_pb2.KVPushResult(ok=True)
+    async def Transfer(self, request_iterator, context):
+        async for msg in request_iterator:
+            kind = msg.WhichOneof("kind")
+            if msg.handoff_id not in self.handoffs:
+                yield worker_pb2.KVTransferReply(
+                    reply=worker_pb2.KV_REPLY_STOP, error="unknown handoff"
+                )
+                return
+            if kind == "begin":
+                yield worker_pb2.KVTransferReply(reply=worker_pb2.KV_REPLY_GRANT)
+            elif kind == "done":
+                self.handoffs.pop(msg.handoff_id).set_result(msg.done.first_token_id)
+                yield worker_pb2.KVTransferReply(reply=worker_pb2.KV_REPLY_COMPLETE)
+                return
 
     async def Abort(self, request, context):
         self.state.aborted.append(request.req_id)
@@ -183,21 +178,39 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
             num_free_blocks=self.num_total_blocks,
             num_total_blocks=self.num_total_blocks,
             block_size=BLOCK_SIZE,
-            decode_session=self.session,
         )
 
 
 class _Refused(Exception):
+    """A request the fake decode refuses: its `error` event carries the status."""
+
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
         self.code, self.details = code, details
 
 
-class _RequestContext:
-    """What Generate uses of a servicer context, for a request on a Session."""
-
-    async def abort(self, code: grpc.StatusCode, details: str):
-        raise _Refused(code, details)
+async def transfer_kv(address: str, target: worker_pb2.KVTarget, first_token_id: int) -> str:
+    """KVTransfer.Transfer of one empty slab and the first token; "" or the receiver's error."""
+    hid = target.handoff_id
+    msgs = [
+        worker_pb2.KVTransferMessage(
+            handoff_id=hid, begin=worker_pb2.KVBegin(transport="grpc", num_slabs=1)
+        ),
+        worker_pb2.KVTransferMessage(
+            handoff_id=hid,
+            chunk=worker_pb2.KVChunk(num_blocks=len(target.block_ids), dtype="float16"),
+        ),
+        worker_pb2.KVTransferMessage(
+            handoff_id=hid, done=worker_pb2.KVDone(first_token_id=first_token_id)
+        ),
+    ]
+    async with grpc.aio.insecure_channel(address) as ch:
+        async for reply in worker_pb2_grpc.KVTransferStub(ch).Transfer(iter(msgs)):
+            if reply.reply == worker_pb2.KV_REPLY_STOP:
+                return reply.error or "stopped"
+            if reply.reply == worker_pb2.KV_REPLY_COMPLETE:
+                return ""
+    return "the transfer ended without an answer"
 
 
 class FakePrefill(worker_pb2_grpc.PrefillServicer):
@@ -232,17 +245,9 @@ class FakePrefill(worker_pb2_grpc.PrefillServicer):
             tok = st.script[n % len(st.script)]
             s = request.sampling
             target = request.kv_target
-            async with grpc.aio.insecure_channel(target.decode_kv_address) as ch:
-                chunk = worker_pb2.KVChunk(
-                    handoff_id=target.handoff_id,
-                    num_blocks=len(target.block_ids),
-                    dtype="float16",
-                    last=True,
-                    first_token_id=tok,
-                )
-                result = await worker_pb2_grpc.KVTransferStub(ch).Push(iter([chunk]))
-            if not result.ok:
-                await context.abort(grpc.StatusCode.INTERNAL, result.error)
+            error = await transfer_kv(target.decode_kv_address, target, tok)
+            if error:
+                await context.abort(grpc.StatusCode.INTERNAL, error)
             resp = worker_pb2.PrefillResponse(
                 token_id=tok,
                 finish_reason=_finish(n, tok, s),

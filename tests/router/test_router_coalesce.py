@@ -12,7 +12,8 @@ from router_fakes import EOS, start_stack
 
 from router.coalesce import Coalescer
 from router.tokenizer import RouterTokenizer
-from router.types import ChoiceChunk, FinishReason, GenerateInput, Logprob, Sampling
+from router.types import ChoiceChunk, FinishReason, GenerateInput
+from tandem.records import Logprob, SamplingParams
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,11 +50,13 @@ def _per_choice(chunks: list[ChoiceChunk], n: int) -> list[dict]:
 
 
 def _input(rid: str, **kw) -> GenerateInput:
-    sampling = Sampling(
+    top_logprobs = kw.pop("top_logprobs", 0)
+    sampling = SamplingParams(
         temperature=0.0,
         max_tokens=kw.pop("max_tokens", 64),
-        logprobs=kw.pop("logprobs", False),
-        top_logprobs=kw.pop("top_logprobs", 0),
+        logprobs=top_logprobs if kw.pop("logprobs", False) else None,
+        stop=kw.pop("stop", []),
+        include_stop_str_in_output=kw.pop("include_stop_str_in_output", False),
     )
     return GenerateInput(request_id=rid, model="", text="x", sampling=sampling, **kw)
 

@@ -1,56 +1,49 @@
-"""router.handoff._DecodeStream on its own, over a fake call: one timer per stream (not per
-read), the deadline only while a read waits, and a cancel from outside stays a cancel.
+"""router.decode_stream._SessionStream on its own, over a fake session: one timer per stream
+(not per read), the deadline only while a read waits, and a cancel from outside stays a cancel.
 test_router_deadlines.py covers the same deadlines end to end over gRPC."""
 
 import asyncio
-import sys
 
 import grpc
 import pytest
 
-from router.handoff import _DecodeStream, _WorkerFailed
+from protos import worker_pb2
+from router.decode_stream import _SessionStream, _WorkerFailed
 
 pytestmark = pytest.mark.timeout(30)
 
 
-class FakeCall:
-    """read() as grpc.aio's: the next event; once cancel()ed, CancelledError."""
-
-    def __init__(self, on_cancel=None):
-        self.events: list[str] = []
-        self.waiter: asyncio.Future | None = None
-        self.cancelled = False
-        self.on_cancel = on_cancel
-
-    def push(self, ev: str) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(ev)
-        else:
-            self.events.append(ev)
-
-    async def read(self):
-        if self.cancelled:
-            raise asyncio.CancelledError()
-        if self.events:
-            return self.events.pop(0)
-        self.waiter = asyncio.get_running_loop().create_future()
-        return await self.waiter
-
-    def cancel(self) -> bool:
-        self.cancelled = True
-        if self.waiter is not None:
-            self.waiter.cancel()
-        if self.on_cancel is not None:
-            self.on_cancel()
-        return True
-
-
-class Worker:  # what _DecodeStream and _WorkerFailed need of a WorkerHandle
+class Worker:  # what _SessionStream and _WorkerFailed need of a WorkerHandle
     def __init__(self, name):
         self.name = name
 
 
 DECODE, PREFILL = Worker("decode"), Worker("prefill")
+
+
+class FakeSession:
+    """What a _SessionStream needs of its DecodeSession: the worker, and leave()."""
+
+    worker = DECODE
+
+    def __init__(self):
+        self.left: list[tuple[str, bool]] = []  # (req_id, abort)
+
+    def leave(self, req_id: str, stream, abort: bool) -> None:
+        self.left.append((req_id, abort))
+
+
+def open_stream(cls=_SessionStream):
+    session = FakeSession()
+    return cls(session, worker_pb2.DecodeRequest(req_id="r/0")), session
+
+
+def event(i: int) -> worker_pb2.SessionEvent:
+    return worker_pb2.SessionEvent(req_id="r/0", tokens=worker_pb2.TokenEvent(token_ids=[i]))
+
+
+def kv_target() -> worker_pb2.SessionEvent:
+    return worker_pb2.SessionEvent(req_id="r/0", kv_target=worker_pb2.KVTarget(handoff_id="h"))
 
 
 def count_timers(loop) -> list:
@@ -68,45 +61,43 @@ def count_timers(loop) -> list:
 def test_a_streaming_stream_starts_one_timer_not_one_per_read():
     async def scenario():
         started = count_timers(asyncio.get_running_loop())
-        call = FakeCall()
-        stream = _DecodeStream(call, DECODE)
+        stream, session = open_stream()
         got = []
         for i in range(200):
-            asyncio.get_running_loop().call_soon(call.push, f"ev{i}")
-            got.append(await stream.read(60.0, "decode event"))
+            asyncio.get_running_loop().call_soon(stream._push, event(i))
+            got.append(list((await stream.read(60.0, "decode event")).tokens.token_ids))
         stream.close()
-        return got, started, stream, call
+        return got, started, stream, session
 
-    got, started, stream, call = asyncio.run(scenario())
-    assert got == [f"ev{i}" for i in range(200)]
+    got, started, stream, session = asyncio.run(scenario())
+    assert got == [[i] for i in range(200)]
     assert len(started) == 1  # the first read's; the others only moved the deadline
-    assert stream._timer is None and call.cancelled  # close() stops the timer and the call
+    # close() stops the timer and leaves the session (finished: no abort)
+    assert stream._timer is None and session.left == [("r/0", False)]
 
 
 def test_a_shorter_timeout_than_the_timer_starts_it_anew():
     async def scenario():
         started = count_timers(asyncio.get_running_loop())
-        call = FakeCall()
-        stream = _DecodeStream(call, DECODE)
-        call.push("kv_target")
+        stream, _ = open_stream()
+        asyncio.get_running_loop().call_soon(stream._push, kv_target())  # the read waits
         await stream.read(60.0, "KVTarget")
         with pytest.raises(_WorkerFailed) as e:
             await stream.read(0.05, "KV handoff", PREFILL)
-        return started, e.value, call
+        return started, e.value
 
-    started, err, call = asyncio.run(scenario())
+    started, err = asyncio.run(scenario())
     assert len(started) == 2
     assert err.worker is PREFILL and err.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert str(err) == "no KV handoff within 0.05s" and call.cancelled
+    assert str(err) == "no KV handoff within 0.05s"
 
 
 def test_silence_past_the_deadline_fails_and_blames_the_decode_server():
     async def scenario():
         loop = asyncio.get_running_loop()
-        call = FakeCall()
-        stream = _DecodeStream(call, DECODE)
+        stream, _ = open_stream()
         for i in range(5):  # events every 20 ms keep a 100 ms deadline moving
-            loop.call_later(0.02, call.push, i)
+            loop.call_later(0.02, stream._push, event(i))
             await stream.read(0.1, "decode event")
         t0 = loop.time()
         with pytest.raises(_WorkerFailed) as e:
@@ -120,20 +111,19 @@ def test_silence_past_the_deadline_fails_and_blames_the_decode_server():
 
 def test_no_deadline_runs_between_reads():
     async def scenario():
-        call = FakeCall()
-        stream = _DecodeStream(call, DECODE)
-        call.push("kv_target")
+        stream, _ = open_stream()
+        asyncio.get_running_loop().call_soon(stream._push, kv_target())
         await stream.read(0.05, "KVTarget")
         await asyncio.sleep(0.15)  # the Prefill call: longer than the last read's timeout
-        asyncio.get_running_loop().call_later(0.02, call.push, "token")
+        asyncio.get_running_loop().call_later(0.02, stream._push, event(7))
         return await stream.read(0.05, "KV handoff", PREFILL)
 
-    assert asyncio.run(scenario()) == "token"
+    assert list(asyncio.run(scenario()).tokens.token_ids) == [7]
 
 
 def test_a_cancel_from_outside_while_reading_stays_a_cancel():
     async def scenario():
-        stream = _DecodeStream(FakeCall(), DECODE)
+        stream, _ = open_stream()
         task = asyncio.create_task(stream.read(60.0, "decode event"))
         await asyncio.sleep(0.01)
         task.cancel()
@@ -143,13 +133,17 @@ def test_a_cancel_from_outside_while_reading_stays_a_cancel():
     asyncio.run(scenario())
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() tells it from 3.11")
 def test_a_cancel_from_outside_at_the_deadline_stays_a_cancel():
+    class LeftAsItExpired(_SessionStream):
+        __slots__ = ("task",)
+
+        def _expire(self) -> None:
+            super()._expire()
+            self.task.cancel()  # the client left as it expired
+
     async def scenario():
-        task = None
-        call = FakeCall(on_cancel=lambda: task.cancel())  # the client left as it expired
-        stream = _DecodeStream(call, DECODE)
-        task = asyncio.create_task(stream.read(0.05, "decode event"))
+        stream, _ = open_stream(LeftAsItExpired)
+        task = stream.task = asyncio.create_task(stream.read(0.05, "decode event"))
         with pytest.raises(asyncio.CancelledError):
             await task
 

@@ -261,9 +261,8 @@ def test_aggregated_mode_without_prefill_servers(model_dir):
     assert len(lps[0].top) == 2 and lps[0].token == tok.decode([script[0]])
 
 
-def test_choices_share_one_session_per_decode_server(model_dir, decode_streams):
-    """With Session served (Stats says so) every choice on a decode server, remote or local
-    prefill, rides one Session call; without it, each has a Generate call of its own."""
+def test_choices_share_one_session_per_decode_server(model_dir):
+    """Every choice on a decode server, remote or local prefill, rides one Session call."""
     tok = RouterTokenizer(model_dir)
     script = tok.encode("Hello world, this is a tiny corpus")
 
@@ -284,8 +283,5 @@ def test_choices_share_one_session_per_decode_server(model_dir, decode_streams):
             assert [t for c in chunks if c.index == index for t in c.token_ids] == script[:4]
     sessions = [d.servicer.num_sessions for d in stack.decodes]
     assert sum(len(d.state.requests) for d in stack.decodes) == 11
-    if decode_streams == "session":
-        assert all(n == 1 for n in sessions if n), sessions  # one each, reused
-        assert sum(sessions) >= 1
-    else:
-        assert sessions == [0, 0]
+    assert all(n == 1 for n in sessions if n), sessions  # one each, reused
+    assert sum(sessions) >= 1

@@ -1,5 +1,5 @@
 """The decode server's token path: AsyncEngine's OutputStream (one callback per step, pending
-outputs merged when the consumer is behind) and the DecodeEvent built from a StepOutput.
+outputs merged when the consumer is behind) and the TokenEvent built from a StepOutput.
 Real SmolLM2 engine; no timing assertions (how fast it is lives in bench/decode_token_path.py)."""
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ import contextlib
 
 import pytest
 
-from decode_service.servicer import _token_event
+from decode_service.servicer import _fill_tokens
 from protos import common_pb2, worker_pb2
-from tandem.async_engine import AsyncEngine, EngineDeadError, _merge
+from tandem.async_engine import AsyncEngine, EngineDeadError
 from tandem.config import EngineConfig
-from tandem.engine import LLMEngine, StepOutput
-from tandem.request import Logprob
-from tandem.sampling_params import SamplingParams
+from tandem.engine import LLMEngine
+from tandem.engine_records import StepOutput
+from tandem.output_stream import _merge
+from tandem.records import Logprob, SamplingParams
 
 PROMPT = [1, 9690, 314, 260, 3575, 282, 4649]
 
@@ -237,11 +238,15 @@ def test_merge_keeps_order_and_the_last_finish_and_splits_at_an_error():
     assert _merge([err, a]) == (err, [])
 
 
+def _token_event(out: StepOutput, num_prompt_tokens: int) -> worker_pb2.TokenEvent:
+    tokens = worker_pb2.TokenEvent()
+    _fill_tokens(tokens, out, num_prompt_tokens)
+    return tokens
+
+
 def test_token_event_matches_the_message_built_field_by_field():
     plain = StepOutput("r", [42], [None], None, 0)
-    assert _token_event(plain, 7) == worker_pb2.DecodeEvent(
-        tokens=worker_pb2.TokenEvent(token_ids=[42], num_prompt_tokens=7)
-    )
+    assert _token_event(plain, 7) == worker_pb2.TokenEvent(token_ids=[42], num_prompt_tokens=7)
     lps = [Logprob(3, -0.25, [(3, -0.25), (9, -1.5)]), Logprob(4, -2.0, [])]
     last = StepOutput("r", [3, 4], lps, "stop", 32)
     want = worker_pb2.TokenEvent(
@@ -261,9 +266,9 @@ def test_token_event_matches_the_message_built_field_by_field():
             common_pb2.TokenLogprob(token_id=4, logprob=-2.0),
         ],
     )
-    assert _token_event(last, 40) == worker_pb2.DecodeEvent(tokens=want)
+    assert _token_event(last, 40) == want
     length = StepOutput("r", [1], [None], "length", 0)
-    assert _token_event(length, 1).tokens.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert _token_event(length, 1).finish_reason == common_pb2.FINISH_REASON_LENGTH
 
 
 def test_stream_interval_hands_tokens_n_at_a_time_first_and_last_at_once(

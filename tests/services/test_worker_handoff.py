@@ -11,17 +11,20 @@ import grpc
 import pytest
 
 from decode_service.servicer import DecodeServicer, KVOffer
-from kvtransfer.direct_receiver import SameHostKVTransferServicer
-from kvtransfer.direct_transport import pool_to_proto
-from kvtransfer.grpc_transport import CHANNEL_OPTIONS, GrpcKVSender, KVTransferServicer
+from kvtransfer.base import DecodeKV
+from kvtransfer.channel import CHANNEL_OPTIONS, Channels
 from kvtransfer.ledger import HandoffLedger
 from kvtransfer.pool import ShmPoolFile
+from kvtransfer.receiver import KVTransferServicer
+from kvtransfer.registry import RECEIVERS
+from kvtransfer.select import KVSenders
+from kvtransfer.wire import pool_to_proto
 from prefill_service.servicer import PrefillServicer
 from protos import common_pb2, worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine
 from tandem.config import EngineConfig
 from tandem.engine import LLMEngine
-from tandem.sampling_params import SamplingParams
+from tandem.records import SamplingParams
 
 PROMPTS = [
     [1, 9690, 314, 260, 3575, 282, 4649],
@@ -67,16 +70,18 @@ async def _start(
     addr = f"127.0.0.1:{port}"
     p_async, d_async = AsyncEngine(prefill_engine), AsyncEngine(decode_engine)
     ledger = HandoffLedger(lease_s=5)
-    prefill = PrefillServicer(p_async, GrpcKVSender(timeout_s=10))
+    prefill = PrefillServicer(p_async, KVSenders(prefill_engine.kv_cache, channels=Channels(10)))
     worker_pb2_grpc.add_PrefillServicer_to_server(prefill, server)
-    kv_cache = decode_engine.runner.kv_cache
-    if pool_file is None:  # an older decode server: offers grpc only
-        offer, kv_servicer = KVOffer(), KVTransferServicer(ledger, kv_cache)
+    kv_cache = decode_engine.kv_cache
+    if pool_file is None:  # a decode server that offers grpc only
+        offer, kv = KVOffer(), DecodeKV(kv_cache, tuple(kv_cache.shape))
     else:
         export = pool_file.export(kv_cache)
         shown = dataclasses.replace(export, shm_path=shown_path or export.shm_path)
         offer = KVOffer(["shm", "grpc"], pool_to_proto(shown))
-        kv_servicer = SameHostKVTransferServicer(ledger, kv_cache, offer.transports, export)
+        kv = DecodeKV(kv_cache, tuple(kv_cache.shape), export=export)
+    receivers = {name: RECEIVERS[name](kv) for name in offer.transports}
+    kv_servicer = KVTransferServicer(ledger, receivers)
     decode = DecodeServicer(d_async, ledger, addr, offer)
     worker_pb2_grpc.add_DecodeServicer_to_server(decode, server)
     worker_pb2_grpc.add_KVTransferServicer_to_server(kv_servicer, server)
@@ -92,23 +97,74 @@ async def _start(
         d_async.shutdown()
 
 
+class _Session:
+    """The client side of one Decode.Session call: requests go up through a queue, events
+    are collected per req_id, messages counted."""
+
+    def __init__(self, channel) -> None:
+        self.up: asyncio.Queue = asyncio.Queue()
+        self.call = worker_pb2_grpc.DecodeStub(channel).Session(self._requests())
+        self.events: dict[str, list] = {}
+        self.num_messages = 0
+
+    async def _requests(self):
+        while (msg := await self.up.get()) is not None:
+            yield msg
+
+    def generate(self, req_id, prompt, max_tokens, local=True, **sampling):
+        sampling = common_pb2.SamplingParams(
+            temperature=0, max_tokens=max_tokens, ignore_eos=True, **sampling
+        )
+        request = worker_pb2.DecodeRequest(
+            req_id=req_id, prompt_token_ids=prompt, sampling=sampling, prefill_locally=local
+        )
+        self.up.put_nowait(worker_pb2.SessionRequest(generate=request))
+
+    def abort(self, req_id):
+        self.up.put_nowait(worker_pb2.SessionRequest(abort=worker_pb2.AbortRequest(req_id=req_id)))
+
+    async def read_until(self, done) -> None:
+        """Read messages until done(events) holds."""
+        while not done(self.events):
+            msg = await asyncio.wait_for(self.call.read(), 60)
+            assert msg is not grpc.aio.EOF
+            self.num_messages += 1
+            for ev in msg.events:
+                self.events.setdefault(ev.req_id, []).append(ev)
+
+    def tokens(self, req_id) -> list[int]:
+        return [t for ev in self.events.get(req_id, []) for t in ev.tokens.token_ids]
+
+
+def _ended(ev) -> bool:
+    return ev.WhichOneof("event") == "error" or ev.tokens.finish_reason != 0
+
+
+def _all_ended(req_ids):
+    return lambda events: all(events.get(r) and _ended(events[r][-1]) for r in req_ids)
+
+
 async def _handoff(channel, req_id, prompt, max_tokens):
-    decode = worker_pb2_grpc.DecodeStub(channel)
+    """The router's remote prefill by hand, on a Session of its own: the request's KVTarget,
+    Prefill into it, then the decode server's tokens until the session ends."""
     prefill = worker_pb2_grpc.PrefillStub(channel)
     sampling = common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    stream = decode.Generate(
-        worker_pb2.DecodeRequest(req_id=req_id, prompt_token_ids=prompt, sampling=sampling)
-    )
-    first = await stream.read()
+    s = _Session(channel)
+    s.generate(req_id, prompt, max_tokens, local=False)
+    await s.read_until(lambda events: req_id in events)
+    first = s.events[req_id][0]
     assert first.WhichOneof("event") == "kv_target"
     resp = await prefill.Prefill(
         worker_pb2.PrefillRequest(
             req_id=req_id, prompt_token_ids=prompt, sampling=sampling, kv_target=first.kv_target
         )
     )
-    tokens = [resp.token_id]
-    while (ev := await stream.read()) != grpc.aio.EOF:
-        tokens += list(ev.tokens.token_ids)
+    await s.read_until(_all_ended([req_id]))
+    s.up.put_nowait(None)  # half-close: the call ends once the request has ended there
+    assert await asyncio.wait_for(s.call.read(), 30) is grpc.aio.EOF
+    tokens = [resp.token_id] + s.tokens(req_id)
+    for ev in s.events[req_id][1:]:
+        assert ev.WhichOneof("event") == "tokens"
         if ev.tokens.finish_reason:
             assert ev.tokens.finish_reason == common_pb2.FINISH_REASON_LENGTH
     return tokens, first.kv_target
@@ -195,13 +251,12 @@ def test_cancelled_decode_stream_frees_reserved_blocks(engines):
     async def main():
         async with _start(*engines) as channel:
             decode = worker_pb2_grpc.DecodeStub(channel)
-            sampling = common_pb2.SamplingParams(temperature=0, max_tokens=8)
-            call = decode.Generate(
-                worker_pb2.DecodeRequest(req_id="c", prompt_token_ids=PROMPTS[1], sampling=sampling)
-            )
-            first = await call.read()
+            s = _Session(channel)
+            s.generate("c", PROMPTS[1], 8, local=False)
+            await s.read_until(lambda events: "c" in events)
+            first = s.events["c"][0]
             assert first.kv_target.block_ids
-            call.cancel()
+            s.call.cancel()
             for _ in range(100):
                 await asyncio.sleep(0.02)
                 stats = await decode.Stats(worker_pb2.StatsRequest())
@@ -220,12 +275,11 @@ def test_aggregated_decode_streams_every_token(engines):
 
     async def main():
         async with _start(*engines) as channel:
-            decode = worker_pb2_grpc.DecodeStub(channel)
-            sampling = common_pb2.SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-            req = worker_pb2.DecodeRequest(
-                req_id="a", prompt_token_ids=PROMPTS[0], sampling=sampling, prefill_locally=True
-            )
-            return [t async for ev in decode.Generate(req) for t in ev.tokens.token_ids]
+            s = _Session(channel)
+            s.generate("a", PROMPTS[0], 10)
+            await s.read_until(_all_ended(["a"]))
+            s.up.put_nowait(None)
+            return s.tokens("a")
 
     assert asyncio.run(main()) == want
 
@@ -249,53 +303,6 @@ def test_bad_kv_target_is_invalid_argument(engines):
 
 
 # -- Decode.Session: many requests on one stream ------------------------------------------
-
-
-class _Session:
-    """The client side of one Decode.Session call: requests go up through a queue, events
-    are collected per req_id, messages counted."""
-
-    def __init__(self, channel) -> None:
-        self.up: asyncio.Queue = asyncio.Queue()
-        self.call = worker_pb2_grpc.DecodeStub(channel).Session(self._requests())
-        self.events: dict[str, list] = {}
-        self.num_messages = 0
-
-    async def _requests(self):
-        while (msg := await self.up.get()) is not None:
-            yield msg
-
-    def generate(self, req_id, prompt, max_tokens, local=True, **sampling):
-        sampling = common_pb2.SamplingParams(
-            temperature=0, max_tokens=max_tokens, ignore_eos=True, **sampling
-        )
-        request = worker_pb2.DecodeRequest(
-            req_id=req_id, prompt_token_ids=prompt, sampling=sampling, prefill_locally=local
-        )
-        self.up.put_nowait(worker_pb2.SessionRequest(generate=request))
-
-    def abort(self, req_id):
-        self.up.put_nowait(worker_pb2.SessionRequest(abort=worker_pb2.AbortRequest(req_id=req_id)))
-
-    async def read_until(self, done) -> None:
-        """Read messages until done(events) holds."""
-        while not done(self.events):
-            msg = await asyncio.wait_for(self.call.read(), 60)
-            assert msg is not grpc.aio.EOF
-            self.num_messages += 1
-            for ev in msg.events:
-                self.events.setdefault(ev.req_id, []).append(ev)
-
-    def tokens(self, req_id) -> list[int]:
-        return [t for ev in self.events.get(req_id, []) for t in ev.tokens.token_ids]
-
-
-def _ended(ev) -> bool:
-    return ev.WhichOneof("event") == "error" or ev.tokens.finish_reason != 0
-
-
-def _all_ended(req_ids):
-    return lambda events: all(events.get(r) and _ended(events[r][-1]) for r in req_ids)
 
 
 async def _idle(channel, timeout=30.0) -> worker_pb2.WorkerStats:
@@ -338,7 +345,6 @@ def test_session_streams_many_requests_batched_and_equal_to_generate(engines):
     # one message carries the step's tokens of every request, not one message per token
     num_events = sum(len(evs) for evs in s.events.values())
     assert s.num_messages < num_events
-    assert stats.decode_session  # what tells the router to use a session
     assert end is grpc.aio.EOF and code == grpc.StatusCode.OK
 
 

@@ -12,7 +12,7 @@ import pytest
 from tandem.async_engine import AsyncEngine
 from tandem.config import EngineConfig
 from tandem.engine import LLMEngine
-from tandem.sampling_params import SamplingParams
+from tandem.records import SamplingParams
 from worker.load import worker_stats
 
 

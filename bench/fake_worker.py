@@ -28,7 +28,6 @@ import asyncio
 import itertools
 import logging
 import signal
-import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -189,6 +188,7 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
 class FakePrefill(worker_pb2_grpc.PrefillServicer):
     def __init__(self):
         self.active: set[str] = set()
+        self.pushes: set[asyncio.Task] = set()  # KV pushes running behind their responses
         self.channels: dict[str, grpc.aio.Channel] = {}  # decode KV address -> channel
 
     def _kv_stub(self, address: str) -> worker_pb2_grpc.KVTransferStub:
@@ -197,37 +197,40 @@ class FakePrefill(worker_pb2_grpc.PrefillServicer):
         return worker_pb2_grpc.KVTransferStub(self.channels[address])
 
     async def Prefill(self, request, context):
-        t0 = time.monotonic()
+        # As the real prefill server does: the first token goes back at once and the KV push
+        # runs behind it, so the router streams token 0 before the decode server's tokens
+        # (pushing first would race them: the decode server starts as soon as the push is done)
+        tok = output_token(list(request.prompt_token_ids), 0)
         self.active.add(request.req_id)
+        push = asyncio.get_running_loop().create_task(self._push(request.kv_target, tok))
+        self.pushes.add(push)
+        push.add_done_callback(self.pushes.discard)
+        push.add_done_callback(lambda _: self.active.discard(request.req_id))
+        return worker_pb2.PrefillResponse(
+            token_id=tok, finish_reason=finish_reason(0, tok, request.sampling), prefill_ms=0.0
+        )
+
+    async def _push(self, target: worker_pb2.KVTarget, tok: int) -> None:
+        """One grpc transfer with no KV bytes: begin, an empty chunk, done with the token. A
+        refusal is only logged: the fake decode ends that handoff itself (HANDOFF_TIMEOUT_S)."""
+        hid = target.handoff_id
+        msgs = [
+            worker_pb2.KVTransferMessage(
+                handoff_id=hid, begin=worker_pb2.KVBegin(transport="grpc", num_slabs=1)
+            ),
+            worker_pb2.KVTransferMessage(handoff_id=hid, chunk=worker_pb2.KVChunk()),
+            worker_pb2.KVTransferMessage(
+                handoff_id=hid, done=worker_pb2.KVDone(first_token_id=tok)
+            ),
+        ]
         try:
-            tok = output_token(list(request.prompt_token_ids), 0)
-            target = request.kv_target
-            hid = target.handoff_id
-            msgs = [
-                worker_pb2.KVTransferMessage(
-                    handoff_id=hid, begin=worker_pb2.KVBegin(transport="grpc", num_slabs=1)
-                ),
-                worker_pb2.KVTransferMessage(handoff_id=hid, chunk=worker_pb2.KVChunk()),
-                worker_pb2.KVTransferMessage(
-                    handoff_id=hid, done=worker_pb2.KVDone(first_token_id=tok)
-                ),
-            ]
-            error = "the transfer ended without an answer"
             async for reply in self._kv_stub(target.decode_kv_address).Transfer(iter(msgs)):
                 if reply.reply != worker_pb2.KV_REPLY_GRANT:
-                    error = "" if reply.reply == worker_pb2.KV_REPLY_COMPLETE else reply.error
-                    break
-            if error:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer: {error}")
-            ms = (time.monotonic() - t0) * 1000
-            return worker_pb2.PrefillResponse(
-                token_id=tok,
-                finish_reason=finish_reason(0, tok, request.sampling),
-                prefill_ms=0.0,
-                kv_transfer_ms=ms,
-            )
-        finally:
-            self.active.discard(request.req_id)
+                    if reply.reply != worker_pb2.KV_REPLY_COMPLETE:
+                        log.info("event=fake_kv_refused handoff=%s error=%s", hid, reply.error)
+                    return
+        except grpc.RpcError as e:
+            log.info("event=fake_kv_failed handoff=%s error=%s", hid, e.code())
 
     async def Abort(self, request, context):
         return worker_pb2.AbortResponse(found=request.req_id in self.active)

@@ -25,6 +25,9 @@
 #   bash bench/gpu_pass.sh V   # decode host share only: old / new / old / new, 200 steps each
 #   bash bench/gpu_pass.sh W   # can K/V reads overlap the GEMMs? bench/overlap_probe.py
 #   bash bench/gpu_pass.sh X   # W2 both modes on the final code
+#   bash bench/gpu_pass.sh Y   # after the floors redesign: GPU tests, then W1 engine-only on the
+#                              # core before it (.carry/old: tandem/ and bench/gpu_engine.py of
+#                              # the commit before) and after, in turn, 2 runs each
 # Needs .carry/ (whl/, gpu_ceilings.py, hf_peers.py, smollm2-tokenizer/: see docs/benchmarks.md).
 # Every step has its own time limit and a failed step does not stop the next. Raw results go to
 # $OUT/raw/ and come back as $OUT/raw.tar.gz (at most 8 files come back), beside their summaries
@@ -277,6 +280,20 @@ X)  # session 9: W2 (four Poisson rates, aggregated and disaggregated) on the fi
     2>&1 | grep -E "^W2" | cut -c1-60
   python3 -m bench.w2_table "$RAW/w2.json"
   rm -f "$RAW"/serve-*.log
+  ;;
+Y)  # the floors redesign moved the runner's input preparation, tables and graphs apart: same
+    # tokens on the GPU (tests), and the same speed as the core before it in the same call
+  step 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/core tests/kernels \
+    tests/kvtransfer 2>&1 | tail -6
+  rm -rf /tmp/old && mkdir -p /tmp/old/bench && cp -r .carry/old/tandem /tmp/old/ \
+    && cp .carry/old/gpu_engine.py /tmp/old/bench/
+  for v in new old; do
+    dir=$PWD; [ $v = old ] && dir=/tmp/old
+    (cd $dir && export PYTHONPATH=/tmp/site:$dir && step 180 python3 bench/gpu_engine.py \
+      --config /tmp/tandem-dummy-model --ceilings "$OLDPWD/.carry/gpu_ceilings.py" \
+      --skip-steady --w1-repeats 2 --out "$RAW/engine-w1-$v.json" 2>&1 | \
+      grep -E '^(CEILINGS|\{"slowest|\{"gpu)' | cut -c1-700)
+  done
   ;;
 esac
 shopt -s nullglob

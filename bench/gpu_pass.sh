@@ -290,10 +290,23 @@ Y)  # the floors redesign moved the runner's input preparation, tables and graph
   for v in new old; do
     dir=$PWD; [ $v = old ] && dir=/tmp/old
     (cd $dir && export PYTHONPATH=/tmp/site:$dir && step 180 python3 bench/gpu_engine.py \
-      --config /tmp/tandem-dummy-model --ceilings "$OLDPWD/.carry/gpu_ceilings.py" \
+      --ceilings "$OLDPWD/.carry/gpu_ceilings.py" \
       --skip-steady --w1-repeats 2 --out "$RAW/engine-w1-$v.json" 2>&1 | \
       grep -E '^(CEILINGS|\{"slowest|\{"gpu)' | cut -c1-700)
   done
+  ;;
+Z0)  # handoff GB/s only (no serving), the tree before the kvtransfer rewrite (.carry/oldrepo)
+    # and after, in turn, on the same GPU
+  (cd .carry/oldrepo && PYTHONPATH=/tmp/site:$PWD python3 -c "from protos import build; build.generate()")
+  for v in old new old new; do
+    dir=$PWD; [ $v = old ] && dir=$PWD/.carry/oldrepo
+    (cd $dir && PYTHONPATH=/tmp/site:$dir step 100 python3 bench/gpu_kv_transport.py --no-serve \
+      --out "$RAW/kv-bw-$v.json" 2>&1 | grep "^BW" | sed "s/^/$v /")
+  done
+  ;;
+Z)  # the KV transports after the one-interface rewrite (one Transfer call for every transport)
+  step 230 python3 bench/gpu_kv_transport.py --out "$RAW/kv-transport.json" --time-budget-s 200 \
+    --tokenizer-from .carry/smollm2-tokenizer 2>&1 | tail -30
   ;;
 esac
 shopt -s nullglob

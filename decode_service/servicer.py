@@ -29,8 +29,8 @@ from kvtransfer.base import HandoffState
 from kvtransfer.ledger import Handoff, HandoffFailed, HandoffLedger
 from kvtransfer.wire import logprob_to_proto
 from protos import worker_pb2, worker_pb2_grpc
-from tandem.async_engine import AsyncEngine, EngineDeadError
-from tandem.engine_records import EngineFullError, StepOutput
+from tandem.async_engine import AsyncEngine
+from tandem.engine_records import EngineDeadError, EngineFullError, StepOutput
 from tandem.output_stream import OutputStream
 from worker.convert import finish_to_proto, sampling_from_proto
 from worker.load import worker_stats

@@ -32,8 +32,8 @@ from kvtransfer.ledger import Handoff, HandoffLedger
 from kvtransfer.select import KVSenders
 from kvtransfer.wire import dest_from_proto, logprob_to_proto
 from protos import worker_pb2, worker_pb2_grpc
-from tandem.async_engine import AsyncEngine, EngineDeadError
-from tandem.engine_records import EngineFullError
+from tandem.async_engine import AsyncEngine
+from tandem.engine_records import EngineDeadError, EngineFullError
 from worker.convert import finish_to_proto, sampling_from_proto
 from worker.load import worker_stats
 

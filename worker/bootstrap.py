@@ -24,8 +24,9 @@ from grpc_reflection.v1alpha import reflection
 from kvtransfer.channel import CHANNEL_OPTIONS
 from protos import worker_pb2
 from rpc.tls import TLSConfig, add_port
-from tandem.async_engine import AsyncEngine, EngineDeadError
+from tandem.async_engine import AsyncEngine
 from tandem.engine import LLMEngine
+from tandem.engine_records import EngineDeadError
 from tandem.loader.default_model import DEFAULT_MODEL_NAME
 from worker.drain import QUIET_S, QUIET_STATIC_S, InFlightRpcs, wait_idle
 from worker.flags import engine_config_from_args

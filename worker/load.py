@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from protos import worker_pb2
-from tandem.async_engine import AsyncEngine, EngineDeadError
+from tandem.async_engine import AsyncEngine
+from tandem.engine_records import EngineDeadError
 
 log = logging.getLogger("tandem.worker.load")
 

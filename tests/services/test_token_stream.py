@@ -11,10 +11,10 @@ import pytest
 
 from decode_service.servicer import _fill_tokens
 from protos import common_pb2, worker_pb2
-from tandem.async_engine import AsyncEngine, EngineDeadError
+from tandem.async_engine import AsyncEngine
 from tandem.config import EngineConfig
 from tandem.engine import LLMEngine
-from tandem.engine_records import StepOutput
+from tandem.engine_records import EngineDeadError, StepOutput
 from tandem.output_stream import _merge
 from tandem.records import Logprob, SamplingParams
 

@@ -113,6 +113,18 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _local_tokenizer(root: str, model: str) -> str:
+    """The tokenizer of the served model on this machine: servers do not reveal their paths,
+    so a model dir given as `root`, or the default model's (installed here) when served."""
+    if root and (Path(root) / "tokenizer.json").is_file():
+        return root
+    from tandem.loader.default_model import DEFAULT_MODEL_NAME, resolve_model_dir
+
+    if DEFAULT_MODEL_NAME in (root, model):
+        return str(resolve_model_dir(None))
+    raise ValueError(f"the served model {model!r} has no local tokenizer here: pass --tokenizer")
+
+
 def _base_url(url: str) -> str:
     url = url.rstrip("/")
     return url[: -len("/v1")] if url.endswith("/v1") else url
@@ -174,11 +186,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
         model = model or card["id"]
         root = card.get("root") or ""
         if tokenizer is None:
-            if not (root and (Path(root) / "tokenizer.json").is_file()):
-                raise ValueError(
-                    f"the server's model root {root!r} is not a local model dir: pass --tokenizer"
-                )
-            tokenizer = root
+            tokenizer = _local_tokenizer(root, model)
     vocab = WordVocab(load_tokenizer(tokenizer))
     if args.prompt_format == "text" and vocab.num_special_added:
         print(

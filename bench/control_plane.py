@@ -80,6 +80,9 @@ MODES = {
     "lockstep": {},
     "interval4": {"stream_interval": 4},
     "coalesce": {"worker_coalesce": True},
+    # the internal plane without and with mutual TLS + role checks (what `tandem serve` runs)
+    "plaintext": {"internal_auth": "none"},
+    "mtls": {"internal_auth": "mtls"},
 }
 
 
@@ -114,7 +117,7 @@ def client_flags(args) -> list[str]:
     """`tandem bench` flags of every client (prompt count, seed, warm-ups: per client)."""
     flags = [
         "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-        "--endpoint-type", args.endpoint_type,
+        "--endpoint-type", args.endpoint_type, "--tokenizer", str(args.model),
     ]  # fmt: skip
     if args.max_concurrency:
         flags += ["--max-concurrency", str(max(1, args.max_concurrency // args.num_clients))]
@@ -254,6 +257,10 @@ def main() -> None:
         "--modes", default="",
         help=f"comma list of presets run one after another, each on a fresh stack: {MODES}",
     )  # fmt: skip
+    p.add_argument(
+        "--internal-auth", choices=["none", "mtls"], default="none",
+        help="internal gRPC: plaintext, or mutual TLS with role certificates (as tandem serve)",
+    )  # fmt: skip
     p.add_argument("--repeats", type=int, default=2, help="measured runs (the spread is reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="one more run under py-spy")
@@ -303,6 +310,7 @@ def measure(args, info: dict) -> dict:
         args.model, args.num_decode, args.num_prefill, itl_ms=args.itl_ms,
         coalesce=args.worker_coalesce, router_args=router_args,
         num_routers=args.num_routers, num_gateways=args.num_gateways,
+        internal_auth=args.internal_auth,
     ) as stack:  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)

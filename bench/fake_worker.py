@@ -33,6 +33,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import common_pb2, worker_pb2, worker_pb2_grpc
+from rpc.auth import server_interceptors
+from rpc.tls import PLAINTEXT, TLSConfig, add_port, add_tls_args, aio_channel, tls_from_args
 
 log = logging.getLogger("tandem.fake_worker")
 
@@ -186,14 +188,15 @@ class FakeDecode(worker_pb2_grpc.DecodeServicer, worker_pb2_grpc.KVTransferServi
 
 
 class FakePrefill(worker_pb2_grpc.PrefillServicer):
-    def __init__(self):
+    def __init__(self, tls: TLSConfig = PLAINTEXT):
+        self.tls = tls
         self.active: set[str] = set()
         self.pushes: set[asyncio.Task] = set()  # KV pushes running behind their responses
         self.channels: dict[str, grpc.aio.Channel] = {}  # decode KV address -> channel
 
     def _kv_stub(self, address: str) -> worker_pb2_grpc.KVTransferStub:
         if address not in self.channels:
-            self.channels[address] = grpc.aio.insecure_channel(address)
+            self.channels[address] = aio_channel(address, self.tls, peer_role="decode")
         return worker_pb2_grpc.KVTransferStub(self.channels[address])
 
     async def Prefill(self, request, context):
@@ -248,10 +251,11 @@ class FakePrefill(worker_pb2_grpc.PrefillServicer):
 
 async def serve(args: argparse.Namespace) -> None:
     """config -> grpc.aio.server -> servicer + health -> start -> signals -> stop(grace)."""
-    server = grpc.aio.server()
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
-    if port == 0:
-        raise OSError(f"cannot bind {args.host}:{args.port}")
+    tls = tls_from_args(args)
+    # the same authorization as a real worker (rpc/auth.py), so that the control-plane
+    # benchmark measures what mutual TLS and the checks cost
+    server = grpc.aio.server(interceptors=server_interceptors(tls))
+    port = add_port(server, f"{args.host}:{args.port}", tls)
     address = f"{args.host}:{port}"
     prefill = None
     if args.role == "decode":
@@ -260,7 +264,7 @@ async def serve(args: argparse.Namespace) -> None:
         worker_pb2_grpc.add_KVTransferServicer_to_server(decode, server)
         services = ["Decode", "KVTransfer"]
     else:
-        prefill = FakePrefill()
+        prefill = FakePrefill(tls)
         worker_pb2_grpc.add_PrefillServicer_to_server(prefill, server)
         services = ["Prefill"]
     health_servicer = health.aio.HealthServicer()
@@ -292,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         "every step made meanwhile in one message)",
     )
     p.add_argument("--log-level", default="warning")
+    add_tls_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),

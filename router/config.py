@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rpc.tls import PLAINTEXT, TLSConfig
 
@@ -45,6 +45,9 @@ class RouterConfig:
     # Send a choice's tokens at most every N tokens (vLLM's --stream-interval; its first and
     # last chunk go at once). 1: every worker message, merged only when the stream lags.
     stream_interval: int = 1
+    # The public Router API demands `authorization: Bearer <api_key>` when set (the gateway's
+    # key: the gRPC API is no back door around it); internal services are unaffected.
+    api_key: str = field(default="", repr=False)
 
     def __post_init__(self):
         if self.routing_policy not in ("prefix", "least_load", "round_robin"):

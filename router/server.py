@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from router.policies import POLICIES
 from router.servicer import RegistryServicer, RouterServicer
 from router.tokenizer import RouterTokenizer
 from router.workers import MISSED_HEARTBEATS, MembershipCollector
+from rpc.auth import server_interceptors, warn_if_open
 from rpc.tls import PLAINTEXT, TLSConfig, add_port, add_tls_args, tls_from_args
 
 log = logging.getLogger("tandem.router")
@@ -95,6 +97,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=1,
         help="send a choice's tokens at most every N tokens (first and last at once)",
     )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("TANDEM_API_KEY", ""),
+        help="the public Router API demands metadata 'authorization: Bearer KEY' (the same key"
+        " as the gateway's; env TANDEM_API_KEY)",
+    )
     parser.add_argument("--log-level", default="warning")
     add_tls_args(parser)
     return parser
@@ -118,6 +126,7 @@ def config_from_args(args: argparse.Namespace, tls: TLSConfig = PLAINTEXT) -> Ro
         handoff_timeout_s=args.handoff_timeout,
         stream_idle_timeout_s=args.stream_idle_timeout,
         tls=tls,
+        api_key=args.api_key,
         max_local_prefill_length=args.max_local_prefill_length,
         stream_interval=args.stream_interval,
     )
@@ -149,7 +158,8 @@ async def start_router(config: RouterConfig, metrics: RouterMetrics | None = Non
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20),
             ("grpc.so_reuseport", 0),  # a taken port fails at bind instead of being shared
-        ]
+        ],
+        interceptors=server_interceptors(config.tls, config.api_key),
     )
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(engine), server)
     worker_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(engine), server)
@@ -173,6 +183,7 @@ async def serve(config: RouterConfig) -> None:
 
         start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
     running = await start_router(config, metrics)
+    warn_if_open(config.tls, "router")
     # Everything allocated so far lives as long as the process: keep it out of the cyclic GC,
     # whose collections otherwise rescan it while tokens stream; and collect the young
     # generation less often (every chunk allocates a few tracked objects: at the default 700

@@ -11,6 +11,13 @@ peer against the same CA. No files: plaintext, as before.
     --tls-ca-certs              PEM CA bundle that signs the peers      TANDEM_TLS_CA_CERTS
     --tls-require-client-cert   servers refuse clients without a cert   TANDEM_TLS_REQUIRE_CLIENT_CERT
     --tls-server-name           name expected in peers' certificates    TANDEM_TLS_SERVER_NAME
+    --internal-token-file       shared token (plaintext dev mode)       TANDEM_INTERNAL_TOKEN
+
+With certificates from rpc/pki.py (a role in each), a client expects the role of the service
+it dials in the server's certificate (`peer_role`): a prefill server's KV channel talks only
+to a holder of a decode certificate, a gateway only to a router. Servers authorize callers by
+role (rpc/auth.py). Without TLS, a shared token (metadata `tandem-internal-token`) is the
+development-mode fallback: every channel sends it, every server with one demands it.
 
 The files are read once, when the flags are parsed; a missing or unreadable file, or a key
 without its certificate, is a startup error that names the flag.
@@ -21,9 +28,12 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import grpc
+
+from rpc import token_channel
 
 # flag (without "--tls-") -> environment variable giving its default; read here only
 ENV = {
@@ -32,6 +42,7 @@ ENV = {
     "ca_certs": "TANDEM_TLS_CA_CERTS",
     "require_client_cert": "TANDEM_TLS_REQUIRE_CLIENT_CERT",
     "server_name": "TANDEM_TLS_SERVER_NAME",
+    "internal_token": "TANDEM_INTERNAL_TOKEN",
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
@@ -52,6 +63,9 @@ class TLSConfig:
     # Workers register with their IP (a pod's, a container's); one shared DNS name in every
     # certificate (say tandem.internal) avoids a certificate per address.
     server_name: str = ""
+    # Plaintext development mode: the shared secret every internal call carries and every
+    # server demands (rpc/auth.py). Never logged.
+    token: str = field(default="", repr=False)
 
     def __post_init__(self):
         if self.private_key and not self.cert_chain:
@@ -72,7 +86,28 @@ class TLSConfig:
 
     @property
     def mode(self) -> str:  # for logs
-        return "mtls" if self.require_client_cert else "tls" if self.enabled else "plaintext"
+        if self.require_client_cert:
+            return "mtls"
+        base = "tls" if self.enabled else "plaintext"
+        return f"{base}+token" if self.token else base
+
+    @cached_property
+    def roles(self) -> frozenset[str]:
+        """The tandem roles in this process's own certificate (rpc/pki.py), if any."""
+        from rpc.pki import roles_in_pem
+
+        return roles_in_pem(self.cert_chain) if self.cert_chain else frozenset()
+
+    def target_name(self, peer_role: str) -> str:
+        """The name a client checks in the server's certificate: --tls-server-name if set;
+        else, with tandem role certificates, the role it expects the server to have."""
+        if self.server_name:
+            return self.server_name
+        if peer_role and self.roles:
+            from rpc.pki import role_name
+
+            return role_name(peer_role)
+        return ""
 
     @classmethod
     def from_files(
@@ -82,6 +117,7 @@ class TLSConfig:
         ca_certs: str = "",
         require_client_cert: bool = False,
         server_name: str = "",
+        token: str = "",
     ) -> TLSConfig:
         return cls(
             cert_chain=_read_pem("--tls-certfile", certfile, "CERTIFICATE-----"),
@@ -89,6 +125,7 @@ class TLSConfig:
             root_certs=_read_pem("--tls-ca-certs", ca_certs, "CERTIFICATE-----"),
             require_client_cert=require_client_cert,
             server_name=server_name,
+            token=token,
         )
 
     def check_server(self) -> None:
@@ -114,14 +151,28 @@ class TLSConfig:
             certificate_chain=self.cert_chain or None,
         )
 
-    def channel_options(self, options=()) -> list[tuple[str, object]]:
+    def channel_options(self, options=(), peer_role: str = "") -> list[tuple[str, object]]:
         options = list(options)
-        if self.enabled and self.server_name:
-            options.append(("grpc.ssl_target_name_override", self.server_name))
+        name = self.target_name(peer_role) if self.enabled else ""
+        if name:
+            options.append(("grpc.ssl_target_name_override", name))
         return options
 
 
 PLAINTEXT = TLSConfig()
+
+
+def _token(path: str) -> str:
+    """The development-mode token: --internal-token-file, else TANDEM_INTERNAL_TOKEN."""
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as e:
+            raise TLSConfigError(f"--internal-token-file {path}: cannot read ({e})") from None
+        if not token:
+            raise TLSConfigError(f"--internal-token-file {path}: empty")
+        return token
+    return os.environ.get(ENV["internal_token"], "").strip()
 
 
 def _read_pem(flag: str, path: str, marker: str) -> bytes:
@@ -150,18 +201,31 @@ def add_port(server, address: str, tls: TLSConfig) -> int:
     return port
 
 
-def channel(address: str, tls: TLSConfig, options=()) -> grpc.Channel:
+def channel(address: str, tls: TLSConfig, options=(), peer_role: str = "") -> grpc.Channel:
+    """A channel to `address`; `peer_role`: the role the server must hold (see target_name)."""
     if tls.enabled:
-        return grpc.secure_channel(address, tls.channel_credentials(), tls.channel_options(options))
-    return grpc.insecure_channel(address, options=list(options))
+        ch = grpc.secure_channel(
+            address, tls.channel_credentials(), tls.channel_options(options, peer_role)
+        )
+    else:
+        ch = grpc.insecure_channel(address, options=list(options))
+    if tls.token and not tls.require_client_cert:
+        ch = grpc.intercept_channel(ch, token_channel.SyncToken(tls.token))
+    return ch
 
 
-def aio_channel(address: str, tls: TLSConfig, options=()) -> grpc.aio.Channel:
+def aio_channel(address: str, tls: TLSConfig, options=(), peer_role: str = "") -> grpc.aio.Channel:
+    interceptors = None
+    if tls.token and not tls.require_client_cert:
+        interceptors = token_channel.aio_interceptors(tls.token)
     if tls.enabled:
         return grpc.aio.secure_channel(
-            address, tls.channel_credentials(), tls.channel_options(options)
+            address,
+            tls.channel_credentials(),
+            tls.channel_options(options, peer_role),
+            interceptors=interceptors,
         )
-    return grpc.aio.insecure_channel(address, options=list(options))
+    return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
 
 
 # -- flags --------------------------------------------------------------------------------
@@ -210,6 +274,13 @@ def add_tls_args(parser: argparse.ArgumentParser) -> None:
         help="name expected in servers' certificates instead of the dialled host "
         f"(env {ENV['server_name']})",
     )
+    g.add_argument(
+        "--internal-token-file",
+        default="",
+        help="plaintext development mode: a file holding the shared secret every internal "
+        "call carries and every server demands (or env "
+        f"{ENV['internal_token']}; ignored under --tls-require-client-cert)",
+    )
 
 
 def tls_from_args(
@@ -223,9 +294,16 @@ def tls_from_args(
             args.tls_ca_certs,
             args.tls_require_client_cert,
             args.tls_server_name,
+            _token(getattr(args, "internal_token_file", "")),
         )
         if server:
             tls.check_server()
+            if tls.require_client_cert and not tls.roles:
+                # every caller would be refused (rpc/auth.py authorizes by role)
+                raise TLSConfigError(
+                    "--tls-require-client-cert: --tls-certfile carries no tandem role (a DNS "
+                    "name <role>.tandem.internal); write role certificates with `tandem certs`"
+                )
     except TLSConfigError as e:
         if parser is None:
             raise
@@ -242,4 +320,6 @@ def tls_argv(args: argparse.Namespace) -> list[str]:
             argv += [f"--tls-{name.replace('_', '-')}", value]
     if args.tls_require_client_cert:
         argv.append("--tls-require-client-cert")
+    if getattr(args, "internal_token_file", ""):
+        argv += ["--internal-token-file", args.internal_token_file]
     return argv

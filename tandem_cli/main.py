@@ -1,4 +1,4 @@
-"""`tandem serve | gateway | router | prefill | decode | bench | compose`.
+"""`tandem serve | gateway | router | prefill | decode | bench | compose | certs`.
 
 Imports stay lazy: `tandem router` and `tandem gateway` must never load torch.
 """
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
         ("decode", "decode server (see `tandem decode --help`)"),
         ("bench", "serving benchmark against a running gateway (see `tandem bench --help`)"),
         ("compose", "write a compose override: N prefill / M decode servers on their own GPUs"),
+        ("certs", "write a CA and one certificate per role for the internal plane's mutual TLS"),
     ):
         sub.add_parser(name, help=text, add_help=False)
     argv = sys.argv[1:] if argv is None else argv
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> None:
         from bench import main as bench_main
 
         sys.exit(bench_main(argv[1:]))
+    if command == "certs":
+        from tandem_cli.certs import main as certs_main
+
+        return certs_main(argv[1:])
     if command == "compose":
         from tandem_cli.compose import main as compose_main
 

@@ -1,6 +1,6 @@
 """Throw-away PEM files for the TLS tests: a CA, a server certificate for 127.0.0.1 and
 localhost (also good as a client certificate: every tandem service is a client of another),
-a client-only certificate, and a second, unrelated CA with a client certificate of its own."""
+a client-only certificate (role client), and a second, unrelated CA with a client certificate of its own."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from rpc.pki import ROLES, role_name
 from rpc.tls import PLAINTEXT, TLSConfig
 
 
@@ -102,12 +103,17 @@ def make_certs(out: Path) -> Certs:
     ca = _ca(out / "ca", "tandem test CA")
     other = _ca(out / "other-ca", "some other CA")
     san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    # One certificate that may act as every role (rpc/pki.py names): an operator's choice the
+    # stack allows; `tandem certs` issues one role per certificate.
+    san += [x509.DNSName(role_name(r)) for r in ROLES if r != "client"]
     both = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     client = [ExtendedKeyUsageOID.CLIENT_AUTH]
     return Certs(
         ca=out / "ca.crt",
         server=_leaf(out / "server", "tandem", ca, both, san),
-        client=_leaf(out / "client", "tandem client", ca, client),
+        client=_leaf(
+            out / "client", "tandem client", ca, client, [x509.DNSName(role_name("client"))]
+        ),
         other_ca=out / "other-ca.crt",
         other_client=_leaf(out / "other-client", "intruder", other, client),
     )

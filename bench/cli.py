@@ -49,7 +49,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument(
         "--tokenizer", default=None,
-        help="HF model dir or tokenizer.json (default: the model dir /v1/models names as root)",
+        help="HF model dir or tokenizer.json (default: the default model's, when the server serves"
+        " it; servers do not reveal their model paths)",
     )  # fmt: skip
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument(

@@ -43,6 +43,7 @@ class FakeStack:
         internal_auth: str = "none",  # "none" | "mtls": role certificates, as tandem serve
     ):
         self.procs: dict[str, subprocess.Popen] = {}
+        self.model_dir = Path(model_dir)  # the router's tokenizer; clients need it too
         self._cert_dir = tempfile.mkdtemp(prefix="tandem-bench-certs-")
         if internal_auth == "mtls":
             write_certs(self._cert_dir)

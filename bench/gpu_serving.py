@@ -148,7 +148,9 @@ def run_w1(a, model_dir: Path, out: Path) -> None:
     extra = engine_flags(a) + a.serve_extra.split()
     serve = Serve(model_dir, "aggregated", out / f"serve-w1{a.tag}.log", extra)
     try:
-        w1_args = ["--dataset-name", "random", "--random-input-len", "512"]
+        # the server names no local paths: the clients get the tokenizer from here
+        w1_args = ["--tokenizer", str(model_dir), "--dataset-name", "random"]
+        w1_args += ["--random-input-len", "512"]
         w1_args += ["--random-output-len", "256", "--request-rate", "inf"]
         path = out / f"w1-aggregated{a.tag}.json"
         if a.num_clients > 1:
@@ -177,7 +179,8 @@ def run_w2(a, model_dir: Path, out: Path) -> None:
         try:
             for rate in rates:
                 n = max(32, int(rate * a.seconds_per_rate))
-                w2 = ["--dataset-name", "random", "--num-prompts", str(n)]
+                w2 = ["--tokenizer", str(model_dir), "--dataset-name", "random"]
+                w2 += ["--num-prompts", str(n)]
                 w2 += ["--random-input-len", "1024", "--random-output-len", "128"]
                 # a seed per rate: the same server must not see the last run's prompts again
                 # (its prefix cache would serve them)

@@ -84,7 +84,7 @@ def main() -> None:
     serve = Serve(a.model_dir, "aggregated", Path("/tmp/serve-w1-profile.log"), extra)
     result: dict = {}
     try:
-        args = ["--dataset-name", "random", "--num-prompts", "512"]
+        args = ["--tokenizer", str(a.model_dir), "--dataset-name", "random", "--num-prompts", "512"]
         args += ["--random-input-len", "512", "--random-output-len", "256"]
         args += ["--request-rate", "inf", "--num-warmups", "8", "--seed", "1"]
         done = threading.Event()

@@ -29,10 +29,11 @@ from starlette.requests import ClientDisconnect
 from gateway import openai_format as fmt
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
-from gateway.errors import APIError, bad_request, from_grpc
+from gateway.errors import APIError, bad_request, from_grpc, unavailable
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import Guard
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.protocol import MAX_MODEL_NAME_LEN, ChatCompletionRequest, CompletionRequest
+from gateway.readiness import RouterReadiness
 from gateway.translate import chat_to_proto, completion_to_protos
 from protos import router_pb2, router_pb2_grpc
 from rpc.tls import aio_channel
@@ -98,13 +99,13 @@ async def unless_gone(request: Request, aw):
     return task.result()
 
 
-async def merged(stub, reqs, timeout):
+async def merged(stub, reqs, timeout, metadata=()):
     """Batches of (prompt index, chunk) from one Generate call per prompt, in arrival order.
 
     A batch is everything that had arrived when the consumer asked for the next one: one
     chunk while the consumer keeps up, several when it lagged (the SSE writer then sends
     them as one write, and merges each choice's chunks into one event)."""
-    calls = [stub.Generate(r, timeout=timeout) for r in reqs]
+    calls = [stub.Generate(r, timeout=timeout, metadata=metadata) for r in reqs]
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -151,11 +152,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
     )
     metrics.watch(admission)
     state: dict = {}
+    # The router enforces the same key on its public API (rpc/auth.py) once it has one.
+    router_md = (("authorization", f"Bearer {config.api_key}"),) if config.api_key else ()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        channel = aio_channel(config.router, config.tls, CHANNEL_OPTIONS)
+        channel = aio_channel(config.router, config.tls, CHANNEL_OPTIONS, peer_role="router")
         state["stub"] = router_pb2_grpc.RouterStub(channel)
+        state["readiness"] = RouterReadiness(channel)
         # The startup heap lives as long as the process: out of the cyclic GC's rescans.
         gc.collect()
         gc.freeze()
@@ -185,9 +189,18 @@ def create_app(config: GatewayConfig) -> FastAPI:
         log.exception("event=internal_error path=%s", request.url.path)
         return APIError(500, "internal error", "internal_error", reason="error").response()
 
-    @app.get("/health")
-    async def health():
+    # Probes (open without the API key, gateway.middleware): /live while the process runs;
+    # /health and /ready while the router answers its health check too.
+    @app.get("/live")
+    async def live():
         return Response(status_code=200)
+
+    @app.get("/health")
+    @app.get("/ready")
+    async def ready():
+        if await state["readiness"].ready():
+            return Response(status_code=200)
+        return unavailable("router_unavailable", message="the router is not reachable").response()
 
     @app.get("/metrics")
     async def prometheus():
@@ -198,7 +211,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def models():
         try:
             resp = await state["stub"].ListModels(
-                router_pb2.ListModelsRequest(), timeout=config.router_timeout_s
+                router_pb2.ListModelsRequest(), timeout=config.router_timeout_s, metadata=router_md
             )
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e) from None
@@ -208,7 +221,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 "object": "model",
                 "created": m.created,
                 "owned_by": "tandem",
-                "root": m.root,
+                "root": m.root,  # the router's served name, never a path
                 "max_model_len": m.max_model_len,
             }
             for m in resp.models
@@ -219,6 +232,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return config.served_model_name or r.model or ""
 
     async def run(request: Request, body, reqs, kind: str):
+        # Absent (None) means the served model, as in vLLM; "" or a name longer than any
+        # model's is a bad request, never an unknown model or an overload.
+        if body.model is not None and not 0 < len(body.model) <= MAX_MODEL_NAME_LEN:
+            raise bad_request(f"model must have 1..{MAX_MODEL_NAME_LEN} characters", "model")
         model = model_for(body)
         if config.served_model_name and body.model and body.model != config.served_model_name:
             raise APIError(
@@ -229,7 +246,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             for r in reqs:
                 r.model = ""  # the router's own name may differ from the alias
         t0 = time.monotonic()
-        stream = merged(state["stub"], reqs, config.request_timeout_s)
+        stream = merged(state["stub"], reqs, config.request_timeout_s, router_md)
         # The first chunk arrives before any HTTP status is sent, so refusals (bad params,
         # context length, overload) become proper error responses rather than SSE events.
         # Until then nothing reads from the client, so watch for it leaving: a disconnect

@@ -12,7 +12,8 @@ class GatewayConfig:
     router: str = "127.0.0.1:50051"  # the router's public gRPC address
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str = ""  # empty: no auth; else every route but /health needs it
+    api_key: str = ""  # empty: no auth; else every route but the probes needs it (and the
+    # gateway sends it to the router, whose public API may demand the same key)
     served_model_name: str = ""  # empty: whatever the router lists
 
     # Request limits, checked before anything is sent to the router (the router checks the

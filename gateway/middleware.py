@@ -2,8 +2,9 @@
 
 Per HTTP request, in order, each step refusing with an OpenAI error object:
     count      every response by route and status; refusals by reason
-    auth       `Authorization: Bearer KEY`, constant-time compare; only /health is open (load
-               balancers probe it); /metrics needs the key too, since it shows traffic and
+    auth       `Authorization: Bearer KEY`, constant-time compare; only the probes (/health,
+               /ready, /live) are open (load balancers and orchestrators call them without
+               credentials, and they tell nothing but up/down); /metrics needs the key too, since it shows traffic and
                model names (Prometheus sends it with `authorization: {credentials: KEY}`)
     body size  Content-Length over the limit -> 413 before a byte of the body is read;
                a body without one is counted as it streams in (413 past the limit)
@@ -20,7 +21,8 @@ from gateway.errors import APIError, overloaded
 from gateway.metrics import GatewayMetrics
 
 GENERATE_ROUTES = ("/v1/completions", "/v1/chat/completions")
-KNOWN_ROUTES = ("/health", "/metrics", "/v1/models", *GENERATE_ROUTES)
+PROBE_ROUTES = ("/health", "/ready", "/live")
+KNOWN_ROUTES = (*PROBE_ROUTES, "/metrics", "/v1/models", *GENERATE_ROUTES)
 
 
 def _too_large(limit: int) -> APIError:
@@ -56,7 +58,7 @@ class Guard:
 
     async def _guarded(self, scope, receive, send, path):
         headers = dict(scope["headers"])
-        if self.key and path != "/health" and not self._authorized(headers):
+        if self.key and path not in PROBE_ROUTES and not self._authorized(headers):
             err = APIError(401, "Incorrect or missing API key.", code="invalid_api_key")
             return await self._refuse(scope, receive, send, err)
         limit = self.config.max_body_bytes

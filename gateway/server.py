@@ -40,8 +40,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--api-key",
         default=os.environ.get("TANDEM_API_KEY", ""),
-        help="require `Authorization: Bearer KEY` on every route but /health "
-        "(default: env TANDEM_API_KEY; empty: no auth)",
+        help="require `Authorization: Bearer KEY` on every route but /health, /ready, /live "
+        "and send it to the router (default: env TANDEM_API_KEY; empty: no auth)",
     )
     parser.add_argument("--served-model-name", default="", help="model name clients use")
     parser.add_argument("--timeout-graceful-shutdown", type=float, default=5.0)

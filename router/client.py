@@ -11,10 +11,19 @@ other services can use it:
     async with AsyncTandemClient("127.0.0.1:50051") as c:
         async for chunk in c.generate(messages=[{"role": "user", "content": "hi"}]):
             ...
+
+api_key= (default: env TANDEM_API_KEY) is sent as `authorization: Bearer <key>` on every
+call. A refusal that says when to come back (RESOURCE_EXHAUSTED or UNAVAILABLE with
+`retry-after` metadata) is retried up to max_retries times after that many seconds (at most
+MAX_RETRY_AFTER_S), for calls that are safe to repeat: Tokenize, Detokenize, ListModels, and
+a Generate that has not yielded anything yet. The timeout applies to each attempt.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
@@ -26,6 +35,9 @@ from tandem.records import Usage
 
 _FINISH = {1: "stop", 2: "length", 3: "abort", 4: "error"}
 _SAMPLING = {f.name for f in common_pb2.SamplingParams.DESCRIPTOR.fields}
+_RETRYABLE = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
+MAX_RETRY_AFTER_S = 30.0  # a longer wait asked by the server is cut to this
+API_KEY_ENV = "TANDEM_API_KEY"
 
 
 @dataclass(slots=True)
@@ -63,8 +75,35 @@ class TandemError(Exception):
         self.code = e.code().name
         self.details = e.details()
         self.param = md.get("param")
-        self.retry_after = float(md["retry-after"]) if "retry-after" in md else None
+        self.retry_after = _retry_after(md)
         super().__init__(f"{self.code}: {self.details}")
+
+
+def _retry_after(md: dict) -> float | None:
+    """Seconds from `retry-after` metadata; None when absent or not a number >= 0."""
+    try:
+        value = float(md["retry-after"])
+    except (KeyError, ValueError):
+        return None
+    return value if 0 <= value < float("inf") else None
+
+
+class _Retries:
+    """The credentials and retry rule both clients share."""
+
+    def __init__(self, api_key: str | None, max_retries: int) -> None:
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
+        self.metadata = (("authorization", f"Bearer {key}"),) if key else ()
+        self.max_retries = max_retries
+
+    def delay(self, e: grpc.RpcError, attempt: int) -> float | None:
+        """Seconds to wait before trying again, or None: give up (raise e)."""
+        if attempt >= self.max_retries or e.code() not in _RETRYABLE:
+            return None
+        seconds = _retry_after(dict(e.trailing_metadata() or ()))
+        return None if seconds is None else min(seconds, MAX_RETRY_AFTER_S)
 
 
 def build_request(
@@ -140,20 +179,34 @@ class TandemClient:
         address: str = "127.0.0.1:50051",
         timeout: float | None = None,
         tls: TLSConfig = PLAINTEXT,  # TLSConfig.from_files(ca_certs=..., certfile=..., ...)
+        api_key: str | None = None,  # None: env TANDEM_API_KEY
+        max_retries: int = 2,
     ):
-        self.channel = channel(address, tls)
+        self.channel = channel(address, tls, peer_role="router")
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.timeout = timeout
+        self._retries = _Retries(api_key, max_retries)
 
     def generate(self, prompt=None, **kwargs) -> Iterator[Chunk]:
-        call = self.stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout)
-        try:
-            for c in call:
-                yield _chunk(c)
-        except grpc.RpcError as e:
-            raise TandemError(e) from None
-        finally:
-            call.cancel()  # stopped early: the router aborts the request everywhere
+        req = build_request(prompt, **kwargs)
+        attempt = 0
+        while True:
+            call = self.stub.Generate(req, timeout=self.timeout, metadata=self._retries.metadata)
+            started = False
+            try:
+                for c in call:
+                    started = True
+                    yield _chunk(c)
+                return
+            except grpc.RpcError as e:
+                # once a chunk is out, a retry would repeat it: only a refusal is retried
+                delay = None if started else self._retries.delay(e, attempt)
+                if delay is None:
+                    raise TandemError(e) from None
+            finally:
+                call.cancel()  # stopped early: the router aborts the request everywhere
+            time.sleep(delay)
+            attempt += 1
 
     def complete(self, prompt=None, **kwargs) -> Completion:
         col = _Collector()
@@ -161,11 +214,17 @@ class TandemClient:
             col.add(ch)
         return col.result()
 
-    def _unary(self, method, request):
-        try:
-            return method(request, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise TandemError(e) from None
+    def _unary(self, method, request, retry: bool = True):
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=self.timeout, metadata=self._retries.metadata)
+            except grpc.RpcError as e:
+                delay = self._retries.delay(e, attempt) if retry else None
+                if delay is None:
+                    raise TandemError(e) from None
+            time.sleep(delay)
+            attempt += 1
 
     def tokenize(self, text: str | None = None, messages: list[dict] | None = None) -> list[int]:
         req = router_pb2.TokenizeRequest()
@@ -186,7 +245,7 @@ class TandemClient:
 
     def abort(self, request_id: str) -> bool:
         req = router_pb2.RouterAbortRequest(request_id=request_id)
-        return self._unary(self.stub.Abort, req).found
+        return self._unary(self.stub.Abort, req, retry=False).found
 
     def close(self) -> None:
         self.channel.close()
@@ -204,20 +263,33 @@ class AsyncTandemClient:
         address: str = "127.0.0.1:50051",
         timeout: float | None = None,
         tls: TLSConfig = PLAINTEXT,
+        api_key: str | None = None,  # None: env TANDEM_API_KEY
+        max_retries: int = 2,
     ):
-        self.channel = aio_channel(address, tls)
+        self.channel = aio_channel(address, tls, peer_role="router")
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.timeout = timeout
+        self._retries = _Retries(api_key, max_retries)
 
     async def generate(self, prompt=None, **kwargs) -> AsyncIterator[Chunk]:
-        call = self.stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout)
-        try:
-            async for c in call:
-                yield _chunk(c)
-        except grpc.RpcError as e:
-            raise TandemError(e) from None
-        finally:
-            call.cancel()
+        req = build_request(prompt, **kwargs)
+        attempt = 0
+        while True:
+            call = self.stub.Generate(req, timeout=self.timeout, metadata=self._retries.metadata)
+            started = False
+            try:
+                async for c in call:
+                    started = True
+                    yield _chunk(c)
+                return
+            except grpc.RpcError as e:
+                delay = None if started else self._retries.delay(e, attempt)
+                if delay is None:
+                    raise TandemError(e) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def complete(self, prompt=None, **kwargs) -> Completion:
         col = _Collector()
@@ -225,11 +297,17 @@ class AsyncTandemClient:
             col.add(ch)
         return col.result()
 
-    async def _unary(self, method, request):
-        try:
-            return await method(request, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise TandemError(e) from None
+    async def _unary(self, method, request, retry: bool = True):
+        attempt = 0
+        while True:
+            try:
+                return await method(request, timeout=self.timeout, metadata=self._retries.metadata)
+            except grpc.RpcError as e:
+                delay = self._retries.delay(e, attempt) if retry else None
+                if delay is None:
+                    raise TandemError(e) from None
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def tokenize(self, text: str | None = None, messages: list[dict] | None = None):
         req = router_pb2.TokenizeRequest()
@@ -249,7 +327,7 @@ class AsyncTandemClient:
 
     async def abort(self, request_id: str) -> bool:
         req = router_pb2.RouterAbortRequest(request_id=request_id)
-        return (await self._unary(self.stub.Abort, req)).found
+        return (await self._unary(self.stub.Abort, req, retry=False)).found
 
     async def close(self) -> None:
         await self.channel.close()

@@ -87,8 +87,8 @@ def chunk_to_proto(
                 kv_transfer_ms=t.kv_transfer_ms,
                 ttft_ms=t.ttft_ms,
                 e2e_ms=t.e2e_ms,
-                prefill_worker=t.prefill_worker,
-                decode_worker=t.decode_worker,
+                # prefill_worker / decode_worker stay empty: internal addresses are not the
+                # public API's business (the router logs them, event=choice_routed)
             )
         )
     if c.usage is not None:

@@ -39,6 +39,8 @@ from tandem.records import Usage
 
 log = logging.getLogger("tandem.router")
 
+MAX_MODEL_NAME_LEN = 256
+
 _FINISH_NAMES = {
     FinishReason.STOP: "stop",
     FinishReason.LENGTH: "length",
@@ -79,7 +81,16 @@ class RouterEngine:
     # -- prompt ----------------------------------------------------------------------------
 
     def check_model(self, model: str) -> None:
-        if model and model not in (self.model_name, self.config.model):
+        """ "" (proto3's unset) is the served model; anything else must be its name. A long
+        name is a bad request, not an unknown model: echoed back in the status message it
+        would overflow gRPC's metadata limit, which clients see as RESOURCE_EXHAUSTED."""
+        if len(model) > MAX_MODEL_NAME_LEN:
+            raise RequestError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"model must have at most {MAX_MODEL_NAME_LEN} characters",
+                param="model",
+            )
+        if model and model != self.model_name:
             raise RequestError(
                 ErrorKind.NOT_FOUND, f"The model `{model}` does not exist.", param="model"
             )
@@ -219,7 +230,7 @@ class RouterEngine:
                 num_out += len(batch.token_ids)
                 if first:
                     first = False
-                    self._first_token(timing, t_arrival, batch.num_cached_tokens)
+                    self._first_token(req_id, timing, t_arrival, batch.num_cached_tokens)
                     num_cached = batch.num_cached_tokens
                     if gi.echo:
                         chunk.text, chunk.prompt_token_ids = prompt_text, list(prompt_ids)
@@ -249,13 +260,18 @@ class RouterEngine:
                     return  # leaving aclosing() aborts the workers if they still run
         raise RequestError(ErrorKind.INTERNAL, "choice ended without a finish reason")
 
-    def _first_token(self, timing: Timing, t_arrival: float, num_cached: int) -> None:
+    def _first_token(self, req_id: str, timing: Timing, t_arrival: float, num_cached: int) -> None:
         ttft = time.monotonic() - t_arrival
         timing.ttft_ms = ttft * 1000
         m = self.metrics
         m.ttft.observe(ttft)
         m.queue.observe(timing.queue_ms / 1000)
         m.cached_tokens(num_cached)
+        # Worker addresses stay inside: logs and metrics here, never the public response.
+        log.info(
+            "event=choice_routed id=%s prefill=%s decode=%s cached_tokens=%d",
+            req_id, timing.prefill_worker or "local", timing.decode_worker, num_cached,
+        )  # fmt: skip
         if timing.prefill_worker:
             m.prefill.observe(timing.prefill_ms / 1000)
             m.kv_transfer.observe(timing.kv_transfer_ms / 1000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ from protos import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from router.convert import chunk_to_proto, generate_input_from_proto
 from router.engine import RouterEngine
 from router.types import ErrorKind, GenerateInput, RequestError
-from router.workers import CLOSE_LINGER_S, ReportedLoad, Role
+from router.workers import CLOSE_LINGER_S, ReportedLoad, Role, WorkerHandle
+from rpc.auth import peer_roles
 
 log = logging.getLogger("tandem.router.servicer")
 
@@ -94,33 +96,43 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def ListModels(self, request, context):
         e = self.engine
         card = router_pb2.ModelCard(
-            id=e.model_name, max_model_len=e.max_model_len, created=e.created, root=e.config.model
+            # root: the served name, never the --model path (where the router's files live)
+            id=e.model_name,
+            max_model_len=e.max_model_len,
+            created=e.created,
+            root=e.model_name,
         )
         return router_pb2.ListModelsResponse(models=[card])
 
 
 class RegistryServicer(worker_pb2_grpc.RegistryServicer):
-    """Self-registration: a worker joins the pool by starting, leaves by draining."""
+    """Self-registration: a worker joins the pool by starting, leaves by draining.
+
+    Who may call it at all is the auth interceptor's business (rpc/auth.py: a prefill or
+    decode certificate, or the internal token). Here: a worker joins only as the role its
+    certificate names, for this router's model, at an address no static or live worker
+    holds; Heartbeat and Deregister act only on the unguessable id Register handed out.
+    """
 
     def __init__(self, engine: RouterEngine):
         self.engine = engine
-        # Names a worker may give for the router's model: the served name, the --model path,
-        # or that path's directory name (a worker started with the same --model).
-        cfg = engine.config
-        self.model_names = {engine.model_name, cfg.model, Path(cfg.model).name}
+        # Names a worker may give for the router's model: the served name, or the --model
+        # directory's name (what a worker started with the same --model and no
+        # --served-model-name reports).
+        self.model_names = {engine.model_name, Path(engine.config.model).name}
 
     async def Register(self, request, context):
-        if request.model and request.model not in self.model_names:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"worker serves {request.model!r}, router serves {self.engine.model_name!r}",
-            )
-        if request.role not in (Role.PREFILL, Role.DECODE) or not request.address:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role and address required")
+        refusal = self._check_info(request) or _check_role(request.role, peer_roles(context))
+        if refusal is None:
+            refusal = await self._check_address(request)
+        if refusal is not None:
+            code, message = refusal
+            log.warning(
+                "event=worker_refused role=%d address=%.64r code=%s reason=%s",
+                request.role, request.address, code.name, message,
+            )  # fmt: skip
+            await context.abort(code, message)
         pool = self.engine.pool
-        for w in list(pool.workers.values()):  # a restarted worker replaces its old entry
-            if w.address == request.address and w.role == request.role:
-                await pool.remove(w.worker_id, "re-registered", CLOSE_LINGER_S)
         w = pool.add(
             Role(request.role),
             request.address,
@@ -130,15 +142,71 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
         )
         w.reported.num_total_blocks = w.reported.num_free_blocks = request.num_blocks
         log.warning(
-            "event=worker_registered id=%s role=%s address=%s num_blocks=%d",
-            w.worker_id, w.role.name, w.address, request.num_blocks,
+            "event=worker_registered id=%s role=%s address=%s kv_address=%s num_blocks=%d",
+            w.worker_id, w.role.name, w.address, w.kv_address, request.num_blocks,
         )  # fmt: skip
         return worker_pb2.RegisterResponse(
             worker_id=w.worker_id, heartbeat_interval_ms=pool.heartbeat_interval_ms
         )
 
+    def _check_info(self, r: worker_pb2.WorkerInfo) -> Refusal | None:
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        if not r.model:
+            return bad, "WorkerInfo.model is required"
+        if r.model not in self.model_names:
+            shown = r.model if len(r.model) <= MAX_NAME_LEN else r.model[:MAX_NAME_LEN] + "..."
+            return (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker serves {shown!r}, router serves {self.engine.model_name!r}",
+            )
+        if r.role not in (Role.PREFILL, Role.DECODE):
+            return bad, "WorkerInfo.role must be WORKER_ROLE_PREFILL or WORKER_ROLE_DECODE"
+        if not _is_host_port(r.address):
+            return bad, "WorkerInfo.address must be host:port"
+        if r.kv_address and not _is_host_port(r.kv_address):
+            return bad, "WorkerInfo.kv_address must be empty or host:port"
+        if not 1 <= r.block_size <= MAX_BLOCK_SIZE:
+            return bad, f"WorkerInfo.block_size must be in [1, {MAX_BLOCK_SIZE}]"
+        if not 1 <= r.num_blocks <= MAX_NUM_BLOCKS:
+            return bad, f"WorkerInfo.num_blocks must be in [1, {MAX_NUM_BLOCKS}]"
+        if r.max_num_seqs < 0:
+            return bad, "WorkerInfo.max_num_seqs must be >= 0"
+        return None
+
+    async def _check_address(self, r: worker_pb2.WorkerInfo) -> Refusal | None:
+        """Refuse an address (or KV address) another worker holds; drop stale holders."""
+        pool = self.engine.pool
+        if len(pool.workers) >= MAX_WORKERS:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the pool holds {MAX_WORKERS} workers"
+        stale: list[WorkerHandle] = []
+        for w in pool.holding(r.address, r.kv_address):
+            if w.static:
+                # The operator named this address (--prefill/--decode): nothing that
+                # registers may take it over or shadow it.
+                return (
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"{w.address} is a static worker of this router (--{w.role.name.lower()})",
+                )
+            # A live registered worker keeps its address until it leaves: replacing it would
+            # let any caller that may register evict a serving worker (whose next heartbeat
+            # re-registers and evicts back: flapping) and take over its traffic. Refusing
+            # costs a worker that crashed and restarted at the same address at most
+            # MISSED_HEARTBEATS intervals: it retries, and once the old entry went silent
+            # past the limit (or drains, which only its own holder of the id can start)
+            # the address is free again.
+            if pool.is_live(w):
+                return (
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"{r.address} is held by a registered worker that still heartbeats; "
+                    "retry once it has been silent for the heartbeat limit",
+                )
+            stale.append(w)
+        for w in stale:  # its channel lingers for calls already decided
+            await pool.remove(w.worker_id, "re-registered", CLOSE_LINGER_S)
+        return None
+
     async def Heartbeat(self, request, context):
-        w = self.engine.pool.workers.get(request.worker_id)
+        w = self._registered(request.worker_id)
         if w is None:
             return worker_pb2.HeartbeatResponse(known=False)
         w.last_seen = time.monotonic()
@@ -159,11 +227,61 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
         # Takes effect before the answer: no routing decision after this returns picks the
         # worker. Requests already dispatched there run to completion; the pool drops the
         # entry once nothing of ours runs there.
-        w = self.engine.pool.workers.get(request.worker_id)
-        if w is not None and not w.draining:
+        w = self._registered(request.worker_id)
+        if w is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, "DeregisterRequest.worker_id: no such worker"
+            )
+        if not w.draining:
             w.draining = True
             log.warning(
                 "event=worker_draining id=%s address=%s source=deregister active=%d",
                 w.worker_id, w.address, w.active,
             )  # fmt: skip
         return worker_pb2.DeregisterResponse()
+
+    def _registered(self, worker_id: str) -> WorkerHandle | None:
+        """The self-registered worker with this id; static workers never registered, so no
+        caller can name them."""
+        w = self.engine.pool.workers.get(worker_id)
+        return None if w is None or w.static else w
+
+
+Refusal = tuple[grpc.StatusCode, str]
+
+MAX_NAME_LEN = 256
+MAX_BLOCK_SIZE = 1024  # tokens per KV block
+MAX_NUM_BLOCKS = 1 << 24  # KV blocks of one worker
+MAX_WORKERS = 1024  # registered and static together: a bound on what callers can add
+
+
+def _check_role(role: int, roles: frozenset[str]) -> Refusal | None:
+    """Under mutual TLS the certificate says what the caller is: a prefill certificate
+    cannot join as a decode server (and answer users with its own text)."""
+    if not roles or role not in (Role.PREFILL, Role.DECODE):
+        return None  # no certificate: the internal token (rpc/auth.py) was the credential
+    name = Role(role).name.lower()
+    if name not in roles:
+        return (
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"WorkerInfo.role {name} does not match the caller's certificate "
+            f"({', '.join(sorted(roles))})",
+        )
+    return None
+
+
+def _is_host_port(address: str) -> bool:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or len(address) > 300:
+        return False
+    if host.startswith("[") and host.endswith("]"):  # [ipv6]:port
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    labels = host.split(".")
+    return bool(host) and all(
+        0 < len(x) <= 63 and x.replace("-", "").replace("_", "").isalnum() and x.isascii()
+        for x in labels
+    )

@@ -22,6 +22,7 @@ import collections
 import enum
 import itertools
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -132,7 +133,6 @@ class WorkerPool:
         self.tls = tls
         self.stats_interval_s = stats_interval_s
         self.heartbeat_interval_ms = heartbeat_interval_ms
-        self._ids = itertools.count()
         self._tasks: set[asyncio.Task] = set()
         self._started = False
         # where attempts were prefilled: "local" (decode server) / "remote" (router/handoff.py)
@@ -142,13 +142,17 @@ class WorkerPool:
     # -- membership -----------------------------------------------------------------------
 
     def add(self, role: Role, address: str, static: bool, kv_address: str = "", block_size=0):
-        channel = aio_channel(address, self.tls, options=WORKER_CHANNEL_OPTIONS)
+        # the server must hold a certificate of the role it is added as (role certificates)
+        peer = "prefill" if role == Role.PREFILL else "decode"
+        channel = aio_channel(address, self.tls, WORKER_CHANNEL_OPTIONS, peer_role=peer)
         stub = (
             worker_pb2_grpc.PrefillStub(channel)
             if role == Role.PREFILL
             else worker_pb2_grpc.DecodeStub(channel)
         )
-        wid = f"{role.name.lower()}-{next(self._ids)}"
+        # Unguessable: an id is what Heartbeat and Deregister act on, so only the worker that
+        # registered (and the router's logs) may know it.
+        wid = f"{role.name.lower()}-{secrets.token_urlsafe(16)}"
         w = WorkerHandle(wid, role, address, channel, stub, static, kv_address)
         if block_size > 0:
             w.block_size = block_size
@@ -174,6 +178,23 @@ class WorkerPool:
             self._spawn(_close_later(w.channel, linger_s))
         else:
             await w.channel.close()
+
+    def holding(self, *addresses: str) -> list[WorkerHandle]:
+        """Workers reached at any of these addresses (their gRPC or KV address)."""
+        wanted = {a for a in addresses if a}
+        return [w for w in self.workers.values() if wanted & {w.address, w.kv_address}]
+
+    @property
+    def heartbeat_limit_s(self) -> float:
+        """Silence after which a self-registered worker is dropped."""
+        return MISSED_HEARTBEATS * self.heartbeat_interval_ms / 1000
+
+    def is_live(self, w: WorkerHandle) -> bool:
+        """Static, or self-registered, heard from within the limit and not leaving."""
+        if w.static:
+            return True
+        silent = time.monotonic() - w.last_seen
+        return not w.draining and silent <= self.heartbeat_limit_s
 
     def membership(self) -> dict[tuple[str, str], int]:
         """(role, state) -> number of workers, every combination present."""
@@ -311,7 +332,7 @@ class WorkerPool:
 
     async def _expire_loop(self) -> None:
         interval_s = self.heartbeat_interval_ms / 1000
-        limit = MISSED_HEARTBEATS * interval_s
+        limit = self.heartbeat_limit_s
         while True:
             await asyncio.sleep(interval_s / 2)
             now = time.monotonic()

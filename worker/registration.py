@@ -5,8 +5,12 @@
         +------ Heartbeat says known=false --------+   (the router restarted or dropped us)
     drain():  Deregister once; heartbeats go on, so the router keeps the entry (and the
               streams it still has here) until they end; never registers again.
-    refused:  the router rejects the worker (wrong model, bad role): `refused` is set and
-              the server shuts down, since retrying cannot help.
+    refused:  the router rejects the worker (wrong model, bad WorkerInfo, a credential or
+              certificate role it does not accept): `refused` is set and the server shuts
+              down, since retrying cannot help.
+    address taken (ALREADY_EXISTS): a static worker of the router, or a registered one that
+              still heartbeats, holds the address; retried with backoff, since the holder may
+              be this server's previous life whose entry expires soon.
 
 Heartbeats send the last load snapshot (`load()`) and never wait on the engine, so a long
 engine step cannot make the router think the worker is gone.
@@ -28,7 +32,12 @@ log = logging.getLogger("tandem.worker.registration")
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 5.0
 RPC_TIMEOUT_S = 5.0
-_REFUSED = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT}
+_REFUSED = {
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
 
 
 def role_name(role: int) -> str:
@@ -51,7 +60,7 @@ class RegistryClient:
         self.draining = False
         self.refused = asyncio.Event()
         self._backoff = FIRST_BACKOFF_S
-        self._channel = aio_channel(router_address, tls)
+        self._channel = aio_channel(router_address, tls, peer_role="router")
         self._stub = worker_pb2_grpc.RegistryStub(self._channel)
         self._task: asyncio.Task | None = None
 
@@ -107,8 +116,8 @@ class RegistryClient:
             level = logging.WARNING if backoff == FIRST_BACKOFF_S else logging.DEBUG
             log.log(
                 level,
-                "event=register_retry router=%s code=%s backoff_s=%.1f",
-                self.router_address, e.code().name, backoff,
+                "event=register_retry router=%s code=%s detail=%s backoff_s=%.1f",
+                self.router_address, e.code().name, e.details(), backoff,
             )  # fmt: skip
             await asyncio.sleep(backoff)
             self._backoff = min(backoff * 2, MAX_BACKOFF_S)

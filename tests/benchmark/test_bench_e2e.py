@@ -24,6 +24,7 @@ def stack(smollm2_dir):
 def run_bench(stack, tmp_path, *flags):
     out = tmp_path / "result.json"
     argv = ["--base-url", stack.base_url + "/v1", "--disable-tqdm", "--result-file", str(out)]
+    argv += ["--tokenizer", str(stack.model_dir)]  # /v1/models names no paths
     assert main([*argv, *flags]) == 0
     return json.loads(out.read_text())
 
@@ -75,7 +76,7 @@ def test_prefix_dataset_via_python_m(stack, tmp_path):
         sys.executable, "-m", "bench", "--base-url", stack.base_url,
         "--dataset-name", "prefix", "--num-prompts", "6", "--prefix-len", "32",
         "--num-prefixes", "2", "--suffix-len", "8", "--prefix-output-len", "4",
-        "--disable-tqdm", "--result-file", str(out),
+        "--disable-tqdm", "--result-file", str(out), "--tokenizer", str(stack.model_dir),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -86,6 +87,7 @@ def test_prefix_dataset_via_python_m(stack, tmp_path):
 
 def test_unknown_model_stops_at_warm_up(stack, capsys):
     argv = ["--base-url", stack.base_url, "--model", "nope", "--num-prompts", "2"]
+    argv += ["--tokenizer", str(stack.model_dir)]
     assert main([*argv, "--disable-tqdm"]) == 2
     err = capsys.readouterr().err
     assert "warm-up request failed: HTTP 404" in err and "nope" in err
@@ -102,7 +104,8 @@ def test_several_client_processes_merge_into_one_run(stack, tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_serving", path)
     gpu_serving = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_serving)
-    args = ["--dataset-name", "random", "--random-input-len", "20"]
+    args = ["--tokenizer", str(stack.model_dir), "--dataset-name", "random"]
+    args += ["--random-input-len", "20"]
     args += ["--random-output-len", "6", "--request-rate", "inf"]
     out = tmp_path / "w1.json"
     res = gpu_serving.bench_clients(

@@ -1,6 +1,7 @@
-"""`tandem gateway` as a process with TANDEM_API_KEY: every route but /health needs
-`Authorization: Bearer KEY`; refusals are OpenAI error objects and come before the body is
-read or the route is looked up. No router runs, so an authorized call gets a fast 503."""
+"""`tandem gateway` as a process with TANDEM_API_KEY: every route but the probes (/health,
+/ready, /live) needs `Authorization: Bearer KEY`; refusals are OpenAI error objects and come
+before the body is read or the route is looked up. No router runs, so an authorized call gets
+a fast 503, and so do the readiness probes."""
 
 import os
 import subprocess
@@ -24,7 +25,7 @@ def gateway():
     proc = subprocess.Popen(cmd, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_http_healthy(url + "/health", proc, 30)
+        wait_http_healthy(url + "/live", proc, 30)  # /health waits for a router: none here
         yield url
     finally:
         proc.terminate()
@@ -52,7 +53,13 @@ def test_refused_without_the_key(gateway, header, method, path):
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer"])
 def test_the_key_from_the_environment_opens_every_route(gateway, scheme):
     headers = {"authorization": f"{scheme} sekret"}
-    assert httpx.get(gateway + "/health").status_code == 200  # open without a key
+    # the probes are open without a key; no router: alive but not ready
+    assert httpx.get(gateway + "/live").status_code == 200
+    assert (
+        httpx.get(gateway + "/health").status_code
+        == httpx.get(gateway + "/ready").status_code
+        == 503
+    )
     assert httpx.get(gateway + "/metrics", headers=headers).status_code == 200
     # past auth; the router is down, so a quick 503 with Retry-After
     r = httpx.post(gateway + "/v1/completions", headers=headers, json={"prompt": "x"})

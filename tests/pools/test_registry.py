@@ -79,20 +79,23 @@ def _nowhere() -> str:
 def test_register_checks_model_role_and_address(model_dir):
     async def main():
         async with _router(model_dir) as (running, stub):
+            bad = grpc.StatusCode.INVALID_ARGUMENT
             for info, code in (
                 (_info(_nowhere(), model="other-model"), grpc.StatusCode.FAILED_PRECONDITION),
-                (_info(_nowhere(), role=0), grpc.StatusCode.INVALID_ARGUMENT),
-                (_info(""), grpc.StatusCode.INVALID_ARGUMENT),
+                (_info(_nowhere(), model=str(model_dir)), grpc.StatusCode.FAILED_PRECONDITION),
+                (_info(_nowhere(), model=""), bad),
+                (_info(_nowhere(), role=0), bad),
+                (_info(""), bad),
             ):
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await stub.Register(info)
                 assert e.value.code() == code
             assert running.engine.pool.workers == {}
-            # served name, the router's --model path, or that directory's name
-            for model in (DEFAULT_MODEL_NAME, str(model_dir), model_dir.name, ""):
+            # the served name, or the --model directory's name (a worker's default)
+            for model in (DEFAULT_MODEL_NAME, model_dir.name):
                 resp = await stub.Register(_info(_nowhere(), model=model))
                 assert resp.heartbeat_interval_ms == HB_MS
-            assert len(running.engine.pool.workers) == 4
+            assert len(running.engine.pool.workers) == 2
 
     asyncio.run(main())
 
@@ -133,6 +136,7 @@ def test_deregistered_worker_gets_no_new_work_and_leaves_when_idle(model_dir):
             assert _membership(running)[("decode", "draining")] == 1
             for _ in range(2 * MISSED_HEARTBEATS):  # a draining worker keeps heartbeating
                 assert (await stub.Heartbeat(worker_pb2.WorkerLoad(worker_id=a))).known
+                assert (await stub.Heartbeat(worker_pb2.WorkerLoad(worker_id=b))).known
                 await asyncio.sleep(HB_MS / 1000)
             assert a in pool.workers  # kept while its stream runs
             pool.workers[a].active = 0  # that stream ended
@@ -143,14 +147,28 @@ def test_deregistered_worker_gets_no_new_work_and_leaves_when_idle(model_dir):
     asyncio.run(main())
 
 
-def test_reregistration_replaces_the_old_entry(model_dir):
+def test_reregistration_waits_until_the_old_entry_is_silent(model_dir):
+    """A live worker keeps its address; a restart at it gets in once the old entry is
+    silent past the heartbeat limit (or draining)."""
+
     async def main():
         async with _router(model_dir) as (running, stub):
+            pool = running.engine.pool
             address = _nowhere()
             old = (await stub.Register(_info(address))).worker_id
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.Register(_info(address))
+            assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert list(pool.workers) == [old] and pool.is_live(pool.workers[old])
+            # the old process died: no heartbeats; the expiry loop has not run yet
+            pool.workers[old].last_seen -= 2 * pool.heartbeat_limit_s
             new = (await stub.Register(_info(address))).worker_id
-            assert list(running.engine.pool.workers) == [new] and new != old
+            assert list(pool.workers) == [new] and new != old
             assert not (await stub.Heartbeat(worker_pb2.WorkerLoad(worker_id=old))).known
+            # a draining entry (its own holder deregistered) frees the address too
+            await stub.Deregister(worker_pb2.DeregisterRequest(worker_id=new))
+            newest = (await stub.Register(_info(address))).worker_id
+            assert list(pool.workers) == [newest]
 
     asyncio.run(main())
 
@@ -218,13 +236,16 @@ def test_health_not_serving_drains_static_and_registered_workers(model_dir):
         server = grpc.aio.server()
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        # two ports of one health service: a static and a registered worker can never share
+        # an address
         address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        other = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
         await server.start()
         try:
             async with _router(model_dir, decode_addresses=[address]) as (running, stub):
                 pool = running.engine.pool
                 (static,) = pool.workers.values()
-                await stub.Register(_info(address, role=worker_pb2.WORKER_ROLE_PREFILL))
+                await stub.Register(_info(other, role=worker_pb2.WORKER_ROLE_PREFILL))
                 registered = next(w for w in pool.workers.values() if not w.static)
                 await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
                 await _until(lambda: static.draining and registered.draining)

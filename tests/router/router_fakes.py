@@ -294,6 +294,15 @@ class FakeServer:
     state: FakeState
 
 
+def served_by(fakes: list[FakeServer], request_id: str) -> str:
+    """The address of the fake that ran choice 0 of a request, "" when none did. (The public
+    Timing carries no worker address; the router logs it, event=choice_routed.)"""
+    key = f"{request_id}-0"
+    (*found,) = (f.address for f in fakes if any(r.split(".")[0] == key for r in f.state.requests))
+    assert len(found) <= 1, f"{request_id} ran on several fakes: {found}"
+    return found[0] if found else ""
+
+
 async def start_fake(role: str, script: list[int], **kwargs) -> FakeServer:
     server = grpc.aio.server()
     port = server.add_insecure_port("127.0.0.1:0")

@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 import pytest
-from router_fakes import BLOCK_SIZE, start_stack
+from router_fakes import BLOCK_SIZE, served_by, start_stack
 
 from protos import common_pb2, router_pb2, router_pb2_grpc
 
@@ -54,7 +54,7 @@ def test_short_uncached_part_is_prefilled_on_the_decode_server(model_dir):
 
     stack, out, decisions = asyncio.run(scenario())
     assert [[t for c in chunks for t in c.token_ids] for chunks in out] == [[5, 6, 7]] * 3
-    assert [chunks[-1].timing.prefill_worker for chunks in out] == [
+    assert [served_by(stack.prefills, chunks[-1].request_id) for chunks in out] == [
         "",
         stack.prefills[0].address,
         "",

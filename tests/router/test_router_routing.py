@@ -6,7 +6,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from router_fakes import BLOCK_SIZE, start_fake, start_stack
+from router_fakes import BLOCK_SIZE, served_by, start_fake, start_stack
 
 from protos import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -32,7 +32,7 @@ async def prefill_workers_used(policy, kv_events=True, num=4):
             stub = router_pb2_grpc.RouterStub(ch)
             for i in range(num):
                 chunks = [c async for c in stub.Generate(req(PREFIX + [200 + i]))]
-                used.append(chunks[-1].timing.prefill_worker)
+                used.append(served_by(stack.prefills, chunks[-1].request_id))
                 await asyncio.sleep(0.05)  # let the KV events reach the router
         hits = [p.servicer.hits for p in stack.prefills]
         return used, hits, [p.address for p in stack.prefills]
@@ -82,7 +82,7 @@ def test_prefix_policy_follows_reported_blocks():
                 stub = router_pb2_grpc.RouterStub(ch)
                 for i in range(3):
                     chunks = [c async for c in stub.Generate(req(PREFIX + [250 + i]))]
-                    used.append(chunks[-1].timing.prefill_worker)
+                    used.append(served_by(stack.prefills, chunks[-1].request_id))
             return used, target.address
         finally:
             await stack.stop()
@@ -104,7 +104,7 @@ def test_least_load_spreads_concurrent_requests():
                     return [c async for c in stub.Generate(req(PREFIX + [i]))][-1]
 
                 lasts = await asyncio.gather(*(one(i) for i in range(4)))
-            return [c.timing.prefill_worker for c in lasts]
+            return [served_by(stack.prefills, c.request_id) for c in lasts]
         finally:
             await stack.stop()
 
@@ -150,13 +150,14 @@ def test_prefill_failure_falls_back_to_local_prefill():
         try:
             async with grpc.aio.insecure_channel(stack.address) as ch:
                 stub = router_pb2_grpc.RouterStub(ch)
-                return [c async for c in stub.Generate(req([5, 6, 7], max_tokens=3))]
+                return [c async for c in stub.Generate(req([5, 6, 7], max_tokens=3))], stack
         finally:
             await stack.stop()
 
-    chunks = asyncio.run(scenario())
+    chunks, stack = asyncio.run(scenario())
     assert [t for c in chunks for t in c.token_ids] == [300, 301, 302]
-    assert chunks[-1].timing.prefill_worker == ""
+    assert served_by(stack.decodes, chunks[-1].request_id) == stack.decodes[0].address
+    assert stack.prefills[0].state.requests == []  # prefilled on the decode server
 
 
 BAD = [
@@ -251,6 +252,8 @@ def test_full_decode_servers_mean_overload_not_failure():
             await stack.stop()
 
     stack, served, err = asyncio.run(scenario())
-    assert {s[-1].timing.decode_worker for s in served} == {stack.decodes[1].address}
+    assert {served_by(stack.decodes, s[-1].request_id) for s in served} == {
+        stack.decodes[1].address
+    }
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert dict(err.trailing_metadata())["retry-after"] == "1"

@@ -44,8 +44,10 @@ RUN if ! command -v cc >/dev/null 2>&1; then \
     fi \
  && groupadd --system --gid 10001 tandem \
  && useradd --system --uid 10001 --gid tandem --create-home --home-dir /home/tandem tandem \
- && mkdir -p /home/tandem/.cache /model \
- && chown -R tandem:tandem /home/tandem
+ && mkdir -p /home/tandem/.cache /model /certs \
+ && chown -R tandem:tandem /home/tandem \
+ && chown tandem:tandem /certs \
+ && chmod 0750 /certs
 COPY --from=build /opt/tandem /opt/tandem
 ENV PATH=/opt/tandem/bin:$PATH \
     HOME=/home/tandem \
@@ -55,6 +57,9 @@ ENV PATH=/opt/tandem/bin:$PATH \
     PYTHONUNBUFFERED=1
 USER tandem:tandem
 WORKDIR /home/tandem
+# /certs: where compose's `certs` service writes the internal plane's certificates. An empty
+# named volume mounted there takes this directory's owner, so `tandem certs` (uid 10001) can
+# write into it and only uid 10001 can read the keys. Not a VOLUME: only compose mounts one.
 # models (read-only mounts) and caches (converted GGUFs, HF files, compiled Triton kernels)
 VOLUME ["/model", "/home/tandem/.cache"]
 # gateway HTTP, router gRPC, prefill gRPC, decode gRPC, Prometheus (router, workers)

@@ -1,6 +1,7 @@
 """deploy/k8s: every kustomization renders with `kubectl kustomize`, every object validates
 against the Kubernetes JSON schemas (strict: unknown fields fail), and the rendered objects fit
-together: probes, drain bound, GPUs, Services, HPAs and the prometheus-adapter rule."""
+together: probes, drain bound, GPUs, Services, HPAs, the prometheus-adapter rule, mutual TLS
+with a Secret per role, and NetworkPolicies that admit only the callers each component needs."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import yaml
 from deploy_helpers import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
-KUSTOMIZATIONS = ["base", "overlays/autoscale", "overlays/tls"]
+KUSTOMIZATIONS = ["base", "overlays/autoscale"]
 # the oldest release whose schema has every field used (preStop `sleep`: 1.30) and the newest
 # schema kubernetes-validate bundles
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
@@ -100,10 +101,10 @@ def test_separate_deployments_and_services(rendered):
 
 
 def grpc_probe_port(probe: dict) -> int:
-    """The port a probe asks grpc.health.v1: the kubelet's own (plaintext) or, under TLS,
-    `python -m tandem_cli.healthcheck 127.0.0.1:PORT`, which reads the TANDEM_TLS_* settings."""
-    if "grpc" in probe:
-        return probe["grpc"]["port"]
+    """The port a probe asks grpc.health.v1: `python -m tandem_cli.healthcheck 127.0.0.1:PORT`,
+    which reads the TANDEM_TLS_* settings. Not the kubelet's own grpc probe: it speaks
+    plaintext, which a mutual-TLS server refuses."""
+    assert "grpc" not in probe, "the kubelet's grpc probe cannot present a certificate"
     command = probe["exec"]["command"]
     assert command[:3] == ["python", "-m", "tandem_cli.healthcheck"], command
     host, port = command[3].rsplit(":", 1)
@@ -117,7 +118,9 @@ def test_probes_are_grpc_health_for_grpc_servers_and_http_for_the_gateway(render
         c = container(dep)
         for probe in ("readinessProbe", "livenessProbe"):
             if name == "tandem-gateway":
-                assert c[probe]["httpGet"]["path"] == "/health"
+                # readiness follows the router; liveness only the gateway process
+                want = "/ready" if probe == "readinessProbe" else "/live"
+                assert c[probe]["httpGet"]["path"] == want
             else:
                 assert grpc_probe_port(c[probe]) == int(flag(c, "port")), (name, probe)
     for name in WORKERS:
@@ -190,19 +193,18 @@ def test_prometheus_adapter_rule_serves_the_metrics_the_hpas_use():
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
 
 
-def test_tls_overlay_gives_every_component_the_secret_and_the_settings(rendered):
+def test_every_component_runs_mutual_tls_with_its_own_role_secret(rendered):
     (config,) = by_kind(rendered, "ConfigMap").values()
     tls = {k: v for k, v in config["data"].items() if k.startswith("TANDEM_TLS_")}
-    deployments = by_kind(rendered, "Deployment")
-    if not tls:  # base and autoscale: plaintext, the kubelet's native grpc probes
-        for name in ("tandem-router", *WORKERS):
-            assert "grpc" in container(deployments[name])["readinessProbe"]
-        return
-    assert tls["TANDEM_TLS_REQUIRE_CLIENT_CERT"] == "1" and tls["TANDEM_TLS_SERVER_NAME"]
-    for name, dep in deployments.items():
+    assert tls["TANDEM_TLS_REQUIRE_CLIENT_CERT"] == "1"
+    # a fixed server name would replace the clients' check of the peer's role
+    assert "TANDEM_TLS_SERVER_NAME" not in tls
+    for name, dep in by_kind(rendered, "Deployment").items():
         spec = dep["spec"]["template"]["spec"]
+        component = dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
         (volume,) = [v for v in spec["volumes"] if v["name"] == "tls"]
-        assert volume["secret"]["secretName"] == "tandem-tls"
+        # each pod holds its own role's certificate, never another role's
+        assert volume["secret"]["secretName"] == f"tandem-{component}-tls", name
         # the key is readable by the pod's group only, which the non-root user is in
         assert volume["secret"]["defaultMode"] == 0o440
         assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
@@ -214,3 +216,102 @@ def test_tls_overlay_gives_every_component_the_secret_and_the_settings(rendered)
             if name != "tandem-gateway" and probe in container(dep):
                 # the exec probe starts python: more than the default 1 s timeout
                 assert container(dep)[probe]["timeoutSeconds"] >= 5
+
+
+# -- NetworkPolicy: what a CNI that enforces it would admit ----------------------------------
+
+NAMESPACE = {"kubernetes.io/metadata.name": "tandem"}
+MONITORING = {"kubernetes.io/metadata.name": "monitoring"}
+COMPONENTS = ("gateway", "router", "prefill", "decode")
+
+
+def _pod(component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "tandem", "app.kubernetes.io/component": component}
+
+
+# name -> (namespace labels, pod labels) of a pod that might open a connection
+SOURCES = {
+    **{c: (NAMESPACE, _pod(c)) for c in COMPONENTS},
+    "prometheus": (MONITORING, {"app.kubernetes.io/name": "prometheus"}),
+    "other pod, same namespace": (NAMESPACE, {"app": "debug-shell"}),
+    "other namespace": ({"kubernetes.io/metadata.name": "default"}, {"app": "web"}),
+    "monitoring, not prometheus": (MONITORING, {"app.kubernetes.io/name": "grafana"}),
+}
+EVERYONE = frozenset(SOURCES)
+# (component, container port name) -> who may connect: the whole access matrix
+EXPECTED = {
+    ("gateway", "http"): EVERYONE,
+    ("router", "grpc"): frozenset({"gateway", "prefill", "decode"}),
+    ("router", "metrics"): frozenset({"prometheus"}),
+    ("prefill", "grpc"): frozenset({"router"}),
+    ("prefill", "metrics"): frozenset({"prometheus"}),
+    ("decode", "grpc"): frozenset({"router", "prefill"}),  # Decode.*; KVTransfer from prefill
+    ("decode", "metrics"): frozenset({"prometheus"}),
+}
+
+
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"unhandled selector {selector}"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _peer_admits(peer: dict, source: tuple[dict, dict]) -> bool:
+    ns_labels, pod_labels = source
+    assert set(peer) <= {"podSelector", "namespaceSelector"}, f"unhandled peer {peer}"
+    if "namespaceSelector" in peer:
+        ns_ok = _selects(peer["namespaceSelector"], ns_labels)
+    else:  # a podSelector alone means pods of the policy's own namespace
+        ns_ok = ns_labels == NAMESPACE
+    return ns_ok and _selects(peer.get("podSelector", {}), pod_labels)
+
+
+def admits(policies: list[dict], target: dict[str, str], port: str, source) -> bool:
+    """NetworkPolicy semantics: a pod selected by any Ingress policy takes only what one of
+    those policies' rules allows (rules and policies add up; an empty list admits nothing)."""
+    selecting = [p for p in policies if _selects(p["spec"]["podSelector"], target)]
+    assert all("Ingress" in p["spec"]["policyTypes"] for p in selecting)
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports is not None and not any(p["port"] == port for p in ports):
+                continue
+            peers = rule.get("from")
+            if peers is None or any(_peer_admits(peer, source) for peer in peers):
+                return True
+    return False
+
+
+def test_network_policies_admit_only_the_callers_each_component_needs(rendered):
+    policies = list(by_kind(rendered, "NetworkPolicy").values())
+    deployments = by_kind(rendered, "Deployment")
+    # default deny: every pod of the namespace is selected by an ingress policy without rules
+    assert any(p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") for p in policies)
+    ports_seen = set()
+    for name, dep in deployments.items():
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        component = labels["app.kubernetes.io/component"]
+        assert any(
+            p["spec"]["podSelector"] and _selects(p["spec"]["podSelector"], labels)
+            for p in policies
+        ), f"no NetworkPolicy names {name}"
+        for port in container(dep)["ports"]:
+            key = (component, port["name"])
+            ports_seen.add(key)
+            allowed = {s for s, src in SOURCES.items() if admits(policies, labels, *key[1:], src)}
+            assert allowed == EXPECTED[key], f"{name} port {port['name']}: {sorted(allowed)}"
+    assert ports_seen == set(EXPECTED)
+
+
+def test_network_policy_check_is_live(rendered):
+    """The evaluator above is not vacuous: with no policies a prefill server is open to any
+    pod, with only the default deny it is closed even to the router, and with all of them
+    the router gets in and a stranger does not."""
+    policies = list(by_kind(rendered, "NetworkPolicy").values())
+    target, router, stranger = _pod("prefill"), SOURCES["router"], SOURCES["other namespace"]
+    assert admits([], target, "grpc", stranger)
+    only_deny = [p for p in policies if not p["spec"]["podSelector"]]
+    assert only_deny and not admits(only_deny, target, "grpc", router)
+    assert admits(policies, target, "grpc", router)
+    assert not admits(policies, target, "grpc", stranger)

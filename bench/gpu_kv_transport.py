@@ -95,8 +95,9 @@ async def sender_main(spec: dict) -> None:
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         cmd = json.loads(line)
         dest = KVDest(
-            cmd["handoff_id"], spec["address"], tuple(cmd["dest"]), 0, "", offered, export
-        )
+            cmd["handoff_id"], spec["address"], tuple(cmd["dest"]), 0, "", offered, export,
+            capability=bytes.fromhex(cmd["capability"]),  # the receiver's, as in a KVTarget
+        )  # fmt: skip
         source = KVSource(cache, cmd["src"], release=lambda: asyncio.sleep(0))  # held blocks
         t0 = time.perf_counter()
         await senders[cmd["transport"]].send(dest, source, 1, None)
@@ -221,6 +222,7 @@ async def bandwidth(a, device: torch.device, result: dict, save) -> None:
                     hid = f"{transport}-{n_tokens}-{trial}"
                     h = ledger.open(hid, hid, dst_ids)
                     cmd = dict(handoff_id=hid, transport=transport, src=src_ids, dest=dst_ids)
+                    cmd["capability"] = h.capability.hex()
                     child.stdin.write((json.dumps(cmd) + "\n").encode())
                     await child.stdin.drain()
                     line = await child.stdout.readline()

@@ -32,7 +32,7 @@ from protos import worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine
 from tandem.engine_records import EngineDeadError, EngineFullError, StepOutput
 from tandem.output_stream import OutputStream
-from worker.convert import finish_to_proto, sampling_from_proto
+from worker.convert import checked_request, finish_to_proto, request_limits
 from worker.load import worker_stats
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ def _fill_tokens(tokens: worker_pb2.TokenEvent, out: StepOutput, num_prompt_toke
         tokens.num_cached_tokens = out.num_cached_tokens
     if out.finish_reason is not None:
         tokens.finish_reason = finish_to_proto(out.finish_reason)
+        if out.error:  # the engine failed this request alone: the router logs why
+            tokens.error = out.error
     for lp in out.new_logprobs:
         if lp is not None:
             logprob_to_proto(lp, tokens.logprobs.add())
@@ -234,8 +236,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             _fill_tokens(out.add(req_id).tokens, o, num_prompt)
 
         try:
-            params = sampling_from_proto(request.sampling)
-            prompt = list(request.prompt_token_ids)
+            # checked here, whoever sent it: nothing out of range may reach the engine loop
+            prompt, params = checked_request(request, request_limits(self.engine.engine))
             num_out = request.num_output_tokens
             if request.prefill_locally:
                 await self._pump(
@@ -289,6 +291,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 block_size=eng.cfg.block_size,
                 transport=self.offer.legacy_transport,
                 transports=self.offer.transports,
+                capability=h.capability,  # what the Transfer call must present (receiver.py)
             )
             if self.offer.pool is not None:
                 hs.kv_target.pool.CopyFrom(self.offer.pool)

@@ -7,6 +7,11 @@ service (kvtransfer/receiver.py) drives its `HandoffLedger` (kvtransfer/ledger.p
 receiving -> complete | failed | reclaimed, with a lease and a stall deadline) the same way
 for every transport, a small `KVReceiver` per transport doing the rest.
 
+Trust: a handoff's KVTarget carries a capability the decode server issued for it alone; a
+Transfer call without it changes nothing, and with it writes only that handoff's own blocks,
+never the prefix-cached ones other requests share (kvtransfer/receiver.py says what exactly
+it guarantees). A prefill server opens only its host's live pool files (kvtransfer/pool.py).
+
 Transports, picked by name (kvtransfer/registry.py) per handoff (kvtransfer/select.py):
     grpc      the KV's bytes in the Transfer call (any hosts, any tensor-parallel sizes)
     shm       same host, CPU: the sender writes the decode pool's /dev/shm file itself

@@ -65,6 +65,21 @@ class KVDest:
     req_id: str = ""  # the worker request the KV belongs to (logs)
     transports: tuple[str, ...] = ("grpc",)  # what the receiver accepts, best first
     pool: PoolExport | None = None  # the receiver's exported pool (same-host transports)
+    capability: bytes = b""  # KVTarget.capability: what lets this sender write the handoff
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What an authenticated Transfer call may write: block_ids[first_block:] of its handoff,
+    from the receiver's own ledger. The blocks before first_block hold the decode server's
+    prefix cache, shared with other requests: no sender ever writes them."""
+
+    block_ids: tuple[int, ...]  # the handoff's blocks for the whole prompt (KVTarget order)
+    first_block: int  # num_cached_tokens // block_size
+
+    @property
+    def writable(self) -> tuple[int, ...]:
+        return self.block_ids[self.first_block :]
 
 
 class KVSource(NamedTuple):
@@ -182,6 +197,6 @@ class KVReceiver(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def receive(self, block_ids: list[int], slab: int, msg) -> None:
-        """Slab number `slab` of the handoff into block_ids (the whole prompt's): store it
-        (grpc) or check the sender's progress (same host). Raises HandoffFailed."""
+    async def receive(self, grant: Grant, slab: int, msg) -> None:
+        """Slab number `slab` of the handoff, within grant.writable: store it (grpc) or check
+        the sender's progress (same host). Raises HandoffFailed."""

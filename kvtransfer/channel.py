@@ -56,7 +56,9 @@ class Channels:
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = aio_channel(address, self.tls, CHANNEL_OPTIONS)
+            # only a holder of a decode certificate gets the KV (under role certificates)
+            ch = aio_channel(address, self.tls, CHANNEL_OPTIONS, peer_role="decode")
+            self._channels[address] = ch
         return ch
 
     async def close(self) -> None:
@@ -85,12 +87,20 @@ class TransferCall:
             self._answer.cancel()
         self.call.cancel()  # no-op once finished
 
-    async def begin(self, transport: str, num_slabs: int, pool_id: str = "") -> None:
-        """Returns once granted; raises HandoffRefused when the receiver said no."""
-        begin = worker_pb2.KVBegin(transport=transport, pool_id=pool_id, num_slabs=num_slabs)
+    async def begin(self, transport: str, num_slabs: int, pool_id: str = "") -> tuple[int, ...]:
+        """Presents the handoff's capability (issued by the decode server in its KVTarget);
+        returns once granted, with the decode-side block ids this call may write; raises
+        HandoffRefused when the receiver said no."""
+        begin = worker_pb2.KVBegin(
+            transport=transport,
+            pool_id=pool_id,
+            num_slabs=num_slabs,
+            capability=self.dest.capability,
+        )
         await self._write(worker_pb2.KVTransferMessage(begin=begin))
-        await _expect(self.call.read(), GRANT)
+        grant = await _expect(self.call.read(), GRANT)
         self._answer = asyncio.ensure_future(self.call.read())
+        return tuple(grant.block_ids)
 
     @property
     def stopped(self) -> bool:
@@ -122,8 +132,8 @@ class TransferCall:
             raise HandoffRefused("the decode server ended the KV transfer") from None
 
 
-async def _expect(read, want: int) -> None:
-    """The receiver's answer (a pending call.read()) must be `want`."""
+async def _expect(read, want: int) -> worker_pb2.KVTransferReply:
+    """The receiver's answer (a pending call.read()) must be `want`; that answer."""
     reply = await read
     if reply is grpc.aio.EOF:
         raise HandoffRefused("the decode server ended the KV transfer without an answer")
@@ -131,3 +141,4 @@ async def _expect(read, want: int) -> None:
         raise HandoffRefused(f"decode server refused the KV: {reply.error}")
     if reply.reply != want:
         raise HandoffRefused(f"unexpected answer {worker_pb2.KVReply.Name(reply.reply)}")
+    return reply

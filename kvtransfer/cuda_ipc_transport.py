@@ -25,8 +25,7 @@ class CudaIpcSender(DirectSender):
             else ""
         )
 
-    @staticmethod
-    def open_pool(export: PoolExport) -> torch.Tensor:
+    def open_pool(self, export: PoolExport) -> torch.Tensor:
         return open_cuda_pool(export)
 
 

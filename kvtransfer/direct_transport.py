@@ -8,6 +8,11 @@ from the sender's cache and scatter into the receiver's reserved block ids:
 
     dst[l0:l1, :, dst_block_ids] = src[l0:l1, :, src_block_ids]
 
+Which blocks: the receiver's grant names them (KVTransferReply.block_ids: the handoff's own
+blocks past the decode server's shared prefix cache, from its ledger, for the capability the
+call presented); the sender writes exactly those, and nothing at all when they differ from
+its KVTarget's (a forged or stale target).
+
 Why the control stream: the receiver may free its reserved blocks only when no write can
 land in them. The sender writes only after the receiver's grant, and says `done` once every
 slab is written (on the GPU: after its side stream synchronized); between the two a write
@@ -31,7 +36,9 @@ import torch
 
 from kvtransfer.base import (
     Endpoint,
+    Grant,
     HandoffFailed,
+    HandoffRefused,
     KVDest,
     KVReceiver,
     KVSender,
@@ -145,10 +152,10 @@ class DirectSender(KVSender):
         """Why not, though both are on one host ("" when the pool can be written)."""
         return ""
 
-    @staticmethod
     @abc.abstractmethod
-    def open_pool(export: PoolExport) -> torch.Tensor:
-        """The exported pool as a tensor of this process (once per export)."""
+    def open_pool(self, export: PoolExport) -> torch.Tensor:
+        """The exported pool as a tensor of this process (once per export). Raises OSError /
+        ValueError for a pool this sender must not open (never creating or resizing one)."""
 
     async def connect(self, dest: KVDest, like: torch.Tensor) -> None:
         check_pool_layout(like, self.pool(dest.address, dest.pool))
@@ -214,14 +221,20 @@ class DirectSender(KVSender):
         check_pool_layout(src, dst)
         if dst_block_ids and not 0 <= min(dst_block_ids) <= max(dst_block_ids) < dst.shape[2]:
             raise HandoffFailed("target block ids are outside the decode pool")
-        writer = SlabWriter(src, dst, src_block_ids, dst_block_ids, self._stream(dst.device))
         slabs = plan_layer_slabs(
             src, len(src_block_ids), slab_bytes_for(dst.device, self.slab_bytes)
         )
         loop = asyncio.get_running_loop()
         try:
             async with TransferCall(self.channels, dest) as call:
-                await call.begin(self.name, len(slabs), dest.pool.pool_id)
+                granted = list(await call.begin(self.name, len(slabs), dest.pool.pool_id))
+                if granted != dst_block_ids:  # a forged or stale KVTarget: write nothing
+                    raise HandoffRefused(
+                        f"the decode server granted blocks {granted}, the KVTarget names"
+                        f" {dst_block_ids}: nothing written"
+                    )
+                # only the granted blocks, the receiver's own record of the handoff's
+                writer = SlabWriter(src, dst, src_block_ids, granted, self._stream(dst.device))
                 for i, layers in enumerate(slabs):
                     if call.stopped:
                         break  # write nothing more
@@ -253,6 +266,6 @@ class DirectReceiver(KVReceiver):
         if begin.pool_id != export.pool_id:
             raise HandoffFailed("the sender opened another pool (a previous server's)")
 
-    async def receive(self, block_ids: list[int], slab: int, written_slab: int) -> None:
+    async def receive(self, grant: Grant, slab: int, written_slab: int) -> None:
         if written_slab != slab:
             raise HandoffFailed(f"expected slab {slab} written, got {written_slab}")

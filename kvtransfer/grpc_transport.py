@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from kvtransfer import wire
-from kvtransfer.base import HandoffFailed, KVDest, KVReceiver, KVSender, KVSource
+from kvtransfer.base import Grant, HandoffFailed, KVDest, KVReceiver, KVSender, KVSource
 from kvtransfer.channel import TransferCall
 from protos import worker_pb2
 from tandem.records import Logprob
@@ -88,32 +88,44 @@ class GrpcReceiver(KVReceiver):
     progress = "chunk"
     sender_writes = False
 
-    def _decode(self, block_ids: list[int], chunk: worker_pb2.KVChunk):
-        """The chunk's (destination block ids, tensor), checked against the pool."""
+    def _decode(self, grant: Grant, chunk: worker_pb2.KVChunk):
+        """The chunk's (destination block ids, tensor), checked against the pool and the
+        grant; HandoffFailed before anything is stored when it does not fit."""
         cache, pool = self.kv.kv_cache, self.kv.kv_shape
+        if not 0 <= chunk.layer_start < chunk.layer_end <= pool[0]:
+            raise HandoffFailed(
+                f"chunk layers [{chunk.layer_start}, {chunk.layer_end}) are outside the pool's"
+                f" {pool[0]}"
+            )
+        b0, b1 = chunk.block_offset, chunk.block_offset + chunk.num_blocks
+        if chunk.num_blocks < 1 or b1 > len(grant.block_ids):
+            raise HandoffFailed(
+                f"chunk blocks [{b0}, {b1}) are outside the {len(grant.block_ids)} reserved"
+            )
+        if b0 < grant.first_block:  # the prefix cache: other requests read these blocks
+            raise HandoffFailed(
+                f"chunk blocks [{b0}, {b1}) reach into the decode server's cached prefix"
+                f" (blocks below {grant.first_block} are not the sender's to write)"
+            )
         shape = tuple(chunk.shape)
         want = (chunk.layer_end - chunk.layer_start, *pool[1:2], chunk.num_blocks, *pool[3:])
         if shape != want or chunk.dtype != wire.dtype_name(cache.dtype):
             raise HandoffFailed(
                 f"chunk shape {shape}/{chunk.dtype} does not fit {want}/{cache.dtype}"
             )
-        if not 0 <= chunk.layer_start < chunk.layer_end <= pool[0]:
-            raise HandoffFailed("chunk layers out of range")
-        if chunk.block_offset < 0 or chunk.block_offset + chunk.num_blocks > len(block_ids):
-            raise HandoffFailed("chunk blocks out of range")
         t = wire.chunk_from_proto(chunk)
-        return block_ids[chunk.block_offset : chunk.block_offset + chunk.num_blocks], t
+        return list(grant.block_ids[b0:b1]), t
 
-    def _store(self, block_ids: list[int], chunk: worker_pb2.KVChunk) -> None:
-        dst, t = self._decode(block_ids, chunk)
+    def _store(self, grant: Grant, chunk: worker_pb2.KVChunk) -> None:
+        dst, t = self._decode(grant, chunk)
         cache = self.kv.kv_cache
         index = torch.tensor(dst, device=cache.device)
         cache[chunk.layer_start : chunk.layer_end].index_copy_(2, index, t.to(cache.device))
 
-    async def receive(self, block_ids: list[int], slab: int, chunk: worker_pb2.KVChunk) -> None:
+    async def receive(self, grant: Grant, slab: int, chunk: worker_pb2.KVChunk) -> None:
         loop = asyncio.get_running_loop()
         if self.kv.write is None:
-            await loop.run_in_executor(None, self._store, block_ids, chunk)
+            await loop.run_in_executor(None, self._store, grant, chunk)
             return
-        dst, t = await loop.run_in_executor(None, self._decode, block_ids, chunk)
+        dst, t = await loop.run_in_executor(None, self._decode, grant, chunk)
         await self.kv.write(dst, chunk.layer_start, chunk.layer_end, t)

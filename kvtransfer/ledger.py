@@ -14,11 +14,17 @@ Generate stream awaits; a terminal state other than COMPLETE makes it raise, and
 cleanup frees the blocks (through the engine's idempotent abort). `fail` / `abort_request`
 are idempotent and may come from any side (router Abort, sender error, receiver error,
 deadline); ending an entry also cancels the task attached to it (the sender's push).
+
+Each entry carries a capability, unguessable bytes issued at open: the decode server hands it
+out in the handoff's KVTarget only, and `authorize` is how a Transfer call proves it holds
+it (constant-time compare). Nothing else about an entry is secret (its id is guessable).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +33,11 @@ from kvtransfer.base import HandoffFailed, HandoffState
 from tandem.records import Logprob
 
 DEFAULT_STALL_S = 5.0  # longest gap between two messages of one KV transfer
+CAPABILITY_BYTES = 32  # a handoff's capability (128 bits would do; 256 costs nothing)
+
+
+def new_capability() -> bytes:
+    return secrets.token_bytes(CAPABILITY_BYTES)
 
 
 @dataclass
@@ -47,6 +58,8 @@ class Handoff:
     # thread runs on when its coroutine is cancelled; a same-host sender writes until its
     # stream ended: kvtransfer/direct_transport.py); whoever frees the blocks awaits it first
     store: asyncio.Future | None = None
+    # what a Transfer call must present to touch this handoff (KVTarget.capability)
+    capability: bytes = field(default_factory=new_capability, repr=False)
 
 
 class HandoffLedger:
@@ -83,6 +96,14 @@ class HandoffLedger:
             raise HandoffFailed(
                 f"handoff {handoff_id!r} is unknown or already {h.state.value if h else 'gone'}"
             )
+        return h
+
+    def authorize(self, handoff_id: str, capability: bytes) -> Handoff | None:
+        """The handoff, if `capability` is its own; None otherwise (unknown id, or a wrong or
+        missing capability: the caller must then change nothing about it)."""
+        h = self.handoffs.get(handoff_id)
+        if h is None or not capability or not hmac.compare_digest(h.capability, capability):
+            return None
         return h
 
     def receiving(self, h: Handoff) -> None:

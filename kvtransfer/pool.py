@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import mmap
 import os
+import re
+import stat
 import uuid
 from dataclasses import dataclass, field
 from functools import cache
@@ -115,7 +118,7 @@ def sweep_stale_pool_files(directory: str = SHM_DIR) -> list[str]:
     removed = []
     for path in glob.glob(os.path.join(directory, f"{SHM_PREFIX}*")):
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             continue
         try:
@@ -138,15 +141,64 @@ class _ignore_missing:
         return kind is FileNotFoundError
 
 
-def map_shm_pool(path: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The pool tensor over a pool file (creating the file, zero-filled, when missing):
-    writes land in the file, every process that maps it sees them."""
+def _numel(shape: tuple[int, ...]) -> int:
     numel = 1
     for n in shape:
         numel *= n
+    return numel
+
+
+def map_shm_pool(path: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Decode side (the pool's owner) only: the pool tensor over its own pool file (creating
+    the file, zero-filled, when missing): writes land in the file, every process that maps it
+    sees them. Senders use open_shm_pool, which never creates or resizes a file."""
+    numel = _numel(shape)
     if os.path.exists(path) and os.path.getsize(path) not in (0, numel * dtype.itemsize):
         raise ValueError(f"{path} holds {os.path.getsize(path)} bytes, not a pool of {shape}")
     return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+
+
+_POOL_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # ShmPoolFile's are uuid4().hex
+
+
+def open_shm_pool(export: PoolExport, directory: str = SHM_DIR) -> torch.Tensor:
+    """Sender side: the decode server's pool file, mapped shared. The path comes from the
+    network (KVPoolExport.shm_path), so it is opened only if it is `directory`/tandem-kv-<its
+    pool id>, a regular file (the last component no symlink: O_NOFOLLOW; one link), owned by
+    this uid, of exactly the size the export's shape and dtype imply, and held by a live
+    decode server (ShmPoolFile's shared lock). Never created, truncated or grown: the checks
+    and the map use one descriptor, so the file checked is the file mapped. OSError /
+    ValueError, naming the reason, before anything is written."""
+    path = export.shm_path
+    want = os.path.join(directory, SHM_PREFIX + export.pool_id)
+    if not _POOL_ID.fullmatch(export.pool_id) or path != want:
+        raise ValueError(
+            f"KVPoolExport.shm_path {path!r} is not a tandem pool file of this host"
+            f" ({directory}/{SHM_PREFIX}<pool_id>)"
+        )
+    nbytes = _numel(export.shape) * export.dtype.itemsize
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise ValueError(f"{path} is not a regular file with one link")
+        if st.st_uid != os.getuid():
+            raise PermissionError(f"{path} belongs to uid {st.st_uid}, not this server's")
+        if st.st_size != nbytes:
+            raise ValueError(
+                f"{path} holds {st.st_size} bytes, not a pool of {export.shape}/{export.dtype}"
+            )
+        try:  # a live server holds a shared lock on its pool file: no exclusive one for us
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            raise ValueError(f"{path} is no live decode server's pool file")
+        mapped = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)  # the mapping keeps the file
+    return torch.frombuffer(mapped, dtype=export.dtype).view(export.shape)
 
 
 # -- cuda_ipc ---------------------------------------------------------------------------------
@@ -183,10 +235,7 @@ def open_cuda_pool(export: PoolExport) -> torch.Tensor:
     c = export.cuda
     torch.cuda._lazy_init()
     storage = torch.UntypedStorage._new_shared_cuda(device.index, *c)
-    numel = 1
-    for n in export.shape:
-        numel *= n
-    if numel * export.dtype.itemsize > storage.nbytes():
+    if _numel(export.shape) * export.dtype.itemsize > storage.nbytes():
         raise ValueError("the IPC storage is smaller than the pool's shape")
     t = torch.empty(0, dtype=export.dtype, device=device)
     t.set_(storage, 0, export.shape)  # contiguous strides

@@ -131,7 +131,9 @@ class KVSenders:
         self.channels = channels or Channels()
         self.here = Endpoint(host_id(), gpu_uuid(kv_cache.device))
         self.senders = {name: cls(self.channels, self.here) for name, cls in SENDERS.items()}
-        self._unreachable: set[str] = set()  # pool ids auto mode could not connect: grpc
+        # exports auto mode could not open: grpc. Keyed by the whole export, not its id: a
+        # forged target naming a live pool's id with a bad path must not demote that pool
+        self._unreachable: set[PoolExport] = set()
 
     async def pick(self, dest: KVDest) -> KVSender:
         """The sender for this handoff, connected; ValueError when none fits."""
@@ -147,8 +149,8 @@ class KVSenders:
         if sender is grpc:
             return grpc
         auto = self.flag == "auto"
-        pool_id = dest.pool.pool_id if dest.pool is not None else ""
-        if auto and pool_id in self._unreachable and "grpc" in offered:
+        pool = dest.pool
+        if auto and pool in self._unreachable and "grpc" in offered:
             return grpc
         try:  # once per decode server (its pool is cached), here so a failure still leaves grpc
             await sender.connect(dest, self.kv_cache)
@@ -156,8 +158,10 @@ class KVSenders:
             why = f"cannot open the decode server's {sender.name} pool: {e}"
             if not auto:
                 raise ValueError(why) from e
-            if pool_id not in self._unreachable:
-                self._unreachable.add(pool_id)
+            if pool not in self._unreachable:
+                if len(self._unreachable) >= 256:  # bounded, whatever callers send
+                    self._unreachable.clear()
+                self._unreachable.add(pool)
                 log.warning("event=kv_pool_unopenable transport=%s error=%s", sender.name, e)
             if "grpc" not in offered:
                 raise ValueError(why) from e

@@ -4,6 +4,8 @@ pickle."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from kvtransfer.base import KVDest
@@ -100,8 +102,31 @@ def pool_from_proto(msg: worker_pb2.KVPoolExport) -> PoolExport:
     )
 
 
+MIN_CAPABILITY_BYTES = 16  # a KVTarget's capability, at least (the ledger issues 32)
+# host:port, the host a DNS name / IPv4 address or a bracketed IPv6 one: no grpc scheme
+# (unix:, dns:///...), no path, no empty part
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?):(\d{1,5})")
+
+
+def check_kv_address(address: str) -> None:
+    """ValueError unless address is a plausible host:port for a decode server's KVTransfer."""
+    m = _ADDRESS.fullmatch(address)
+    if m is None or not 0 < int(m.group(3)) < 65536:
+        raise ValueError(f"kv_target.decode_kv_address {address!r} is not host:port (port 1-65535)")
+
+
 def dest_from_proto(t: worker_pb2.KVTarget, req_id: str, block_size: int) -> KVDest:
-    """The KVTarget of req_id as a KVDest (the caller checked block_size and the blocks)."""
+    """The KVTarget of req_id as a KVDest (the caller checked block_size and the blocks).
+    ValueError, naming the field, for a target no decode server issued: no capability, an
+    address that is not host:port, negative block ids."""
+    if len(t.capability) < MIN_CAPABILITY_BYTES:
+        raise ValueError(
+            f"kv_target.capability must be the decode server's token (>= {MIN_CAPABILITY_BYTES}"
+            f" bytes), got {len(t.capability)} bytes"
+        )
+    check_kv_address(t.decode_kv_address)
+    if any(b < 0 for b in t.block_ids):
+        raise ValueError("kv_target.block_ids must be >= 0")
     return KVDest(
         handoff_id=t.handoff_id,
         address=t.decode_kv_address,
@@ -110,6 +135,7 @@ def dest_from_proto(t: worker_pb2.KVTarget, req_id: str, block_size: int) -> KVD
         req_id=req_id,
         transports=tuple(t.transports) or (t.transport or "grpc",),
         pool=pool_from_proto(t.pool) if t.HasField("pool") else None,
+        capability=t.capability,
     )
 
 

@@ -34,7 +34,7 @@ from kvtransfer.wire import dest_from_proto, logprob_to_proto
 from protos import worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine
 from tandem.engine_records import EngineDeadError, EngineFullError
-from worker.convert import finish_to_proto, sampling_from_proto
+from worker.convert import checked_request, finish_to_proto, request_limits
 from worker.load import worker_stats
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
     async def Prefill(self, request, context):
         req_id = request.req_id
         try:
-            params = sampling_from_proto(request.sampling)
+            # checked here, whoever sent it: nothing out of range may reach the engine loop
+            _, params = checked_request(request, request_limits(self.engine.engine))
             self._validate(request)
             dest = dest_from_proto(request.kv_target, req_id, self.block_size)
             sender = await self.senders.pick(dest)  # ValueError when none fits
@@ -109,6 +110,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill queue full: {e}")
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        if last is not None and last.finish_reason == "error":  # the engine failed it alone
+            await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {last.error}")
         if last is None or not last.new_token_ids or h.state.terminal:
             # aborted (Abort RPC) during or right after the prefill
             await self.engine.release(req_id)

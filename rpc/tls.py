@@ -241,8 +241,9 @@ def _env_flag(name: str) -> bool:
 def add_tls_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group(
         "internal gRPC TLS",
-        "the same files on every service; no files: plaintext. A client of another service "
-        "presents the same certificate and verifies the peer with the same CA bundle",
+        "a service's role certificate (`tandem certs`), used both ways: a client of another "
+        "service presents it and verifies the peer with the same CA bundle. No files: "
+        "plaintext (`tandem serve` makes its own CA instead, unless --internal-plaintext)",
     )
     env = os.environ
     g.add_argument(

@@ -9,6 +9,12 @@
 
 Everything that touches the engine (add, abort, reserve, commit, KV reads) runs on the engine
 thread, so the engine itself needs no locks.
+
+Faults: a call that raises hands its exception to its caller (a request that got halfway in
+is taken out again); a step that raises fails the request it names, or else the requests of
+that step, and the loop goes on (tandem/recovery.py). An engine that cannot go on (repeated
+step failures, a device error) is dead: every stream and call gets EngineDeadError, and
+`wait_dead()` returns, for the server to report NOT_SERVING and exit.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from tandem.engine import LLMEngine
-from tandem.engine_records import EngineDeadError, StepOutput
+from tandem.engine_records import EngineDeadError, EngineFullError, StepOutput
 from tandem.output_stream import OutputStream
 from tandem.records import Logprob, SamplingParams
+from tandem.recovery import MAX_CONSECUTIVE_STEP_FAILURES, is_unrecoverable, recover
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +60,10 @@ class AsyncEngine:
         ] = queue.SimpleQueue()
         self._streams: dict[str, OutputStream] = {}
         self._stop = threading.Event()
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # set once: the engine is dead
+        self._num_step_failures = 0  # in a row
+        self._dead_lock = threading.Lock()
+        self._dead_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -65,7 +75,23 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._calls.put((fn, args, fut, loop))
+        if self._error is not None:  # died as it was queued: nobody else will answer it
+            self._fail_calls()
         return await fut
+
+    async def wait_dead(self) -> BaseException:
+        """Returns (the error) once the engine can no longer go on."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._dead_lock:
+            if self._error is not None:
+                return self._error
+            self._dead_waiters.append((loop, fut))
+        return await fut
+
+    @property
+    def dead(self) -> bool:
+        return self._error is not None
 
     async def open_stream(
         self,
@@ -87,8 +113,12 @@ class AsyncEngine:
                 hold_blocks,
                 num_output_tokens,
             )
-        except BaseException:
+        except BaseException as e:
             self._streams.pop(req_id, None)
+            if not isinstance(e, (ValueError, EngineFullError, EngineDeadError)):
+                # not a refusal (nothing was added then): a cancel, whose add runs anyway, or a
+                # bug halfway in; abort (idempotent) so that nothing is left holding blocks
+                self._calls.put((self.engine.abort, (req_id,), None, None))
             raise
         return stream
 
@@ -214,12 +244,11 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+                self._num_step_failures = 0
             except BaseException as e:  # noqa: BLE001 - an engine bug must not hang clients
-                log.exception("engine step failed; failing every open stream")
-                self._error = e
-                for stream in list(self._streams.values()):
-                    stream.loop.call_soon_threadsafe(_deliver, [(stream, [*stream._held, e])])
-                return
+                outputs = self._recover(e)
+                if outputs is None:
+                    return
             if outputs:
                 # one wake-up of each event loop per step, not one per request: at a batch
                 # of hundreds, per-token call_soon_threadsafe calls saturate the loop
@@ -247,6 +276,50 @@ class AsyncEngine:
                     items.append((stream, batch))
                 for loop, items in by_loop.items():
                     loop.call_soon_threadsafe(_deliver, items)
+
+    def _recover(self, e: BaseException) -> list[StepOutput] | None:
+        """The outputs of the requests failed for a step that raised e; None: dead."""
+        self._num_step_failures += 1
+        n = self._num_step_failures
+        if n < MAX_CONSECUTIVE_STEP_FAILURES and not is_unrecoverable(self.engine, e):
+            log.error("event=engine_step_failed in_a_row=%d", n, exc_info=e)
+            try:
+                return recover(self.engine, e)
+            except Exception as again:  # noqa: BLE001 - not in order: it cannot go on
+                again.__cause__ = e
+                e = again
+        log.critical("event=engine_dead steps_failed_in_a_row=%d", n, exc_info=e)
+        self._die(e)
+        return None
+
+    def _die(self, e: BaseException) -> None:
+        """Engine thread: every open stream, queued call and wait_dead() learns it."""
+        with self._dead_lock:
+            self._error = e
+            waiters, self._dead_waiters = self._dead_waiters, []
+        for stream in list(self._streams.values()):
+            _call_soon(stream.loop, _deliver, [(stream, [*stream._held, e])])
+        for loop, fut in waiters:
+            _call_soon(loop, _set_result, fut, e)
+        self._fail_calls()
+
+    def _fail_calls(self) -> None:
+        """Answer every queued call with EngineDeadError (the engine thread runs none now)."""
+        while True:
+            try:
+                _, _, fut, loop = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if fut is not None:
+                err = EngineDeadError(f"engine failed: {self._error!r}")
+                _call_soon(loop, _set_exception, fut, err)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # that loop is closed: nobody is waiting there
+        pass
 
 
 def _deliver(items: list[tuple[OutputStream, list[StepOutput | BaseException]]]) -> None:

@@ -44,6 +44,7 @@ from tandem.request import Request, RequestStatus, finish_reason
 from tandem.runner import Launched, ModelRunner
 from tandem.scheduler import Scheduler
 from tandem.tp.group import check_tensor_parallel
+from tandem.validation import RequestLimits, check_prompt, check_sampling
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class LLMEngine:
         self.hf_config = read_hf_config(self.model_dir, cfg.hf_overrides)
         self.model_cfg = ModelConfig.from_hf(self.hf_config)
         self.max_model_len = cfg.max_model_len or self.model_cfg.max_position_embeddings
+        self.limits = RequestLimits(self.model_cfg.vocab_size, self.max_model_len)
         check_tensor_parallel(self.model_cfg, cfg.tensor_parallel_size)
         self.tp_workers = None  # ranks 1..N-1 at tensor_parallel_size N > 1
         tp = None
@@ -106,25 +108,11 @@ class LLMEngine:
         penalties, min_tokens and max_tokens count them."""
         if req_id in self.requests:
             raise ValueError(f"request id {req_id!r} is already in use")
-        if not prompt_token_ids:
-            raise ValueError("prompt must have at least one token")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_cfg.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token id {bad[0]} is outside the vocabulary (size {self.model_cfg.vocab_size})"
-            )
-        bad = [t for t in params.logit_bias if not 0 <= t < self.model_cfg.vocab_size]
-        if bad:
-            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_model_len}"
-                " including at least one generated token"
-            )
+        # the servers checked already (worker/convert.py); the offline API's callers did not
+        check_sampling(params)
+        check_prompt(prompt_token_ids, params, self.limits, "prompt", num_output_tokens, True)
         if -(-len(prompt_token_ids) // self.cfg.block_size) > self.block_manager.num_blocks:
             raise ValueError("prompt needs more KV blocks than this worker's whole pool")
-        if not 0 <= num_output_tokens < len(prompt_token_ids):
-            raise ValueError("num_output_tokens must be in [0, prompt length)")
         req = Request(
             req_id=req_id,
             prompt_token_ids=list(prompt_token_ids[: len(prompt_token_ids) - num_output_tokens]),

@@ -1,5 +1,5 @@
 """What the engine hands out: a step's per-request outputs, its stats, a handoff's target
-blocks, and its errors (a full waiting queue, a dead engine thread)."""
+blocks, and its errors (a full waiting queue, one request's failure, a dead engine)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ class StepOutput(NamedTuple):
     req_id: str
     new_token_ids: list[int]
     new_logprobs: list[Logprob | None]
-    finish_reason: str | None  # None while running; "stop" | "length" | "abort"
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort" | "error"
     num_cached_tokens: int
+    error: str = ""  # why, when finish_reason is "error" (the engine failed this request)
 
 
 @dataclass
@@ -34,7 +35,17 @@ class EngineFullError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread's step failed: no request in it can finish (AsyncEngine)."""
+    """The engine cannot go on (a step failed, repeatedly or beyond repair): no request in it
+    can finish (AsyncEngine); the server reports NOT_SERVING and exits."""
+
+
+class RequestFailed(RuntimeError):
+    """Processing one request raised (its row of a step, in the sampler): that request
+    alone is failed, and the step's other requests are computed again (tandem/recovery.py)."""
+
+    def __init__(self, req_id: str, cause: BaseException) -> None:
+        super().__init__(f"request {req_id!r} failed: {cause!r}")
+        self.req_id = req_id
 
 
 class HandoffTarget(NamedTuple):

@@ -136,4 +136,6 @@ def _merge(
 
 
 def _with(first: StepOutput, token_ids, logprobs, last: StepOutput) -> StepOutput:
-    return StepOutput(first.req_id, token_ids, logprobs, last.finish_reason, last.num_cached_tokens)
+    return StepOutput(
+        first.req_id, token_ids, logprobs, last.finish_reason, last.num_cached_tokens, last.error
+    )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import InitVar, dataclass, field
 
+from tandem.validation import check_sampling
+
 _GREEDY_EPS = 1e-5
 
 
@@ -34,36 +36,16 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to max_model_len (the router fills it in)
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token + top-k
     skip_special_tokens: bool = True
-    # False: the values are taken as given, unchecked. Only for a caller that refuses
-    # out-of-range values itself before anything reads them: the router, which answers
-    # with the public API's messages and param names, in its own order (router/validate.py).
+    # False: the values are taken as given, unchecked. Only for a caller that checks them
+    # itself (tandem/validation.py) before anything reads them: the router and the workers'
+    # servicers, which check the wire's top_logprobs too and name the fields in their words.
     check: InitVar[bool] = True
 
     def __post_init__(self, check: bool) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not check:
-            return
-        checks = [
-            (self.temperature >= 0, "temperature", "must be >= 0"),
-            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (self.top_k == -1 or self.top_k >= 0, "top_k", "must be -1 (off) or >= 0"),
-            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1"),
-            (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
-            (
-                self.max_tokens is None or self.min_tokens <= self.max_tokens,
-                "min_tokens",
-                "must be <= max_tokens",
-            ),
-            (self.logprobs is None or self.logprobs >= 0, "logprobs", "must be >= 0"),
-        ]
-        for ok, name, why in checks:
-            if not ok:
-                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        if check:
+            check_sampling(self)
 
     @property
     def greedy(self) -> bool:

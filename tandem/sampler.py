@@ -9,12 +9,17 @@ The common case is batched: one argmax over the greedy rows, the filters as tens
 sampled rows (one sort when any row asks for top-k or top-p), one noise draw for the unseeded
 rows, and a single device-to-host copy of the chosen tokens. Python loops run only over the rows
 that need per-request work (logit_bias, penalties, min_tokens, seeds, logprobs).
+
+That per-row work is where one request's settings are read: an exception there is raised as
+RequestFailed naming the request, so that the engine fails that request alone (the servers
+check every setting before admitting it; this is for what a check missed).
 """
 
 from __future__ import annotations
 
 import torch
 
+from tandem.engine_records import RequestFailed
 from tandem.records import Logprob
 from tandem.request import Request
 
@@ -37,36 +42,42 @@ def _output_index(req: Request) -> int:
     return req.num_output_tokens + req.num_pending_tokens
 
 
-def _apply_penalties(logits: torch.Tensor, reqs: list[Request], rows: list[int]) -> None:
+def _per_row(fn, logits: torch.Tensor, reqs: list[Request], rows: list[int]) -> None:
+    """fn(logits, i, reqs[i]) for each row; an exception names the row's request."""
     for i in rows:
         req = reqs[i]
-        p = req.params
-        if p.logit_bias:
-            ids = _dev(list(p.logit_bias), torch.long, logits.device)
-            logits[i, ids] += _dev(list(p.logit_bias.values()), logits.dtype, logits.device)
-        if not p.needs_penalties:
-            continue
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(req.token_ids)), device=logits.device)
-            vals = logits[i, seen]
-            logits[i, seen] = torch.where(
-                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
-            )
-        if (p.presence_penalty or p.frequency_penalty) and req.num_output_tokens:
-            out = torch.tensor(req.output_token_ids, device=logits.device)
-            counts = torch.bincount(out, minlength=logits.shape[1])[: logits.shape[1]].float()
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        try:
+            fn(logits, i, req)
+        except Exception as e:
+            raise RequestFailed(req.req_id, e) from e
 
 
-def _apply_min_tokens(logits: torch.Tensor, reqs: list[Request], rows: list[int]) -> None:
-    for i in rows:
-        req = reqs[i]
-        if _output_index(req) < req.params.min_tokens:
-            banned = set(req.params.stop_token_ids)
-            if not req.params.ignore_eos:
-                banned |= req.eos_token_ids
-            if banned:
-                logits[i, _dev(sorted(banned), torch.long, logits.device)] = float("-inf")
+def _penalize_row(logits: torch.Tensor, i: int, req: Request) -> None:
+    p = req.params
+    if p.logit_bias:
+        ids = _dev(list(p.logit_bias), torch.long, logits.device)
+        logits[i, ids] += _dev(list(p.logit_bias.values()), logits.dtype, logits.device)
+    if not p.needs_penalties:
+        return
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(req.token_ids)), device=logits.device)
+        vals = logits[i, seen]
+        logits[i, seen] = torch.where(
+            vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+        )
+    if (p.presence_penalty or p.frequency_penalty) and req.num_output_tokens:
+        out = torch.tensor(req.output_token_ids, device=logits.device)
+        counts = torch.bincount(out, minlength=logits.shape[1])[: logits.shape[1]].float()
+        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+
+
+def _mask_row(logits: torch.Tensor, i: int, req: Request) -> None:
+    if _output_index(req) < req.params.min_tokens:
+        banned = set(req.params.stop_token_ids)
+        if not req.params.ignore_eos:
+            banned |= req.eos_token_ids
+        if banned:
+            logits[i, _dev(sorted(banned), torch.long, logits.device)] = float("-inf")
 
 
 def _filtered_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
@@ -113,14 +124,14 @@ def _noise(probs: torch.Tensor, reqs: list[Request], default_gen) -> torch.Tenso
     seeded = [i for i, r in enumerate(reqs) if r.params.seed is not None]
     if len(seeded) < len(reqs):
         noise.exponential_(generator=default_gen)
-    for i in seeded:
-        req = reqs[i]
-        gen = torch.Generator(device=probs.device)
-        gen.manual_seed(
-            (req.params.seed * _SEED_STRIDE + _output_index(req)) & 0x7FFF_FFFF_FFFF_FFFF
-        )
-        noise[i].exponential_(generator=gen)
+    _per_row(_seeded_noise_row, noise, reqs, seeded)
     return noise
+
+
+def _seeded_noise_row(noise: torch.Tensor, i: int, req: Request) -> None:
+    gen = torch.Generator(device=noise.device)
+    gen.manual_seed((req.params.seed * _SEED_STRIDE + _output_index(req)) & 0x7FFF_FFFF_FFFF_FFFF)
+    noise[i].exponential_(generator=gen)
 
 
 def sample_on_device(
@@ -145,9 +156,9 @@ def sample_on_device(
         if p.logprobs is not None:
             want_logprobs = True
     if biased:
-        _apply_penalties(logits, reqs, biased)
+        _per_row(_penalize_row, logits, reqs, biased)
     if min_rows:
-        _apply_min_tokens(logits, reqs, min_rows)
+        _per_row(_mask_row, logits, reqs, min_rows)
     logprobs = logits.log_softmax(-1) if want_logprobs else None
 
     tokens_t = logits.argmax(-1)  # greedy rows keep this
@@ -175,13 +186,19 @@ def gather_logprobs(
         k = req.params.logprobs
         if k is None:
             continue
-        row = logprobs[i]
-        top = []
-        if k > 0:
-            vals, ids = row.topk(k)
-            top = list(zip(ids.tolist(), vals.tolist(), strict=True))
-        out[i] = Logprob(tokens[i], float(row[tokens[i]]), top)
+        try:
+            out[i] = _logprob_row(logprobs[i], tokens[i], k)
+        except Exception as e:
+            raise RequestFailed(req.req_id, e) from e
     return out
+
+
+def _logprob_row(row: torch.Tensor, token: int, k: int) -> Logprob:
+    top = []
+    if k > 0:
+        vals, ids = row.topk(k)
+        top = list(zip(ids.tolist(), vals.tolist(), strict=True))
+    return Logprob(token, float(row[token]), top)
 
 
 def sample(

@@ -131,6 +131,12 @@ class Scheduler:
             decodes += chunks
         return SchedulerOutput(decodes or chunks, preempted)
 
+    def requeue(self, req: Request) -> None:
+        """A running request to be computed again from the start (its step failed:
+        tandem/recovery.py), as a preemption does."""
+        self.running.remove(req)
+        self._preempt(req)
+
     def _preempt(self, req: Request) -> None:
         self.bm.free(req)
         req.num_computed_tokens = 0

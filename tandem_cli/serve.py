@@ -1,19 +1,33 @@
-"""`tandem serve`: the supervisor that starts the whole stack on this host (prefill and decode
-servers, routers, gateways), waits until each is healthy, and stops them all together."""
+"""`tandem serve`: the whole stack on this host (prefill and decode servers, routers,
+gateways), started in that order, each waited for until healthy, then supervised
+(tandem_cli/supervisor.py: a child that exits is restarted on its own host:port) until Ctrl-C
+or SIGTERM stops them all.
+
+The internal gRPC plane (router, prefill, decode) listens on 127.0.0.1 unless
+--internal-host says otherwise; only the gateways listen on --host. With no --tls-* files it
+runs mutual TLS with a throw-away CA and one certificate per role (rpc/pki.py), written to a
+private temporary directory that is removed at exit; --internal-plaintext runs it in plaintext
+with a random shared token instead (development only)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import secrets
 import shutil
 import signal
-import subprocess
 import sys
-import time
+import tempfile
+from dataclasses import dataclass, field
 
 from gateway.pool import gateway_pool
 from rpc.procs import free_port, wait_grpc_healthy, wait_http_healthy
+from rpc.tls import ENV as TLS_ENV
 from rpc.tls import TLSConfig, add_tls_args, tls_argv
+from tandem_cli.supervisor import Child, StopSignal, Supervisor, metrics_cleanup
+
+log = logging.getLogger("tandem.serve")
 
 _ENGINE_FLAGS = [
     "dtype",
@@ -28,6 +42,17 @@ _ENGINE_FLAGS = [
     "seed",
     "tensor_parallel_size",
 ]
+# The gateway's admission flags (gateway/server.py, "overload and deadlines"), spelled out:
+# importing the gateway here would load FastAPI into every `tandem` process. None: its default.
+_GATEWAY_FLAGS = [
+    ("max_concurrent_requests", int, "generation requests in flight, per gateway process"),
+    ("max_queued_requests", int, "requests waiting for a slot, per gateway (0: refuse at once)"),
+    ("queue_timeout_s", float, "longest wait for a slot in seconds"),
+    ("request_timeout_s", float, "deadline of one generation call to the router, in seconds"),
+    ("router_timeout_s", float, "deadline of other router calls, in seconds"),
+]
+_WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
+API_KEY_ENV = "TANDEM_API_KEY"
 
 
 def _memory_shares(args: argparse.Namespace) -> dict[str, float | None]:
@@ -43,6 +68,75 @@ def _memory_shares(args: argparse.Namespace) -> dict[str, float | None]:
     }
 
 
+@dataclass
+class InternalPlane:
+    """How the children authenticate each other, and how serve's own health checks reach them."""
+
+    mode: str  # "mtls": serve's own certificates | "given": the --tls-* flags | "plaintext"
+    health_tls: TLSConfig
+    env: dict[str, str]  # every child's environment (the API key and token ride here)
+    cert_dir: str = ""  # serve's certificates (mode "mtls"); removed at exit
+    given_argv: list[str] = field(default_factory=list)
+
+    def argv(self, role: str) -> list[str]:
+        if self.mode != "mtls":
+            return list(self.given_argv)
+        d = self.cert_dir
+        return [
+            *("--tls-certfile", os.path.join(d, f"{role}.pem")),
+            *("--tls-keyfile", os.path.join(d, f"{role}-key.pem")),
+            *("--tls-ca-certs", os.path.join(d, "ca.pem"), "--tls-require-client-cert"),
+        ]
+
+    def describe(self) -> str:
+        if self.mode == "mtls":
+            return f"internal mTLS, gRPC client credentials in {self.cert_dir}"
+        if self.mode == "plaintext":
+            return "internal plaintext + shared token (development only)"
+        return f"internal {self.health_tls.mode}"
+
+
+def _internal_plane(args: argparse.Namespace, tls: TLSConfig, hosts: tuple[str, ...]):
+    token_file = getattr(args, "internal_token_file", "")  # the lead's flag, when present
+    given = any((args.tls_certfile, args.tls_keyfile, args.tls_ca_certs, token_file))
+    if given and args.internal_plaintext:
+        raise SystemExit("--internal-plaintext and the --tls-* files exclude each other")
+    env = dict(os.environ)
+    if args.api_key:  # the gateways and the routers demand the same key (env: not in `ps`)
+        env[API_KEY_ENV] = args.api_key
+    if given:
+        return InternalPlane("given", tls, env, given_argv=tls_argv(args))
+    if args.internal_plaintext:
+        token = os.environ.get(TLS_ENV["internal_token"]) or secrets.token_urlsafe(32)
+        env[TLS_ENV["internal_token"]] = token
+        log.warning(
+            "event=internal_plaintext mode=development detail=%r",
+            "internal gRPC runs in plaintext with a shared token: anyone who can read the "
+            "traffic can call it; drop --internal-plaintext for mutual TLS",
+        )
+        return InternalPlane("plaintext", TLSConfig(token=token), env)
+    from rpc.pki import cert_paths, write_certs
+
+    cert_dir = tempfile.mkdtemp(prefix="tandem-certs-")  # 0700: only this user reads the keys
+    os.chmod(cert_dir, 0o700)
+    try:
+        paths = write_certs(cert_dir, hosts)
+        cert, key = cert_paths(cert_dir, "client")
+        health = TLSConfig.from_files(str(cert), str(key), str(paths["ca"]))
+    except BaseException:
+        shutil.rmtree(cert_dir, ignore_errors=True)
+        raise
+    return InternalPlane("mtls", health, env, cert_dir=cert_dir)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+    )
+    # exits and restarts are always worth a line, whatever the children's level
+    log.setLevel(min(logging.INFO, logging.getLogger().level))
+
+
 def serve(args: argparse.Namespace, tls: TLSConfig) -> None:
     """Start gateway + router + prefill x N + decode x M on this host; Ctrl-C stops them all."""
     from tandem.loader.default_model import DEFAULT_MODEL_NAME, resolve_model_dir
@@ -53,11 +147,14 @@ def serve(args: argparse.Namespace, tls: TLSConfig) -> None:
         args.prefill = 0
     elif args.mode == "disaggregated" and args.prefill == 0:
         raise SystemExit("--mode disaggregated needs --prefill >= 1")
+    _setup_logging(args.log_level)
     model_dir = resolve_model_dir(args.model)  # converts the default GGUF once, here
     served = args.served_model_name or (
         DEFAULT_MODEL_NAME if args.model is None else model_dir.name
     )
-    host = args.host
+    host, bind = args.host, args.internal_host
+    dial = _WILDCARDS.get(bind, bind)  # where serve and the children reach internal servers
+    hosts = tuple(dict.fromkeys(("localhost", "127.0.0.1", dial)))
     py = [sys.executable, "-m", "tandem_cli.main"]
     engine_flags = []
     for name in _ENGINE_FLAGS:
@@ -70,80 +167,76 @@ def serve(args: argparse.Namespace, tls: TLSConfig) -> None:
         engine_flags.append(
             "--async-scheduling" if args.async_scheduling else "--no-async-scheduling"
         )
-    common = ["--model", str(model_dir), "--log-level", args.log_level, *tls_argv(args)]
-    worker_flags = ["--kv-transport", args.kv_transport]
+    common = ["--model", str(model_dir), "--log-level", args.log_level]
 
     shares = _memory_shares(args)
-    procs: list[subprocess.Popen] = []
-    metrics_dir = None
+    stop = StopSignal()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    sup, plane, metrics_dir = Supervisor(), None, None
     try:
+        plane = _internal_plane(args, tls, hosts)
         workers = []
         for role, count in (("decode", args.decode), ("prefill", args.prefill)):
-            for _ in range(count):
-                port = free_port(host)
-                cmd = [*py, role, "--host", host, "--port", str(port), *common, *engine_flags]
-                cmd += worker_flags
+            for i in range(count):
+                port = free_port(bind)
+                cmd = [*py, role, "--host", bind, "--port", str(port), *common, *engine_flags]
+                cmd += ["--kv-transport", args.kv_transport, *plane.argv(role)]
                 if role == "decode":
                     cmd += ["--stream-interval", str(args.stream_interval)]
                 cmd += ["--served-model-name", served]  # the label of the workers' metrics
                 if shares[role] is not None:
                     cmd += ["--gpu-memory-utilization", str(shares[role])]
-                procs.append(subprocess.Popen(cmd))
-                workers.append((role, f"{host}:{port}", procs[-1]))
-        for _, address, proc in workers:
-            wait_grpc_healthy(address, proc, args.startup_timeout, tls)
-        routers = []  # addresses; gateway i talks to router i % len(routers)
+                workers.append(sup.start(Child(role, i, f"{dial}:{port}", cmd, plane.env)))
+        for w in workers:
+            wait_grpc_healthy(w.address, w.proc, args.startup_timeout, plane.health_tls)
+        routers = []  # gateway i talks to router i % len(routers)
         for i in range(args.routers):
-            router_port = args.router_port + i if args.router_port else free_port(host)
-            router_cmd = [*py, "router", "--host", host, "--port", str(router_port), *common]
-            router_cmd += ["--served-model-name", served, "--routing-policy", args.routing_policy]
-            router_cmd += ["--max-local-prefill-length", str(args.max_local_prefill_length)]
-            router_cmd += ["--stream-interval", str(args.stream_interval)]
+            port = args.router_port + i if args.router_port else free_port(bind)
+            cmd = [*py, "router", "--host", bind, "--port", str(port), *common]
+            cmd += ["--served-model-name", served, "--routing-policy", args.routing_policy]
+            cmd += ["--max-local-prefill-length", str(args.max_local_prefill_length)]
+            cmd += ["--stream-interval", str(args.stream_interval), *plane.argv("router")]
             if args.max_model_len:
-                router_cmd += ["--max-model-len", str(args.max_model_len)]
-            for role, address, _ in workers:
-                router_cmd += [f"--{role}", address]
-            procs.append(subprocess.Popen(router_cmd))
-            routers.append((f"{host}:{router_port}", procs[-1]))
-        for address, proc in routers:
-            wait_grpc_healthy(address, proc, args.startup_timeout, tls)
+                cmd += ["--max-model-len", str(args.max_model_len)]
+            for w in workers:
+                cmd += [f"--{w.role}", w.address]
+            routers.append(sup.start(Child("router", i, f"{dial}:{port}", cmd, plane.env)))
+        for r in routers:
+            wait_grpc_healthy(r.address, r.proc, args.startup_timeout, plane.health_tls)
         # one port (SO_REUSEPORT), one /metrics over all of them
         gw_flags, gw_env, metrics_dir = gateway_pool(args.gateways)
+        gw_env = {**(gw_env or {}), **plane.env}
+        for name, _, _ in _GATEWAY_FLAGS:
+            if getattr(args, name) is not None:
+                gw_flags = [*gw_flags, f"--{name.replace('_', '-')}", str(getattr(args, name))]
         for i in range(args.gateways):
-            gw_cmd = [*py, "gateway", "--host", host, "--port", str(args.port)]
-            gw_cmd += ["--router", routers[i % len(routers)][0]]
-            gw_cmd += ["--log-level", args.log_level, *tls_argv(args), *gw_flags]
-            if args.api_key:
-                gw_cmd += ["--api-key", args.api_key]
-            procs.append(subprocess.Popen(gw_cmd, env=gw_env))
+            cmd = [*py, "gateway", "--host", host, "--port", str(args.port)]
+            cmd += ["--router", routers[i % len(routers)].address, "--log-level", args.log_level]
+            cmd += [*plane.argv("gateway"), *gw_flags]
+            on_exit = metrics_cleanup(metrics_dir) if metrics_dir else None
+            gateway = sup.start(Child("gateway", i, f"{host}:{args.port}", cmd, gw_env, on_exit))
         # The port answers once one gateway listens; one still starting gets no connections.
-        wait_http_healthy(f"http://{host}:{args.port}/health", procs[-1], args.startup_timeout)
-        router_list = ", ".join(address for address, _ in routers)
+        wait_http_healthy(f"http://{host}:{args.port}/health", gateway.proc, args.startup_timeout)
+        router_list = ", ".join(r.address for r in routers)
         print(
             f"tandem is serving {served} at http://{host}:{args.port}/v1 ({args.gateways} "
             f"gateway(s); router grpc {router_list}; {args.prefill} prefill, {args.decode} "
-            "decode). Ctrl-C stops.",
+            f"decode; {plane.describe()}). Ctrl-C stops.",
             flush=True,
         )
-        stop = []
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-        while not stop:
-            if any(p.poll() is not None for p in procs):
-                raise RuntimeError("a tandem process exited; stopping the others")
-            time.sleep(0.5)
+        stop.raising = False
+        sup.run(lambda: bool(stop.signum))
     except KeyboardInterrupt:
         pass
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop.raising = False  # a second Ctrl-C must not cut the shutdown short
+        sup.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+        if plane is not None and plane.cert_dir:
+            shutil.rmtree(plane.cert_dir, ignore_errors=True)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -153,10 +246,28 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="HF directory or .gguf (default: SmolLM2-135M-Instruct)",
     )
-    p.add_argument("--host", default="127.0.0.1")
+    p.epilog = (
+        "Each child it starts, and starts again after it exited, prints one line to stdout: "
+        "'event=child_started role=ROLE index=I address=HOST:PORT pid=PID restarts=N' (ROLE: "
+        "decode, prefill, router, gateway); exits and restarts are logged (logger "
+        "tandem.serve). A child that exits is restarted on the same address, after 1 s "
+        "doubling to 30 s while it keeps failing."
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address the gateways (HTTP) listen on")
     p.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
     p.add_argument(
+        "--internal-host",
+        default="127.0.0.1",
+        help="address the router, prefill and decode servers (gRPC) listen on",
+    )
+    p.add_argument(
         "--router-port", type=int, default=0, help="router gRPC port (default: a free one)"
+    )
+    p.add_argument(
+        "--internal-plaintext",
+        action="store_true",
+        help="development only: internal gRPC in plaintext with a random shared token (env "
+        "TANDEM_INTERNAL_TOKEN if set) instead of mutual TLS with throw-away certificates",
     )
     p.add_argument(
         "--prefill", type=int, default=1, help="prefill servers (0: decode servers prefill locally)"
@@ -222,7 +333,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="KV handoff transport of the prefill and decode servers (auto: cuda_ipc on a"
         " shared GPU, shm between CPU servers, else grpc)",
     )
-    p.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"))
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help="gateways and routers demand it (HTTP Authorization: Bearer, gRPC metadata "
+        "authorization: Bearer) (env TANDEM_API_KEY)",
+    )
+    g = p.add_argument_group("gateway admission", "passed to every gateway (default: its own)")
+    for name, kind, text in _GATEWAY_FLAGS:
+        g.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=text)
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--log-level", default="warning")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")

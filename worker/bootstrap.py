@@ -2,6 +2,10 @@
 
 config -> engine -> grpc.aio.server -> servicers + health + reflection -> start -> SERVING
 -> register with the router (--router) -> SIGTERM -> drain (worker/drain.py) -> stop
+
+An engine that cannot go on (AsyncEngine.wait_dead: repeated step failures, a device error)
+ends it too, without a drain: NOT_SERVING for every service name, deregister, stop, and exit
+with EXIT_ENGINE_DEAD, for a supervisor (compose, Kubernetes) to start a fresh process.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvtransfer.channel import CHANNEL_OPTIONS
 from protos import worker_pb2
+from rpc.auth import server_interceptors, warn_if_open
 from rpc.tls import TLSConfig, add_port
 from tandem.async_engine import AsyncEngine
 from tandem.engine import LLMEngine
@@ -36,6 +41,8 @@ from worker.registration import RegistryClient
 log = logging.getLogger("tandem.worker")
 
 
+EXIT_REFUSED = 1  # the router refused this worker's registration
+EXIT_ENGINE_DEAD = 2
 GIL_SWITCH_INTERVAL_S = 0.0002
 # grpc turns SO_REUSEPORT on by default, under which a second server binding a taken port
 # succeeds and the two split the connections
@@ -119,7 +126,10 @@ async def serve(
     # off, a port that is taken fails here instead of being shared with another server.
     # Until start() the gRPC port queues connections and the health service is not there.
     in_flight = InFlightRpcs()
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[in_flight])
+    # authorization first: a refused call never counts as in-flight work
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=[*server_interceptors(tls), in_flight]
+    )
     role_name = service_names[0].rsplit(".", 1)[-1].lower()
     metrics_registry = None
     try:
@@ -149,6 +159,7 @@ async def serve(
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     print(f"{role_name} server listening on {address} (tls: {tls.mode})", flush=True)
+    warn_if_open(tls, role_name)
 
     metrics = None if metrics_registry is None else WorkerMetrics(model_name, metrics_registry)
     load = LoadSampler(engine, parts.num_active_handoffs, metrics, parts.num_kv_handoffs)
@@ -161,9 +172,11 @@ async def serve(
         registry.start()
 
     force = asyncio.Event()  # a second signal: stop without waiting for in-flight work
-    exit_code = await _wait_for_stop(registry, force)
+    exit_code = await _wait_for_stop(registry, force, engine)
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if exit_code == EXIT_ENGINE_DEAD and registry is not None:
+        await registry.deregister()  # the router stops sending work at once (best effort)
     if exit_code == 0:
         await _drain(args, address, engine, in_flight, parts, registry, force)
     # drained: this only ends KVEvents / health streams; after a drain that timed out it
@@ -195,19 +208,26 @@ def _worker_info(engine: LLMEngine, parts: WorkerParts, address: str, model_name
     )
 
 
-async def _wait_for_stop(registry: RegistryClient | None, force: asyncio.Event) -> int:
-    """Until SIGTERM/SIGINT (0: drain) or the router refused this worker (1)."""
+async def _wait_for_stop(
+    registry: RegistryClient | None, force: asyncio.Event, engine: AsyncEngine
+) -> int:
+    """Until SIGTERM/SIGINT (0: drain), the router refused this worker (EXIT_REFUSED) or the
+    engine died (EXIT_ENGINE_DEAD)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: force.set() if stop.is_set() else stop.set())
-    waits = [asyncio.ensure_future(stop.wait())]
+    dead = asyncio.ensure_future(engine.wait_dead())
+    waits = [asyncio.ensure_future(stop.wait()), dead]
     if registry is not None:
         waits.append(asyncio.ensure_future(registry.refused.wait()))
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
         w.cancel()
-    return 0 if stop.is_set() else 1
+    if dead.done() and not dead.cancelled():
+        log.critical("event=engine_dead error=%r: NOT_SERVING, exiting", dead.result())
+        return EXIT_ENGINE_DEAD
+    return 0 if stop.is_set() else EXIT_REFUSED
 
 
 async def _drain(args, address, engine, in_flight, parts, registry, force) -> None:

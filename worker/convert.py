@@ -6,13 +6,15 @@ has one conversion, whoever reads or writes it (the public GenerateRequest and t
 DecodeRequest / PrefillRequest carry the same message). This is the one home both may import:
 the router sits floors above worker/, while tandem/ may not import protos, protos may not
 import tandem, and kvtransfer/ pulls torch in (its package imports torch), which the router
-must never load. Keep this module light: protos and tandem.records only.
+must never load. Keep this module light: protos and the core's torch-free records and rules
+(tandem.records, tandem.validation) only.
 """
 
 from __future__ import annotations
 
 from protos import common_pb2
 from tandem.records import SamplingParams
+from tandem.validation import InvalidField, RequestLimits, check_prompt, check_sampling
 
 _FINISH_TO_PROTO = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -30,14 +32,14 @@ def finish_to_proto(reason: str | None) -> int:
 def sampling_from_proto(p: common_pb2.SamplingParams, check: bool = True) -> SamplingParams:
     """Unset optional fields take their defaults; max_tokens stays None when unset.
 
-    check=True (the workers): out-of-range values raise ValueError (-> INVALID_ARGUMENT), and
-    top_k <= 0 is "off" (-1). check=False (the router): the values as sent, top_k included,
-    for router/validate.py to refuse with the public API's messages.
+    check=True: out-of-range values raise ValueError (-> INVALID_ARGUMENT), and top_k 0 is
+    "off" (-1). check=False (the router, and checked_request): the values as sent, top_k
+    included, for tandem/validation.py to refuse with its messages, naming the caller's fields.
     """
     return SamplingParams(
         temperature=p.temperature if p.HasField("temperature") else 1.0,
         top_p=p.top_p if p.HasField("top_p") else 1.0,
-        top_k=p.top_k if p.top_k > 0 or not check else -1,
+        top_k=-1 if check and p.top_k == 0 else p.top_k,
         min_p=p.min_p,
         seed=p.seed if p.HasField("seed") else None,
         presence_penalty=p.presence_penalty,
@@ -52,6 +54,35 @@ def sampling_from_proto(p: common_pb2.SamplingParams, check: bool = True) -> Sam
         logprobs=p.top_logprobs if p.logprobs else None,
         check=check,
     )
+
+
+def request_limits(engine) -> RequestLimits:
+    """A worker's limits, read once from its LLMEngine (the model's vocabulary and context)."""
+    return RequestLimits(engine.model_cfg.vocab_size, engine.max_model_len)
+
+
+# the core's param names -> the wire fields of a DecodeRequest / PrefillRequest
+_PROMPT_FIELD = "prompt_token_ids"
+_TOP_LEVEL_FIELDS = {"prompt": _PROMPT_FIELD, "num_output_tokens": "num_output_tokens"}
+
+
+def checked_request(request, limits: RequestLimits) -> tuple[list[int], SamplingParams]:
+    """A DecodeRequest's or PrefillRequest's prompt and settings, checked at the worker's own
+    boundary with the router's rules (tandem/validation.py) against this worker's model: a
+    caller that skips the router (Decode.Session, Prefill.Prefill called directly) must not
+    get a value past it that would fail inside the engine loop. Raises InvalidField (a
+    ValueError -> INVALID_ARGUMENT) whose message starts with the wire field's name."""
+    params = sampling_from_proto(request.sampling, check=False)
+    if params.top_k == 0:
+        params.top_k = -1  # the wire's "off", as the sampler reads it
+    prompt = list(request.prompt_token_ids)
+    try:
+        check_sampling(params, request.sampling.top_logprobs, limits.max_top_logprobs)
+        check_prompt(prompt, params, limits, "prompt", request.num_output_tokens)
+    except InvalidField as e:
+        field = _TOP_LEVEL_FIELDS.get(e.param, f"sampling.{e.param}")
+        raise InvalidField(field, f"{field}: {e.message}", e.context_length) from None
+    return prompt, params
 
 
 def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:

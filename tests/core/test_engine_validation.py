@@ -10,10 +10,14 @@ from tandem import SamplingParams
 @pytest.mark.parametrize(
     ("prompt", "params", "message"),
     [
-        ([], SamplingParams(), "at least one token"),
-        ([1, 2, 10**6], SamplingParams(), "outside the vocabulary"),
+        ([], SamplingParams(), "the prompt is empty"),
+        ([1, 2, 10**6], SamplingParams(), r"token ids must be in \[0, "),
+        ([1, 2, -1], SamplingParams(), r"token ids must be in \[0, "),
         ([1, 2, 3], SamplingParams(logit_bias={10**6: 1.0}), "logit_bias"),
-        ([1] * 9000, SamplingParams(), "context holds"),
+        ([1, 2, 3], SamplingParams(stop_token_ids=[10**6]), "stop_token_ids"),
+        ([1, 2, 3], SamplingParams(logprobs=10**6, check=False), "top_logprobs"),
+        ([1, 2, 3], SamplingParams(top_k=-7, check=False), "top_k"),
+        ([1] * 9000, SamplingParams(), "maximum context length"),
     ],
 )
 def test_bad_request_is_refused_and_leaks_nothing(smollm, prompt, params, message):

@@ -11,16 +11,22 @@ import sys
 import tempfile
 import time
 
+import grpc
 import httpx
 import openai
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from router.client import TandemClient, TandemError
+from rpc.tls import PLAINTEXT, TLSConfig
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
-def _start_serve(*flags: str) -> tuple[subprocess.Popen, int, str]:
+def _start_serve(
+    *flags: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, int, str]:
     """`tandem serve` on a free port with the given flags; (process, port, its banner line)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,7 +41,7 @@ def _start_serve(*flags: str) -> tuple[subprocess.Popen, int, str]:
         "--num-blocks",
         "256",
     ]
-    proc = subprocess.Popen([*cmd, *flags], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*cmd, *flags], stdout=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
     line = ""
     while "serving" not in line:
@@ -50,6 +56,10 @@ def test_tandem_serve_starts_answers_and_stops_cleanly():
     proc, port, line = _start_serve()
     try:
         assert f"http://127.0.0.1:{port}/v1" in line
+        # default: internal mutual TLS with serve's own certificates, removed at exit
+        cert_dir = line.split("client credentials in ")[1].split(")")[0]
+        assert os.stat(cert_dir).st_mode & 0o777 == 0o700
+        assert {"ca.pem", "client.pem", "client-key.pem", "router.pem"} <= set(os.listdir(cert_dir))
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         models = [m.id for m in client.models.list().data]
         assert models == ["SmolLM2-135M-Instruct"]
@@ -60,9 +70,16 @@ def test_tandem_serve_starts_answers_and_stops_cleanly():
             temperature=0,
         )
         assert resp.choices[0].message.content
+        # the router's gRPC API, with the client certificate serve printed
+        d = cert_dir + "/"
+        tls = TLSConfig.from_files(d + "client.pem", d + "client-key.pem", d + "ca.pem")
+        router = line.split("router grpc ")[1].split(";")[0]
+        with TandemClient(router, timeout=30, tls=tls, max_retries=0) as c:
+            assert c.models() == ["SmolLM2-135M-Instruct"]
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+    assert not os.path.exists(cert_dir)
 
 
 def test_serve_with_stream_interval_and_async_scheduling_streams_the_same_text():
@@ -173,3 +190,44 @@ def test_serve_with_two_gateways_and_two_routers_shares_one_port_and_one_metrics
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     assert not os.path.exists(metrics_dir)  # serve removes the shared directory
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_serve_internal_plaintext_with_api_key_and_admission_flags():
+    """--internal-plaintext: the internal plane takes the shared token (env
+    TANDEM_INTERNAL_TOKEN when set, else a random one) instead of certificates; --api-key
+    guards the gateway and the router's gRPC API alike, out of every command line; the
+    gateway's admission flags reach the gateway."""
+    token, key = "test-internal-token", "test-api-key"
+    env = {**os.environ, "TANDEM_INTERNAL_TOKEN": token}
+    env.pop("TANDEM_API_KEY", None)
+    flags = ["--prefill", "0", "--internal-plaintext", "--api-key", key]
+    flags += ["--max-concurrent-requests", "3", "--queue-timeout-s", "2.5"]
+    proc, port, line = _start_serve(*flags, env=env)
+    try:
+        assert "internal plaintext + shared token" in line
+        children = _children(proc.pid)
+        (gateway,) = [c for c in children.values() if " gateway " in c]
+        assert (
+            "--max-concurrent-requests 3 " in gateway + " " and "--queue-timeout-s 2.5" in gateway
+        )
+        assert "--max-queued-requests" not in gateway  # unset: the gateway's own default
+        assert all(key not in c and "--tls-" not in c for c in children.values())
+        assert all(" --host 127.0.0.1 " in c for c in children.values())
+
+        base = f"http://127.0.0.1:{port}/v1"
+        assert httpx.get(f"{base}/models", timeout=30).status_code == 401
+        client = openai.OpenAI(base_url=base, api_key=key, max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
+
+        router = line.split("router grpc ")[1].split(";")[0]
+        for tls, api_key in ((PLAINTEXT, key), (TLSConfig(token=token), "")):
+            with TandemClient(router, timeout=30, tls=tls, api_key=api_key, max_retries=0) as c:
+                with pytest.raises(TandemError) as refused:
+                    c.models()
+                assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED.name
+        with TandemClient(router, timeout=30, tls=TLSConfig(token=token), api_key=key) as c:
+            assert c.models() == ["SmolLM2-135M-Instruct"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0

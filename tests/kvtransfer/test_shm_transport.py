@@ -85,6 +85,12 @@ class Receiver:
             self.export = export_cuda_pool(self.pool)
             self.transport = "cuda_ipc"
         self.ledger = HandoffLedger(lease_s=30, stall_s=10)
+        self.directory = directory
+
+    def open(self, handoff_id: str):
+        """The handoff the tests push: DEST_BLOCKS reserved, the first FIRST_BLOCK of them
+        the decode side's cached prefix."""
+        return self.ledger.open(handoff_id, "r", list(DEST_BLOCKS), FIRST_BLOCK * BLOCK_SIZE)
 
     @contextlib.asynccontextmanager
     async def serving(self):
@@ -116,13 +122,18 @@ async def _noop() -> None:
     return None
 
 
-def _dest(handoff_id: str, address: str, rx: Receiver) -> KVDest:
-    return KVDest(
-        handoff_id, address, DEST_BLOCKS, FIRST_BLOCK, "r", (rx.transport, "grpc"), rx.export
-    )
+def _dest(handoff_id: str, address: str, rx: Receiver, blocks=DEST_BLOCKS) -> KVDest:
+    """The KVTarget the decode side issued for the handoff (a made-up capability for one it
+    does not have)."""
+    h = rx.ledger.handoffs.get(handoff_id)
+    capability = h.capability if h is not None else bytes(32)
+    transports = (rx.transport, "grpc")
+    return KVDest(handoff_id, address, blocks, FIRST_BLOCK, "r", transports, rx.export, capability)
 
 
-def _sender(transport: str, timeout_s: float = 10, **kwargs):
+def _sender(transport: str, timeout_s: float = 10, shm_dir: str = "", **kwargs):
+    if transport == "shm":  # pool files are opened from this directory only
+        kwargs["shm_dir"] = shm_dir
     return SENDERS[transport](Channels(timeout_s), Endpoint(host_id(), ""), **kwargs)
 
 
@@ -134,12 +145,12 @@ def test_sender_writes_exactly_the_reserved_blocks(shm_dir, dtype, transport):
 
     async def main():
         async with rx.serving() as address:
-            h = rx.ledger.open("h#0", "r", list(DEST_BLOCKS))
+            h = rx.open("h#0")
             waiter = asyncio.create_task(rx.ledger.wait(h))
             # one layer per slab: the lockstep runs over LAYERS slabs
             per_layer = 2 * len(SRC_BLOCKS) * BLOCK_SIZE * HEADS * DIM * src.element_size()
             kwargs = {"slab_bytes": per_layer} if transport == "shm" else {}
-            sender = _sender(transport, **kwargs)
+            sender = _sender(transport, shm_dir=shm_dir, **kwargs)
             await sender.send(_dest("h#0", address, rx), KVSource(src, SRC_BLOCKS, _noop), 42, None)
             done = await waiter
             open_pools = getattr(sender, "num_open_pools", 1)
@@ -177,10 +188,11 @@ async def noop():
 
 async def main():
     here = Endpoint(host_id(), gpu_uuid(device))
-    sender = SENDERS[export.transport](Channels(20), here)
+    kwargs = {"shm_dir": a["shm_dir"]} if export.transport == "shm" else {}
+    sender = SENDERS[export.transport](Channels(20), here, **kwargs)
     dest = KVDest(
         a["handoff_id"], a["address"], tuple(a["dest"]), a["first_block"], "r",
-        (export.transport,), export,
+        (export.transport,), export, bytes.fromhex(a["capability"]),
     )
     await sender.send(dest, KVSource(src, a["src_blocks"], noop), 7, None)
     await sender.close()
@@ -201,7 +213,7 @@ def _child_writes(directory: str, device: str, dtype: torch.dtype) -> None:
 
     async def main():
         async with rx.serving() as address:
-            h = rx.ledger.open("child#0", "r", list(DEST_BLOCKS))
+            h = rx.open("child#0")
             args = {
                 "pool": json_format.MessageToJson(pool_to_proto(rx.export)),
                 "seed": 3,
@@ -212,6 +224,8 @@ def _child_writes(directory: str, device: str, dtype: torch.dtype) -> None:
                 "first_block": FIRST_BLOCK,
                 "src_blocks": SRC_BLOCKS,
                 "device": device,
+                "shm_dir": directory,
+                "capability": h.capability.hex(),
             }
             child = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", SENDER_CHILD, json.dumps(args), str(ROOT),
@@ -247,9 +261,15 @@ async def _open_transfer(address: str, handoff_id: str):
 
 
 def _begin(
-    handoff_id: str, pool_id: str, num_slabs: int = 2, transport: str = "shm"
+    handoff_id: str,
+    pool_id: str,
+    num_slabs: int = 2,
+    transport: str = "shm",
+    capability: bytes = b"",
 ) -> worker_pb2.KVTransferMessage:
-    begin = worker_pb2.KVBegin(transport=transport, pool_id=pool_id, num_slabs=num_slabs)
+    begin = worker_pb2.KVBegin(
+        transport=transport, pool_id=pool_id, num_slabs=num_slabs, capability=capability
+    )
     return worker_pb2.KVTransferMessage(handoff_id=handoff_id, begin=begin)
 
 
@@ -268,9 +288,9 @@ def test_reclaim_stops_the_sender_and_waits_for_its_stream_to_end(shm_dir):
 
     async def main():
         async with rx.serving() as address:
-            h = rx.ledger.open("g#0", "r", list(DEST_BLOCKS))
+            h = rx.open("g#0")
             channel, call = await _open_transfer(address, "g#0")
-            await call.write(_begin("g#0", rx.export.pool_id, num_slabs=3))
+            await call.write(_begin("g#0", rx.export.pool_id, 3, "shm", h.capability))
             assert (await call.read()).reply == GRANT  # every slab granted
             assert h.state == HandoffState.RECEIVING
             assert [x.handoff_id for x in rx.ledger.abort_request("r")] == ["g#0"]
@@ -296,9 +316,9 @@ def test_wrong_pool_is_refused_and_fails_the_handoff(shm_dir):
 
     async def main():
         async with rx.serving() as address:
-            h = rx.ledger.open("p#0", "r", list(DEST_BLOCKS))
+            h = rx.open("p#0")
             channel, call = await _open_transfer(address, "p#0")
-            await call.write(_begin("p#0", "a-previous-servers-pool"))
+            await call.write(_begin("p#0", "a-previous-servers-pool", capability=h.capability))
             reply = await call.read()
             await channel.close()
             return h, reply
@@ -319,7 +339,9 @@ async def main():
     channel = grpc.aio.insecure_channel(sys.argv[1])
     stub = worker_pb2_grpc.KVTransferStub(channel)
     call = stub.Transfer(metadata=((HANDOFF_ID_KEY, "k#0"),))
-    begin = worker_pb2.KVBegin(transport="shm", pool_id=sys.argv[2], num_slabs=3)
+    begin = worker_pb2.KVBegin(
+        transport="shm", pool_id=sys.argv[2], num_slabs=3, capability=bytes.fromhex(sys.argv[4])
+    )
     await call.write(worker_pb2.KVTransferMessage(handoff_id="k#0", begin=begin))
     granted = (await call.read()).reply == worker_pb2.KV_REPLY_GRANT
     print("granted" if granted else "refused", flush=True)
@@ -334,10 +356,11 @@ def test_a_sender_killed_mid_copy_fails_the_handoff(shm_dir):
 
     async def main():
         async with rx.serving() as address:
-            h = rx.ledger.open("k#0", "r", list(DEST_BLOCKS))
+            h = rx.open("k#0")
             waiter = asyncio.create_task(rx.ledger.wait(h))
             child = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", SILENT_CHILD, address, rx.export.pool_id, str(ROOT),
+                h.capability.hex(),
                 stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
             assert (await child.stdout.readline()).decode().strip() == "granted"
@@ -362,7 +385,7 @@ def test_refused_sender_raises(shm_dir, transport):
 
     async def main():
         async with rx.serving() as address:
-            sender = _sender(transport)
+            sender = _sender(transport, shm_dir=shm_dir)
             with pytest.raises(HandoffRefused, match="unknown"):
                 await sender.send(
                     _dest("gone#0", address, rx), KVSource(src, SRC_BLOCKS, _noop), 1, None
@@ -379,9 +402,9 @@ def test_the_sender_drops_a_pool_once_its_server_is_gone(shm_dir):
     src = _source(torch.float32)
 
     async def main():
-        sender = _sender("shm")
+        sender = _sender("shm", shm_dir=shm_dir)
         async with rx.serving() as address:
-            rx.ledger.open("d#0", "r", list(DEST_BLOCKS))
+            rx.open("d#0")
             await sender.send(_dest("d#0", address, rx), KVSource(src, SRC_BLOCKS, _noop), 1, None)
             for _ in range(20):
                 await asyncio.sleep(0)
@@ -405,9 +428,9 @@ def test_a_grpc_transfer_is_stopped_at_once_when_its_handoff_ends(shm_dir):
 
     async def main():
         async with rx.serving() as address:
-            h = rx.ledger.open("s#0", "r", list(DEST_BLOCKS))
+            h = rx.open("s#0")
             channel, call = await _open_transfer(address, "s#0")
-            await call.write(_begin("s#0", "", num_slabs=2, transport="grpc"))
+            await call.write(_begin("s#0", "", 2, "grpc", h.capability))
             assert (await call.read()).reply == GRANT
             rx.ledger.abort_request("r")
             stop = await call.read()
@@ -429,10 +452,10 @@ def test_done_before_every_slab_fails_the_handoff(shm_dir, transport):
 
     async def main():
         async with rx.serving() as address:
-            h = rx.ledger.open("e#0", "r", list(DEST_BLOCKS))
+            h = rx.open("e#0")
             channel, call = await _open_transfer(address, "e#0")
             pool_id = rx.export.pool_id if transport == "shm" else ""
-            await call.write(_begin("e#0", pool_id, num_slabs=2, transport=transport))
+            await call.write(_begin("e#0", pool_id, 2, transport, h.capability))
             assert (await call.read()).reply == GRANT
             done = worker_pb2.KVDone(first_token_id=3)
             await call.write(worker_pb2.KVTransferMessage(handoff_id="e#0", done=done))
@@ -450,12 +473,12 @@ def test_a_second_transfer_for_one_handoff_is_refused_and_the_first_still_settle
 
     async def main():
         async with rx.serving() as address:
-            h = rx.ledger.open("t#0", "r", list(DEST_BLOCKS))
+            h = rx.open("t#0")
             channel, first = await _open_transfer(address, "t#0")
-            await first.write(_begin("t#0", rx.export.pool_id))
+            await first.write(_begin("t#0", rx.export.pool_id, capability=h.capability))
             assert (await first.read()).reply == GRANT
             channel2, second = await _open_transfer(address, "t#0")
-            await second.write(_begin("t#0", rx.export.pool_id))
+            await second.write(_begin("t#0", rx.export.pool_id, capability=h.capability))
             refused = await second.read()
             assert refused.reply == STOP and "already under way" in refused.error
             assert h.state == HandoffState.FAILED
@@ -476,9 +499,9 @@ def test_a_transport_not_offered_is_refused(shm_dir):
 
     async def main():
         async with rx.serving() as address:
-            h = rx.ledger.open("n#0", "r", list(DEST_BLOCKS))
+            h = rx.open("n#0")
             channel, call = await _open_transfer(address, "n#0")
-            await call.write(_begin("n#0", "", transport="cuda_ipc"))
+            await call.write(_begin("n#0", "", transport="cuda_ipc", capability=h.capability))
             reply = await call.read()
             await channel.close()
             return h, reply

@@ -91,14 +91,16 @@ def test_worker_contract_field_numbers():
     assert numbers(worker_pb2.SessionRequest) == {"generate": 1, "abort": 2}
     assert numbers(worker_pb2.KVTarget) == {
         "handoff_id": 1, "decode_kv_address": 2, "block_ids": 3, "num_cached_tokens": 4,
-        "block_size": 5, "transport": 6, "transports": 7, "pool": 8,
+        "block_size": 5, "transport": 6, "transports": 7, "pool": 8, "capability": 9,
     }  # fmt: skip
     assert numbers(worker_pb2.KVTransferMessage) == {
         "handoff_id": 1, "begin": 2, "written_slab": 3, "done": 4, "chunk": 5,
     }  # fmt: skip
-    assert numbers(worker_pb2.KVBegin) == {"transport": 1, "pool_id": 2, "num_slabs": 3}
+    assert numbers(worker_pb2.KVBegin) == {
+        "transport": 1, "pool_id": 2, "num_slabs": 3, "capability": 4,
+    }  # fmt: skip
     assert numbers(worker_pb2.KVDone) == {"first_token_id": 1, "first_token_logprob": 2}
-    assert numbers(worker_pb2.KVTransferReply) == {"reply": 1, "error": 2}
+    assert numbers(worker_pb2.KVTransferReply) == {"reply": 1, "error": 2, "block_ids": 3}
     assert dict(worker_pb2.KVReply.items()) == {
         "KV_REPLY_UNSPECIFIED": 0, "KV_REPLY_GRANT": 1, "KV_REPLY_STOP": 2,
         "KV_REPLY_COMPLETE": 3,

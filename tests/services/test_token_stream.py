@@ -120,42 +120,44 @@ def test_leaving_the_stream_early_aborts_the_request_and_frees_its_blocks(llm_en
     assert streams == {}
 
 
-def test_an_engine_failure_reaches_the_stream_after_the_tokens_before_it(llm_engine):
+def test_a_step_failure_ends_its_requests_and_three_in_a_row_end_the_engine(llm_engine):
+    """A step that raises fails the requests it ran (after the tokens they already had) and the
+    engine goes on; three failed steps in a row and it is dead: every stream and call says so."""
     engine = AsyncEngine(llm_engine)
     real_step = llm_engine.step
-    calls = []
+    calls, broken = [], []
 
     def failing_step():
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 3 or broken:
             raise RuntimeError("injected step failure")
         return real_step()
 
     llm_engine.step = failing_step
 
+    async def drain(stream) -> list:
+        return [o async for o in stream]
+
     async def body():
-        stream = await engine.open_stream("e", PROMPT, _greedy(100))
-
-        async def failed() -> bool:  # the failure has been handed to this stream
-            return any(isinstance(x, BaseException) for x in stream._pending)
-
-        await _until(failed)
-        first = await stream.__anext__()
+        failed = await drain(await engine.open_stream("e", PROMPT, _greedy(100)))
+        after = await drain(await engine.open_stream("f", PROMPT, _greedy(4)))
+        broken.append(1)  # from now on every step fails
         with pytest.raises(EngineDeadError, match="injected step failure"):
-            await stream.__anext__()
-        await stream.aclose()  # the engine is gone: no abort is attempted
+            await drain(await engine.open_stream("g", PROMPT, _greedy(4)))
         with pytest.raises(EngineDeadError):
-            await engine.generate("f", PROMPT, _greedy(4)).__anext__()
-        return first
+            await engine.generate("h", PROMPT, _greedy(4)).__anext__()
+        return failed, after
 
     try:
-        first = asyncio.run(body())
+        failed, after = asyncio.run(body())
     finally:
         del llm_engine.step
         engine.shutdown()
-        llm_engine.abort("e")  # the request the failed step left behind
-    assert len(first.new_token_ids) == 2  # the two steps that ran, merged
-    assert first.finish_reason is None
+        for req_id in ("g", "h"):  # what the dead engine left behind (the fixture is shared)
+            llm_engine.abort(req_id)
+    assert len([t for o in failed for t in o.new_token_ids]) == 2  # the two steps that ran
+    assert failed[-1].finish_reason == "error" and "injected step failure" in failed[-1].error
+    assert [t for o in after for t in o.new_token_ids] and after[-1].finish_reason == "length"
 
 
 def test_pump_hands_every_output_to_the_sink_in_order_then_returns(llm_engine, reference):

@@ -356,7 +356,7 @@ def test_session_refuses_a_bad_request_with_an_error_event_and_serves_the_others
     async def main():
         async with _start(prefill_engine, decode_engine) as channel:
             s = _Session(channel)
-            s.generate("long", PROMPTS[1], 10_000)
+            s.generate("long", PROMPTS[1], 8_000)
             await s.read_until(lambda ev: "long" in ev)
             s.generate("bad", PROMPTS[0], 6, top_p=2.0)  # out of range: INVALID_ARGUMENT
             s.generate("long", PROMPTS[0], 6)  # its id is in use on this server

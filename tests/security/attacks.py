@@ -186,3 +186,74 @@ def worker_stats(address: str, tls: TLSConfig, role: str) -> worker_pb2.WorkerSt
     with channel(address, tls) as ch:
         stub = (worker_pb2_grpc.DecodeStub if role == "decode" else worker_pb2_grpc.PrefillStub)(ch)
         return stub.Stats(worker_pb2.StatsRequest(), timeout=TIMEOUT_S)
+
+
+class KVTrap:
+    """An attacker's KV receiver: a gRPC server with its own CA's `decode` certificate that
+    records every Transfer message a prefill server sends it."""
+
+    def __init__(self, cert_dir: Path) -> None:
+        import asyncio
+        import threading
+
+        write_certs(cert_dir)
+        cert, key = cert_paths(cert_dir, "decode")
+        self.tls = TLSConfig.from_files(str(cert), str(key), str(cert_dir / "ca.pem"))
+        self.messages: list = []
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        trap = self
+
+        class Servicer(worker_pb2_grpc.KVTransferServicer):
+            async def Transfer(self, request_iterator, context):
+                async for msg in request_iterator:
+                    trap.messages.append(msg)
+                    yield worker_pb2.KVTransferReply(reply=worker_pb2.KV_REPLY_GRANT)
+
+        async def start():
+            from rpc.tls import add_port
+
+            self._server = grpc.aio.server()
+            worker_pb2_grpc.add_KVTransferServicer_to_server(Servicer(), self._server)
+            self.port = add_port(self._server, "127.0.0.1:0", self.tls)
+            await self._server.start()
+            ready.set()
+
+        def run():
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(start())
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        ready.wait(30)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def kv_target(address: str, capability: bytes = b"", shm_path: str = "") -> worker_pb2.KVTarget:
+    """A KVTarget an attacker makes up: their own address, blocks of their choosing, perhaps a
+    pool file of their choosing."""
+    t = worker_pb2.KVTarget(
+        handoff_id="evil#1", decode_kv_address=address, block_ids=[0, 1, 2, 3],
+        num_cached_tokens=0, block_size=16, transport="grpc", transports=["shm", "grpc"],
+        capability=capability,
+    )  # fmt: skip
+    if shm_path:
+        t.pool.CopyFrom(
+            worker_pb2.KVPoolExport(
+                transport="shm",
+                pool_id="evil",
+                host_id="x",
+                shape=[30, 2, 64, 16, 3, 64],
+                dtype="float32",
+                shm_path=shm_path,
+            )  # fmt: skip
+        )
+    return t

@@ -179,6 +179,47 @@ def test_workers_refuse_fields_they_would_choke_on(target):
         assert atk.serving(address, router)
 
 
+def test_kv_goes_nowhere_a_caller_points(target, tmp_path):
+    """Prefill requests (with the router's own certificate) that aim the KV at an attacker's
+    server, or at a file of the attacker's choosing: refused, nothing sent, nothing written."""
+    if not target.prefill:
+        pytest.skip("no prefill server in this layout")
+    router = target.tls("router")
+    trap = atk.KVTrap(tmp_path / "trap-ca")
+    bait = tmp_path / "bait"
+    bait.write_bytes(b"")
+    try:
+        prompt = list(range(1, 70))
+        sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=4)
+        cases = [
+            atk.kv_target(trap.address),  # no capability
+            atk.kv_target(
+                trap.address, b"\x01" * 32
+            ),  # a made-up one: the trap is no decode server of ours
+            atk.kv_target(trap.address, b"\x01" * 32, shm_path=str(bait)),
+            atk.kv_target("unix:/tmp/evil.sock", b"\x01" * 32),
+        ]
+        for i, t in enumerate(cases):
+            req = worker_pb2.PrefillRequest(
+                req_id=f"evil-{i}", prompt_token_ids=prompt, sampling=sampling, kv_target=t
+            )
+            assert atk.prefill(target.prefill[0], router, req) != grpc.StatusCode.OK, t
+        assert trap.messages == []  # not one KV byte reached the attacker's server
+        assert bait.stat().st_size == 0  # the file was neither grown nor filled
+    finally:
+        trap.close()
+    assert atk.serving(target.prefill[0], router)
+
+
+def test_a_kv_push_needs_the_handoffs_capability(target):
+    """A prefill server's certificate (stolen, or a compromised prefill server) is not enough to
+    write into a decode server's KV: the push is stopped before a byte is stored."""
+    code, replies = atk.kv_push(target.decode[0], target.tls("prefill"))
+    assert code == grpc.StatusCode.OK or code == grpc.StatusCode.CANCELLED, code
+    assert replies and replies[0].reply == worker_pb2.KV_REPLY_STOP
+    assert "capability" in replies[0].error or "handoff" in replies[0].error
+
+
 def test_model_names_get_a_clear_error_not_overloaded(target):
     client = _client(target)
     for model, status in (("x" * 100_000, 400), ("", 400), ("no-such-model", 404)):

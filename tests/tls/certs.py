@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from rpc.pki import ROLES, role_name
+from rpc.pki import ROLES, make_ca, role_name
 from rpc.tls import PLAINTEXT, TLSConfig
 
 
@@ -63,27 +63,8 @@ def _builder(subject: str, issuer: x509.Name, public_key) -> x509.CertificateBui
     )
 
 
-def _ca(path: Path, cn: str):
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        _builder(cn, _name(cn), key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )  # fmt: skip
-        .sign(key, hashes.SHA256())
-    )
+def _ca(path: Path):
+    cert, key = make_ca(days=1)  # the CA `tandem certs` makes
     _write(path, cert, key)
     return cert, key
 
@@ -100,8 +81,8 @@ def _leaf(path: Path, cn: str, ca, usages, san=None) -> Pair:
 
 
 def make_certs(out: Path) -> Certs:
-    ca = _ca(out / "ca", "tandem test CA")
-    other = _ca(out / "other-ca", "some other CA")
+    ca = _ca(out / "ca")
+    other = _ca(out / "other-ca")
     san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     # One certificate that may act as every role (rpc/pki.py names): an operator's choice the
     # stack allows; `tandem certs` issues one role per certificate.

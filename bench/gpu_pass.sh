@@ -313,8 +313,8 @@ Z)  # the KV transports after the one-interface rewrite (one Transfer call for e
   ;;
 S)  # the internal trust boundary: capability-checked handoffs on the GPU, then what mutual TLS
     # and the per-RPC role checks cost on the token path (same call, same machine)
-  step 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/kvtransfer \
-    tests/faults/test_kv_transports.py 2>&1 | tail -6
+  step 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/kvtransfer \
+    tests/core 2>&1 | tail -8
   step 200 python3 bench/gpu_kv_transport.py --out "$RAW/kv-transport.json" --time-budget-s 170 \
     --tokenizer-from .carry/smollm2-tokenizer 2>&1 | grep -E "^(BW|SERVE)"
   for m in lockstep coalesce; do

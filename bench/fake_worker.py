@@ -35,6 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos import common_pb2, worker_pb2, worker_pb2_grpc
 from rpc.auth import server_interceptors
 from rpc.tls import PLAINTEXT, TLSConfig, add_port, add_tls_args, aio_channel, tls_from_args
+from tandem.log_config import LEVELS, configure_logging, quote
 
 log = logging.getLogger("tandem.fake_worker")
 
@@ -230,7 +231,9 @@ class FakePrefill(worker_pb2_grpc.PrefillServicer):
             async for reply in self._kv_stub(target.decode_kv_address).Transfer(iter(msgs)):
                 if reply.reply != worker_pb2.KV_REPLY_GRANT:
                     if reply.reply != worker_pb2.KV_REPLY_COMPLETE:
-                        log.info("event=fake_kv_refused handoff=%s error=%s", hid, reply.error)
+                        log.info(
+                            "event=fake_kv_refused handoff=%s error=%s", hid, quote(reply.error)
+                        )
                     return
         except grpc.RpcError as e:
             log.info("event=fake_kv_failed handoff=%s error=%s", hid, e.code())
@@ -272,7 +275,7 @@ async def serve(args: argparse.Namespace) -> None:
     await server.start()
     for name in ["", *(f"tandem.v1.{s}" for s in services)]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.warning("event=fake_worker_ready role=%s address=%s", args.role, address)
+    log.info("event=fake_worker_ready role=%s address=%s", args.role, address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -295,13 +298,10 @@ def main(argv: list[str] | None = None) -> None:
         help="decode: step on the engine's clock, not once per write (a lagging stream gets "
         "every step made meanwhile in one message)",
     )
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="info", choices=LEVELS)
     add_tls_args(p)
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
+    configure_logging(args.log_level)
     try:
         import uvloop
     except ImportError:

@@ -1,7 +1,6 @@
 """KV handoff transports on one GPU, one device call (under 8 minutes):
 
-    PYTHONPATH=. python bench/gpu_kv_transport.py --out $OUT/kv-transport.json \
-        --tokenizer-from .carry/smollm2-tokenizer
+    PYTHONPATH=. python bench/gpu_kv_transport.py --out $OUT/kv.json --tokenizer-from DIR
 
 (a) bandwidth: this process is the decode side (a KV pool of Llama-3.1-8B's shape: 32 layers,
     8 kv heads, head dim 128, bf16, block size 16; the real ledger and KVTransfer servicer on
@@ -16,9 +15,8 @@
     time, 1k and 8k-token prompts, 16 output tokens: TTFT (the prefill server's token, which
     never waits for the KV), time to the second token (waits for the handoff) and E2E.
 
-On a machine without CUDA, (a) runs the shm transport on a small CPU geometry and (b) is
-skipped: that checks the script, not the numbers. The JSON is rewritten after every step,
-so a run cut short keeps what it measured.
+Without CUDA, (a) runs shm on a small CPU geometry and (b) is skipped (a check of the script,
+not numbers). The JSON is rewritten after every step: a run cut short keeps what it measured.
 """
 # ruff: noqa: E402 (imports after the sys.path lines)
 
@@ -386,6 +384,8 @@ def main() -> None:
         result["bandwidth_error"] = repr(e)
         print(f"BW failed: {e!r}", flush=True)
     save()
+    if cuda:  # the servers of (b) need the GPU memory the pools of (a) left cached here
+        torch.cuda.empty_cache()
     if a.no_serve:
         result["serving"] = "skipped (--no-serve)"
     elif not cuda and not a.serve_on_cpu:

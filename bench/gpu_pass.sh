@@ -318,6 +318,17 @@ S)  # the internal trust boundary: capability-checked handoffs on the GPU
   step 200 python3 bench/gpu_kv_transport.py --out "$RAW/kv-transport.json" --time-budget-s 170 \
     --tokenizer-from .carry/smollm2-tokenizer 2>&1 | grep -E "^(BW|SERVE)"
   ;;
+S0)  # handoff GB/s only, the tree before the capability checks (.carry/base) and after, in
+    # turn, on the same GPU; then the handoffs with serving on the new tree
+  (cd .carry/base && PYTHONPATH=/tmp/site:$PWD python3 -c "from protos import build; build.generate()")
+  for v in old new old new; do
+    dir=$PWD; [ $v = old ] && dir=$(cd .carry/base && pwd)
+    (cd $dir && PYTHONPATH=/tmp/site:$dir step 100 python3 bench/gpu_kv_transport.py --no-serve \
+      --out "$RAW/kv-bw-$v.json" 2>&1 | grep "^BW" | sed "s/^/$v /")
+  done
+  step 200 python3 bench/gpu_kv_transport.py --out "$RAW/kv-transport.json" --time-budget-s 170 \
+    --tokenizer-from .carry/smollm2-tokenizer 2>&1 | grep -E "^(BW|SERVE)"
+  ;;
 S2)  # what mutual TLS and the per-RPC role checks cost on the token path (same call, machine)
   for m in lockstep coalesce; do
     extra=(); [ $m = coalesce ] && extra=(--worker-coalesce)

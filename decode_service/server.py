@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from decode_service.servicer import DecodeServicer, KVOffer
 from kvtransfer.base import DecodeKV
@@ -20,6 +21,7 @@ SERVICES = [
     worker_pb2.DESCRIPTOR.services_by_name["Decode"].full_name,
     worker_pb2.DESCRIPTOR.services_by_name["KVTransfer"].full_name,
 ]
+log = logging.getLogger("tandem.worker")
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +45,10 @@ async def _register(args, server, engine, address, offered, shm) -> WorkerParts:
     except ValueError as e:
         raise SystemExit(f"tandem decode: {e}") from e
     offer = KVOffer(offered, pool_to_proto(export) if export else None)
+    log.info(
+        "event=kv_transports_offered transports=%s shared_pool=%s",
+        ",".join(offered), export.transport if export else "none",
+    )  # fmt: skip
     servicer = DecodeServicer(engine, ledger, address, offer)
     worker_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
     # at TP > 1 received KV is scattered over every rank by the engine, between steps

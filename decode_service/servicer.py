@@ -31,6 +31,7 @@ from kvtransfer.wire import logprob_to_proto
 from protos import worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine
 from tandem.engine_records import EngineDeadError, EngineFullError, StepOutput
+from tandem.log_config import quote
 from tandem.output_stream import OutputStream
 from worker.convert import checked_request, finish_to_proto, request_limits
 from worker.load import worker_stats
@@ -81,7 +82,7 @@ def _forget_abort(tasks: set):
     def done(task: asyncio.Task) -> None:
         tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("event=abort_failed error=%r", task.exception())
+            log.warning("event=abort_failed error=%s", quote(repr(task.exception())))
 
     return done
 

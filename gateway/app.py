@@ -30,6 +30,7 @@ from gateway import openai_format as fmt
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.errors import APIError, bad_request, from_grpc, unavailable
+from gateway.federation import Federation
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import Guard
 from gateway.protocol import MAX_MODEL_NAME_LEN, ChatCompletionRequest, CompletionRequest
@@ -151,6 +152,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         config.max_concurrent_requests, config.max_queued_requests, config.queue_timeout_s
     )
     metrics.watch(admission)
+    federation = Federation(config.scrape_metrics)  # the routers' and workers' /metrics
     state: dict = {}
     # The router enforces the same key on its public API (rpc/auth.py) once it has one.
     router_md = (("authorization", f"Bearer {config.api_key}"),) if config.api_key else ()
@@ -165,6 +167,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         gc.freeze()
         yield
         await channel.close()
+        await federation.close()
         metrics.process_exited()
 
     app = FastAPI(title="tandem", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -204,7 +207,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        body, media_type = metrics.exposition()
+        body, media_type = await metrics.exposition(federation)
         return Response(body, media_type=media_type)
 
     @app.get("/v1/models")
@@ -260,7 +263,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             if isinstance(e, StopAsyncIteration):
                 raise APIError(500, "empty response from router", "internal_error") from None
             raise
-        metrics.running.inc()
+        metrics.running.labels(model).inc()
         metrics.ttft.labels(model).observe(time.monotonic() - t0)
         n = body.n
         builder = (fmt.ChatBuilder if kind == "chat" else fmt.CompletionBuilder)(
@@ -269,7 +272,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         )  # fmt: skip
 
         def finish():
-            metrics.running.dec()
+            metrics.running.labels(model).dec()
             metrics.e2e.labels(model).observe(time.monotonic() - t0)
             u = builder.usage
             metrics.prompt_tokens.labels(model).inc(u["prompt_tokens"])

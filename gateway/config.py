@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from gateway.federation import parse_source
 from rpc.tls import PLAINTEXT, TLSConfig
 
 
@@ -43,6 +44,9 @@ class GatewayConfig:
     # Client credentials of the gRPC channel to the router (rpc/tls.py); the public
     # HTTP port is not affected.
     tls: TLSConfig = PLAINTEXT
+    # `[COMPONENT=]URL` of the routers' and workers' /metrics, served with the gateway's own
+    # on its /metrics (gateway/federation.py)
+    scrape_metrics: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.max_body_bytes < 1024:
@@ -54,3 +58,5 @@ class GatewayConfig:
                 raise ValueError(f"{f.name} must be >= {lowest}, got {v}")
         if self.queue_timeout_s < 0 or min(self.request_timeout_s, self.router_timeout_s) <= 0:
             raise ValueError("queue_timeout_s must be >= 0 and the router timeouts > 0")
+        for value in self.scrape_metrics:
+            parse_source(value)  # raises naming the value

@@ -2,7 +2,12 @@
 
 Several gateway processes on one port (`--reuse-port`, `tandem serve --gateways N`) share
 PROMETHEUS_MULTIPROC_DIR: prometheus-client then keeps every value in a file per process, and
-/metrics, whichever process answers it, sums them (gauges over the live processes).
+/metrics, whichever process answers it, sums them (gauges over the live processes). The
+routers' and workers' metrics are fetched by the answering process and added once
+(gateway/federation.py).
+
+No `*_created` series (the time each counter was created): no dashboard reads them, and they
+add a series to every counter and histogram.
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
+    disable_created_metrics,
     multiprocess,
 )
+
+from gateway.federation import Federation, merge
+
+disable_created_metrics()  # process-wide in prometheus-client
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus-client when it is imported
 
@@ -30,8 +39,8 @@ class GatewayMetrics:
         m = ["model_name"]
         self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
         self.running = Gauge(
-            "vllm:num_requests_running", "Requests in flight.", registry=r,
-            multiprocess_mode="livesum",
+            "vllm:num_requests_running", "Requests streaming tokens to clients.", m,
+            registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.ttft = Histogram(
             "vllm:time_to_first_token_seconds", "Time to first token.", m, registry=r,
@@ -67,6 +76,13 @@ class GatewayMetrics:
             "tandem:gateway_requests_queued", "Generation requests waiting for a slot.",
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        self.scrape_errors = Counter(
+            "tandem:metrics_scrape_errors",
+            "Scrapes of --scrape-metrics sources that failed (left out of that /metrics).",
+            ["source"], registry=r,
+        )  # fmt: skip
+        # every family the gateway exports, also those with no sample yet (federation.merge)
+        self.family_names = {f.name for f in r.collect()}
 
     def watch(self, admission) -> None:
         def changed() -> None:
@@ -75,13 +91,17 @@ class GatewayMetrics:
 
         admission.on_change = changed
 
-    def exposition(self) -> tuple[bytes, str]:
-        """The text format: this process's registry, or every gateway process's values."""
-        if self.multiprocess_dir is None:
-            return generate_latest(self.registry), CONTENT_TYPE_LATEST
-        merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged, path=self.multiprocess_dir)
-        return generate_latest(merged), CONTENT_TYPE_LATEST
+    async def exposition(self, federation: Federation | None = None) -> tuple[bytes, str]:
+        """The text format: this process's registry (or every gateway process's values), plus
+        the families of the federation's sources that answered."""
+        scraped, failed = await federation.scrape() if federation is not None else ([], [])
+        for src in failed:
+            self.scrape_errors.labels(src.source).inc()
+        own = self.registry
+        if self.multiprocess_dir is not None:
+            own = CollectorRegistry()
+            multiprocess.MultiProcessCollector(own, path=self.multiprocess_dir)
+        return merge(own.collect(), self.family_names, scraped), CONTENT_TYPE_LATEST
 
     def process_exited(self) -> None:
         """Drop this process's live gauges from the shared directory (on shutdown)."""

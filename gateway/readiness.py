@@ -53,7 +53,9 @@ class RouterReadiness:
         except grpc.aio.AioRpcError as e:
             ready, code = False, e.code().name
         if ready != self._logged:  # transitions only: probes come every few seconds
-            log.warning("event=router_%s status=%s", "ready" if ready else "not_ready", code)
+            # losing a router that was ready needs attention; not ready yet at start does not
+            level = logging.WARNING if self._logged and not ready else logging.INFO
+            log.log(level, "event=router_%s status=%s", "ready" if ready else "not_ready", code)
             self._logged = ready
         self._ready, self._checked_at = ready, time.monotonic()
         return ready

@@ -17,7 +17,9 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.federation import parse_source
 from rpc.tls import PLAINTEXT, TLSConfig, add_tls_args, tls_from_args
+from tandem.log_config import configure_logging
 
 log = logging.getLogger("tandem.gateway")
 
@@ -34,8 +36,8 @@ def _flag_group(parser, flags, title: str, description: str):
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (%(default)s)")
     parser.add_argument("--router", default="127.0.0.1:50051", help="router gRPC address")
     parser.add_argument(
         "--api-key",
@@ -44,7 +46,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "and send it to the router (default: env TANDEM_API_KEY; empty: no auth)",
     )
     parser.add_argument("--served-model-name", default="", help="model name clients use")
-    parser.add_argument("--timeout-graceful-shutdown", type=float, default=5.0)
+    parser.add_argument(
+        "--timeout-graceful-shutdown",
+        type=float,
+        default=5.0,
+        help="seconds in-flight requests get after SIGTERM before they are cut (%(default)s)",
+    )
     parser.add_argument(
         "--reuse-port",
         action="store_true",
@@ -52,7 +59,26 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "spreads connections among them); set PROMETHEUS_MULTIPROC_DIR to the same empty "
         "directory for all of them and /metrics sums their counters",
     )
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--scrape-metrics",
+        action="append",
+        default=[],
+        type=_scrape_source,
+        metavar="[COMPONENT=]URL",
+        help="another component's Prometheus endpoint (a router's or worker's --metrics-port) "
+        "to serve with the gateway's own on /metrics, its samples labelled source=HOST:PORT "
+        "and component=COMPONENT; repeatable; a source that does not answer within 1 s is "
+        "left out and counted in tandem:metrics_scrape_errors_total",
+    )
+    from tandem.log_config import LEVELS
+
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LEVELS,
+        default="info",
+        help="least severe log level written to stderr (%(default)s)",
+    )
 
     lim = _flag_group(
         parser, _LIMIT_FLAGS, "request limits",
@@ -71,6 +97,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )  # fmt: skip
     add_tls_args(parser)
     return parser
+
+
+def _scrape_source(value: str) -> str:
+    try:
+        parse_source(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 _LIMIT_FLAGS = [
@@ -104,6 +138,7 @@ def config_from_args(args: argparse.Namespace, tls: TLSConfig = PLAINTEXT) -> Ga
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         reject_unknown_fields=args.reject_unknown_fields,
+        scrape_metrics=tuple(args.scrape_metrics),
         tls=tls,
         **{n: getattr(args, n) for n in names},
     )
@@ -125,8 +160,16 @@ class _Server(uvicorn.Server):
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:  # uvicorn's own "running on" line is quiet: this one says it
+            for server in self.servers:
+                for sock in server.sockets:
+                    host, port = sock.getsockname()[:2]
+                    log.info("event=gateway_listening address=http://%s:%d", host, port)
 
-def make_server(config: GatewayConfig, log_level: str = "warning", grace_s: float = 5.0):
+
+def make_server(config: GatewayConfig, grace_s: float = 5.0):
     try:
         import uvloop  # noqa: F401
 
@@ -138,8 +181,10 @@ def make_server(config: GatewayConfig, log_level: str = "warning", grace_s: floa
         host=config.host,
         port=config.port,
         loop=loop,
-        log_level=log_level.lower(),
-        access_log=log_level.lower() in ("debug", "info"),
+        # no dictConfig of uvicorn's own: its lines go through tandem.log_config's format, and
+        # its loggers' levels (access log: per request, quiet unless debug) are set there
+        log_config=None,
+        log_level=None,
         timeout_graceful_shutdown=grace_s,
     )
     return _Server(uv_config)
@@ -163,16 +208,13 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace, tls: TLSConfig = PLAINTEXT) -> None:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
+    configure_logging(args.log_level)
     config = config_from_args(args, tls)
-    log.warning(
+    log.info(
         "event=gateway_starting address=%s:%d router=%s router_tls=%s reuse_port=%s",
         config.host, config.port, config.router, tls.mode, args.reuse_port,
     )  # fmt: skip
-    server = make_server(config, args.log_level, args.timeout_graceful_shutdown)
+    server = make_server(config, args.timeout_graceful_shutdown)
     server.run(sockets=[reuse_port_socket(config.host, config.port)] if args.reuse_port else None)
 
 

@@ -41,6 +41,7 @@ from kvtransfer.base import Grant, HandoffFailed, HandoffState, KVReceiver
 from kvtransfer.channel import HANDOFF_ID_KEY
 from kvtransfer.ledger import Handoff, HandoffLedger
 from protos import worker_pb2, worker_pb2_grpc
+from tandem.log_config import quote
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +146,14 @@ class KVTransferServicer(worker_pb2_grpc.KVTransferServicer):
                     yield COMPLETE
                 return
         except _Unauthorized as e:
-            log.warning("event=kv_transfer_unauthorized handoff=%s error=%s", call_id, e)
+            log.warning("event=kv_transfer_unauthorized handoff=%s error=%s", call_id, quote(e))
             yield _stop(str(e))
         except (HandoffFailed, ValueError, RuntimeError) as e:
             if owner is None:  # before the capability was checked: nothing to fail
-                log.info("event=kv_transfer_refused handoff=%s error=%s", call_id, e)
+                log.info("event=kv_transfer_refused handoff=%s error=%s", call_id, quote(e))
             else:
                 self.ledger.fail(owner.handoff_id, HandoffState.FAILED, str(e))
-                log.info("event=kv_receive_failed handoff=%s error=%s", owner.handoff_id, e)
+                log.info("event=kv_receive_failed handoff=%s error=%s", owner.handoff_id, quote(e))
             yield _stop(str(e))
         except (asyncio.CancelledError, GeneratorExit):  # the call was cancelled
             if owner is not None:

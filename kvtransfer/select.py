@@ -26,6 +26,7 @@ from kvtransfer.base import Endpoint, EngineKV, KVDest, KVSender, KVSource
 from kvtransfer.channel import Channels
 from kvtransfer.pool import PoolExport, ShmPoolFile, export_cuda_pool, gpu_uuid, host_id
 from kvtransfer.registry import SENDERS
+from tandem.log_config import quote
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def export_offer(
     except RuntimeError as e:
         if flag != "auto":
             raise ValueError(f"cannot export the KV pool: {e}") from e
-        log.warning("event=kv_pool_not_exported transport=cuda_ipc error=%s", e)
+        log.warning("event=kv_pool_not_exported transport=cuda_ipc error=%s", quote(e))
         return [t for t in offered if t != "cuda_ipc"], None
 
 
@@ -162,7 +163,7 @@ class KVSenders:
                 if len(self._unreachable) >= 256:  # bounded, whatever callers send
                     self._unreachable.clear()
                 self._unreachable.add(pool)
-                log.warning("event=kv_pool_unopenable transport=%s error=%s", sender.name, e)
+                log.warning("event=kv_pool_unopenable transport=%s error=%s", sender.name, quote(e))
             if "grpc" not in offered:
                 raise ValueError(why) from e
             return grpc

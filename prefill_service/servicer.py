@@ -34,6 +34,7 @@ from kvtransfer.wire import dest_from_proto, logprob_to_proto
 from protos import worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine
 from tandem.engine_records import EngineDeadError, EngineFullError
+from tandem.log_config import quote
 from worker.convert import checked_request, finish_to_proto, request_limits
 from worker.load import worker_stats
 
@@ -179,10 +180,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             self.ledger.fail(h.handoff_id, HandoffState.RECLAIMED, "push cancelled")
         except HandoffRefused as e:  # its handoff already ended there (cancelled request)
             self.ledger.fail(h.handoff_id, HandoffState.FAILED, str(e))
-            log.info("event=kv_push_refused handoff=%s error=%s", dest.handoff_id, e)
+            log.info("event=kv_push_refused handoff=%s error=%s", dest.handoff_id, quote(e))
         except Exception as e:  # noqa: BLE001 - the receiver already failed its side
             self.ledger.fail(h.handoff_id, HandoffState.FAILED, str(e))
-            log.warning("event=kv_push_failed handoff=%s error=%s", dest.handoff_id, e)
+            log.warning("event=kv_push_failed handoff=%s error=%s", dest.handoff_id, quote(e))
         finally:
             self.ledger.close(h.handoff_id)
 

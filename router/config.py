@@ -45,6 +45,9 @@ class RouterConfig:
     # Send a choice's tokens at most every N tokens (vLLM's --stream-interval; its first and
     # last chunk go at once). 1: every worker message, merged only when the stream lags.
     stream_interval: int = 1
+    # Largest top_logprobs a request may ask for (vLLM's --max-logprobs; the workers get the
+    # same bound from `tandem serve`).
+    max_logprobs: int = 20
     # The public Router API demands `authorization: Bearer <api_key>` when set (the gateway's
     # key: the gRPC API is no back door around it); internal services are unaffected.
     api_key: str = field(default="", repr=False)

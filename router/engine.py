@@ -119,7 +119,7 @@ class RouterEngine:
         t_arrival = time.monotonic()
         try:
             self.check_model(gi.model)
-            validate_input(gi, self.config.max_n)
+            validate_input(gi, self.config.max_n, self.config.max_logprobs)
             if len(self.running) >= self.config.max_num_requests:
                 raise RequestError(ErrorKind.OVERLOADED, "too many requests", retry_after=1)
             if not self.pool.has_role(Role.DECODE):
@@ -148,7 +148,7 @@ class RouterEngine:
         self.running[gi.request_id] = tasks
         self.metrics.running.inc()
         self.metrics.prompt_tokens.inc(len(prompt_ids))
-        log.info(
+        log.debug(
             "event=request id=%s prompt_tokens=%d n=%d max_tokens=%d",
             gi.request_id, len(prompt_ids), gi.n, gi.sampling.max_tokens,
         )  # fmt: skip
@@ -192,7 +192,7 @@ class RouterEngine:
             self.metrics.e2e.observe(time.monotonic() - t_arrival)
             for r in reasons:
                 self.metrics.finished(r)
-            log.info(
+            log.debug(
                 "event=request_done id=%s completion_tokens=%d reasons=%s e2e_ms=%.1f",
                 gi.request_id, completion_tokens, ",".join(reasons) or "cancelled",
                 (time.monotonic() - t_arrival) * 1000,
@@ -268,7 +268,7 @@ class RouterEngine:
         m.queue.observe(timing.queue_ms / 1000)
         m.cached_tokens(num_cached)
         # Worker addresses stay inside: logs and metrics here, never the public response.
-        log.info(
+        log.debug(
             "event=choice_routed id=%s prefill=%s decode=%s cached_tokens=%d",
             req_id, timing.prefill_worker or "local", timing.decode_worker, num_cached,
         )  # fmt: skip

@@ -5,15 +5,27 @@ rest. Time to first token is broken down as
 
     ttft = queue (admission -> prefill dispatch) + prefill + kv transfer + first-token delivery
 
-where delivery is the remainder (RPC round trips, scheduling, detokenization).
+where delivery is the remainder (RPC round trips, scheduling, detokenization). Every family
+has vLLM's `model_name` label; no `*_created` series (no dashboard reads them). `tandem serve`'s
+gateways serve these on their /metrics too (gateway/federation.py), where the families the
+gateway measures itself (time to first token, end-to-end latency, tokens, finished requests)
+are the gateway's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily
+
+disable_created_metrics()  # process-wide in prometheus-client
 
 _LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,

@@ -29,6 +29,7 @@ from router.tokenizer import RouterTokenizer
 from router.workers import MISSED_HEARTBEATS, MembershipCollector
 from rpc.auth import server_interceptors, warn_if_open
 from rpc.tls import PLAINTEXT, TLSConfig, add_port, add_tls_args, tls_from_args
+from tandem.log_config import configure_logging
 
 log = logging.getLogger("tandem.router")
 
@@ -48,14 +49,46 @@ def _positive_int(text: str) -> int:
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="HF-format model dir (tokenizer, config)")
     parser.add_argument("--served-model-name", default="", help="name clients use as `model`")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50051)
-    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus HTTP port")
-    parser.add_argument("--max-model-len", type=int, default=0)
-    parser.add_argument("--routing-policy", choices=sorted(POLICIES), default="prefix")
-    parser.add_argument("--prefill", action="append", default=[], metavar="HOST:PORT")
-    parser.add_argument("--decode", action="append", default=[], metavar="HOST:PORT")
-    parser.add_argument("--max-num-requests", type=int, default=1024)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port (%(default)s)")
+    parser.add_argument(
+        "--metrics-port", type=int, default=0, help="Prometheus HTTP port on --host (0: off)"
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, default=0, help="context length (0: the model's config.json)"
+    )
+    parser.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=20,
+        help="largest top_logprobs a request may ask for (%(default)s)",
+    )
+    parser.add_argument(
+        "--routing-policy",
+        choices=sorted(POLICIES),
+        default="prefix",
+        help="how a request's workers are picked (prefix: most cached prompt, weighed by load)",
+    )
+    parser.add_argument(
+        "--prefill",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a prefill server (repeatable; workers may also register themselves)",
+    )
+    parser.add_argument(
+        "--decode",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a decode server (repeatable; workers may also register themselves)",
+    )
+    parser.add_argument(
+        "--max-num-requests",
+        type=int,
+        default=1024,
+        help="requests in flight; beyond it RESOURCE_EXHAUSTED (%(default)s)",
+    )
     parser.add_argument(
         "--heartbeat-interval-ms",
         type=_positive_int,
@@ -103,7 +136,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="the public Router API demands metadata 'authorization: Bearer KEY' (the same key"
         " as the gateway's; env TANDEM_API_KEY)",
     )
-    parser.add_argument("--log-level", default="warning")
+    from tandem.log_config import LEVELS
+
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LEVELS,
+        default="info",
+        help="least severe log level written to stderr (%(default)s)",
+    )
     add_tls_args(parser)
     return parser
 
@@ -129,6 +170,7 @@ def config_from_args(args: argparse.Namespace, tls: TLSConfig = PLAINTEXT) -> Ro
         api_key=args.api_key,
         max_local_prefill_length=args.max_local_prefill_length,
         stream_interval=args.stream_interval,
+        max_logprobs=args.max_logprobs,
     )
 
 
@@ -173,6 +215,11 @@ async def start_router(config: RouterConfig, metrics: RouterMetrics | None = Non
     await engine.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "event=router_ready address=%s:%d model=%s policy=%s prefill=%d decode=%d tls=%s",
+        config.host, port, metrics.model_name, config.routing_policy,
+        len(config.prefill_addresses), len(config.decode_addresses), config.tls.mode,
+    )  # fmt: skip
     return RunningRouter(server, engine, port, health_servicer)
 
 
@@ -192,29 +239,18 @@ async def serve(config: RouterConfig) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-    log.warning(
-        "event=router_ready address=%s:%d model=%s policy=%s prefill=%d decode=%d tls=%s",
-        config.host, running.port, config.served_model_name, config.routing_policy,
-        len(config.prefill_addresses), len(config.decode_addresses), config.tls.mode,
-    )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.warning("event=router_stopping grace_s=%.1f", config.grace_s)
+    log.info("event=router_stopping grace_s=%.1f", config.grace_s)
     await running.health.enter_graceful_shutdown()
     await running.stop(config.grace_s)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
-    )
-
-
 def run(args: argparse.Namespace, tls: TLSConfig = PLAINTEXT) -> None:
-    setup_logging(args.log_level)
+    configure_logging(args.log_level)
     config = config_from_args(args, tls)
     try:
         import uvloop

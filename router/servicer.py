@@ -141,7 +141,7 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
             block_size=request.block_size,
         )
         w.reported.num_total_blocks = w.reported.num_free_blocks = request.num_blocks
-        log.warning(
+        log.info(
             "event=worker_registered id=%s role=%s address=%s kv_address=%s num_blocks=%d",
             w.worker_id, w.role.name, w.address, w.kv_address, request.num_blocks,
         )  # fmt: skip
@@ -234,7 +234,7 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
             )
         if not w.draining:
             w.draining = True
-            log.warning(
+            log.info(
                 "event=worker_draining id=%s address=%s source=deregister active=%d",
                 w.worker_id, w.address, w.active,
             )  # fmt: skip

@@ -31,7 +31,7 @@ def _bad(param: str, message: str) -> RequestError:
     return RequestError(ErrorKind.INVALID_ARGUMENT, message, param=param)
 
 
-def validate_input(gi: GenerateInput, max_n: int) -> None:
+def validate_input(gi: GenerateInput, max_n: int, max_top_logprobs: int = MAX_TOP_LOGPROBS) -> None:
     """Everything that does not need the tokenized prompt."""
     given = [x is not None for x in (gi.text, gi.messages, gi.prompt_token_ids)]
     if not any(given):
@@ -51,7 +51,7 @@ def validate_input(gi: GenerateInput, max_n: int) -> None:
     if not 1 <= gi.n <= max_n:
         raise _bad("n", f"n must be between 1 and {max_n}, got {gi.n}")
     try:
-        check_sampling(gi.sampling, gi.top_logprobs)
+        check_sampling(gi.sampling, gi.top_logprobs, max_top_logprobs)
     except InvalidField as e:
         raise _bad(e.param, e.message) from None
 

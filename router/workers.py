@@ -170,7 +170,9 @@ class WorkerPool:
         w = self.workers.pop(wid, None)
         if w is None:
             return
-        log.warning(
+        # a worker that stopped heartbeating was lost; any other removal is the pool at work
+        log.log(
+            logging.WARNING if reason == "heartbeat_timeout" else logging.INFO,
             "event=worker_removed id=%s role=%s address=%s reason=%s",
             wid, w.role.name, w.address, reason,
         )  # fmt: skip
@@ -314,10 +316,10 @@ class WorkerPool:
         serving = resp.status == health_pb2.HealthCheckResponse.SERVING
         if not serving and not w.draining:
             w.draining = True
-            log.warning("event=worker_draining id=%s source=health", w.worker_id)
+            log.info("event=worker_draining id=%s source=health", w.worker_id)
         elif serving and w.draining and w.static:
             w.draining = False  # restarted at the same address
-            log.warning("event=worker_serving id=%s source=health", w.worker_id)
+            log.info("event=worker_serving id=%s source=health", w.worker_id)
 
     async def _events_loop(self, w: WorkerHandle) -> None:
         while w.worker_id in self.workers:

@@ -175,14 +175,14 @@ def warn_if_open(tls: TLSConfig, what: str) -> None:
         return
     if tls.token:
         log.warning(
-            "event=internal_auth mode=token server=%s: callers are authenticated by a shared "
-            "token only%s (development mode; use mutual TLS, e.g. `tandem certs`)",
+            'event=internal_auth mode=token server=%s detail="callers are authenticated by a '
+            'shared token only%s (development mode; use mutual TLS, e.g. tandem certs)"',
             what, "" if tls.enabled else ", sent in plaintext",
         )  # fmt: skip
     else:
         log.warning(
-            "event=internal_auth mode=none server=%s: anyone who can reach this port can call "
-            "it (no --tls-require-client-cert and no TANDEM_INTERNAL_TOKEN); `tandem serve` "
-            "sets up mutual TLS by itself, `tandem certs` writes certificates for other setups",
+            'event=internal_auth mode=none server=%s detail="anyone who can reach this port can '
+            "call it (no --tls-require-client-cert and no TANDEM_INTERNAL_TOKEN); tandem serve "
+            'sets up mutual TLS by itself, tandem certs writes certificates for other setups"',
             what,
         )

@@ -124,6 +124,8 @@ class EngineConfig:
     kv_cache_file: str = ""
     # ranks the model is split over (one process each; rank 0 runs the engine, see tandem/tp)
     tensor_parallel_size: int = 1
+    # largest top_logprobs a request may ask for (vLLM's --max-logprobs)
+    max_logprobs: int = 20
     hf_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

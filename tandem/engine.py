@@ -60,7 +60,7 @@ class LLMEngine:
         self.hf_config = read_hf_config(self.model_dir, cfg.hf_overrides)
         self.model_cfg = ModelConfig.from_hf(self.hf_config)
         self.max_model_len = cfg.max_model_len or self.model_cfg.max_position_embeddings
-        self.limits = RequestLimits(self.model_cfg.vocab_size, self.max_model_len)
+        self.limits = RequestLimits(self.model_cfg.vocab_size, self.max_model_len, cfg.max_logprobs)
         check_tensor_parallel(self.model_cfg, cfg.tensor_parallel_size)
         self.tp_workers = None  # ranks 1..N-1 at tensor_parallel_size N > 1
         tp = None

@@ -26,6 +26,7 @@ import torch
 
 from tandem.engine import LLMEngine
 from tandem.engine_records import RequestFailed, StepOutput
+from tandem.log_config import quote
 from tandem.request import Request, RequestStatus
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,8 @@ def recover(engine: LLMEngine, exc: BaseException) -> list[StepOutput]:
         sched.requeue(req)
     engine.num_preemptions += len(survivors)
     log.warning(
-        "event=step_failed failed=%s recomputed=%d error=%r",
-        ",".join(req.req_id for req in victims), len(survivors), exc,
+        "event=step_failed failed=%s recomputed=%d error=%s",
+        ",".join(req.req_id for req in victims), len(survivors), quote(repr(exc)),
     )  # fmt: skip
     return outputs
 

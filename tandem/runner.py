@@ -118,7 +118,7 @@ class ModelRunner:
         self.sync = StepSync(tp) if tp.size > 1 else None
         self.kv_copy = KVCopier(self.kv_cache, model_cfg.num_kv_heads, tp, self.sync, device)
         log.info(
-            "kv cache num_blocks=%d block_size=%d backend=%s tp_rank=%d/%d",
+            "event=kv_cache num_blocks=%d block_size=%d backend=%s tp_rank=%d/%d",
             self.num_blocks,
             self.block_size,
             self.ops.name,

@@ -12,11 +12,20 @@ from rpc.tls import tls_from_args
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tandem_cli.serve import add_serve_args
+    # serve_flags, not serve: `tandem --version` and `tandem serve --help` load no engine
+    from tandem_cli.serve_flags import VERSION, add_serve_args, check_serve_args
 
     parser = argparse.ArgumentParser(prog="tandem", description="tandem LLM inference server")
+    parser.add_argument("--version", action="version", version=VERSION)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_serve_args(sub.add_parser("serve", help="start the whole local stack"))
+    serve_parser = sub.add_parser(
+        "serve",
+        help="start the whole local stack (flags named like `vllm serve`'s)",
+        description="The whole stack on this host: prefill and decode servers, router(s), "
+        "gateway(s), supervised until Ctrl-C. Flags are named like `vllm serve`'s where they "
+        "mean the same thing.",
+    )
+    add_serve_args(serve_parser)
     for name, text in (
         ("gateway", "OpenAI-compatible HTTP gateway (see `tandem gateway --help`)"),
         ("router", "public gRPC router (see `tandem router --help`)"),
@@ -60,9 +69,11 @@ def main(argv: list[str] | None = None) -> None:
         return compose_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "serve":
+        check_serve_args(args, serve_parser)
+        tls = tls_from_args(args, serve_parser)
         from tandem_cli.serve import serve
 
-        serve(args, tls_from_args(args, parser))
+        serve(args, tls)
 
 
 if __name__ == "__main__":

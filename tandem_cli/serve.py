@@ -7,7 +7,12 @@ The internal gRPC plane (router, prefill, decode) listens on 127.0.0.1 unless
 --internal-host says otherwise; only the gateways listen on --host. With no --tls-* files it
 runs mutual TLS with a throw-away CA and one certificate per role (rpc/pki.py), written to a
 private temporary directory that is removed at exit; --internal-plaintext runs it in plaintext
-with a random shared token instead (development only)."""
+with a random shared token instead (development only).
+
+Before anything is loaded it checks that its fixed ports (--port, --router-port) are free
+(tandem_cli/startup.py); once every server is healthy it prints a banner: version, model,
+device and dtype, the decode servers' KV cache in tokens, the URLs. Every router and worker
+serves /metrics on a port of the internal host, chosen once, which the gateways scrape."""
 
 from __future__ import annotations
 
@@ -22,37 +27,24 @@ import tempfile
 from dataclasses import dataclass, field
 
 from gateway.pool import gateway_pool
+from rpc.pki import cert_paths, write_certs
 from rpc.procs import free_port, wait_grpc_healthy, wait_http_healthy
 from rpc.tls import ENV as TLS_ENV
-from rpc.tls import TLSConfig, add_tls_args, tls_argv
+from rpc.tls import TLSConfig, tls_argv
+from tandem.log_config import configure_logging
+from tandem_cli import startup
+from tandem_cli.serve_flags import (  # noqa: F401 - add_serve_args: `tandem serve`'s flags
+    API_KEY_ENV,
+    ENGINE_FLAGS,
+    GATEWAY_FLAGS,
+    WORKER_DEFAULTS,
+    add_serve_args,
+)
 from tandem_cli.supervisor import Child, StopSignal, Supervisor, metrics_cleanup
 
 log = logging.getLogger("tandem.serve")
 
-_ENGINE_FLAGS = [
-    "dtype",
-    "device",
-    "load_format",
-    "kernel_backend",
-    "block_size",
-    "num_blocks",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "max_model_len",
-    "seed",
-    "tensor_parallel_size",
-]
-# The gateway's admission flags (gateway/server.py, "overload and deadlines"), spelled out:
-# importing the gateway here would load FastAPI into every `tandem` process. None: its default.
-_GATEWAY_FLAGS = [
-    ("max_concurrent_requests", int, "generation requests in flight, per gateway process"),
-    ("max_queued_requests", int, "requests waiting for a slot, per gateway (0: refuse at once)"),
-    ("queue_timeout_s", float, "longest wait for a slot in seconds"),
-    ("request_timeout_s", float, "deadline of one generation call to the router, in seconds"),
-    ("router_timeout_s", float, "deadline of other router calls, in seconds"),
-]
 _WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
-API_KEY_ENV = "TANDEM_API_KEY"
 
 
 def _memory_shares(args: argparse.Namespace) -> dict[str, float | None]:
@@ -77,6 +69,8 @@ class InternalPlane:
     env: dict[str, str]  # every child's environment (the API key and token ride here)
     cert_dir: str = ""  # serve's certificates (mode "mtls"); removed at exit
     given_argv: list[str] = field(default_factory=list)
+    # Decode.Stats admits the router role only (rpc/auth.py): the banner asks with this
+    stats_tls: TLSConfig | None = None
 
     def argv(self, role: str) -> list[str]:
         if self.mode != "mtls":
@@ -94,6 +88,16 @@ class InternalPlane:
         if self.mode == "plaintext":
             return "internal plaintext + shared token (development only)"
         return f"internal {self.health_tls.mode}"
+
+    def client_credentials(self) -> str:
+        """What a gRPC client of the router needs, for the banner."""
+        if self.mode == "mtls":
+            cert, key = cert_paths(self.cert_dir, "client")
+            ca = os.path.join(self.cert_dir, "ca.pem")
+            return f"client certificate {cert}, key {key}, CA {ca}"
+        if self.mode == "plaintext":
+            return f"shared token in env {TLS_ENV['internal_token']} of serve's children"
+        return "your --tls-* files"
 
 
 def _internal_plane(args: argparse.Namespace, tls: TLSConfig, hosts: tuple[str, ...]):
@@ -115,39 +119,62 @@ def _internal_plane(args: argparse.Namespace, tls: TLSConfig, hosts: tuple[str, 
             "traffic can call it; drop --internal-plaintext for mutual TLS",
         )
         return InternalPlane("plaintext", TLSConfig(token=token), env)
-    from rpc.pki import cert_paths, write_certs
-
     cert_dir = tempfile.mkdtemp(prefix="tandem-certs-")  # 0700: only this user reads the keys
     os.chmod(cert_dir, 0o700)
     try:
         paths = write_certs(cert_dir, hosts)
         cert, key = cert_paths(cert_dir, "client")
         health = TLSConfig.from_files(str(cert), str(key), str(paths["ca"]))
+        cert, key = cert_paths(cert_dir, "router")
+        stats = TLSConfig.from_files(str(cert), str(key), str(paths["ca"]))
     except BaseException:
         shutil.rmtree(cert_dir, ignore_errors=True)
         raise
-    return InternalPlane("mtls", health, env, cert_dir=cert_dir)
+    return InternalPlane("mtls", health, env, cert_dir=cert_dir, stats_tls=stats)
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
-    )
+    configure_logging(level)
     # exits and restarts are always worth a line, whatever the children's level
     log.setLevel(min(logging.INFO, logging.getLogger().level))
 
 
+class _Ports:
+    """Free ports on the internal host, each handed out once (free_port alone may return a
+    port twice) and never one of serve's fixed ones."""
+
+    def __init__(self, host: str, taken: set[int]) -> None:
+        self.host, self.taken = host, set(taken)
+
+    def take(self) -> int:
+        while (port := free_port(self.host)) in self.taken:
+            pass
+        self.taken.add(port)
+        return port
+
+
+def _engine_argv(args: argparse.Namespace) -> list[str]:
+    """The flags every prefill and decode server gets; unset ones keep the worker's default."""
+    argv = []
+    for name, _, _, _ in ENGINE_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    if not args.enable_prefix_caching:
+        argv.append("--no-enable-prefix-caching")
+    if args.enforce_eager:
+        argv.append("--enforce-eager")
+    if args.async_scheduling is not None:
+        argv.append("--async-scheduling" if args.async_scheduling else "--no-async-scheduling")
+    return [*argv, "--max-logprobs", str(args.max_logprobs)]
+
+
 def serve(args: argparse.Namespace, tls: TLSConfig) -> None:
     """Start gateway + router + prefill x N + decode x M on this host; Ctrl-C stops them all."""
+    startup.check_ports(args)  # before anything is loaded or started
+    _setup_logging(args.log_level)
     from tandem.loader.default_model import DEFAULT_MODEL_NAME, resolve_model_dir
 
-    if args.gateways < 1 or args.routers < 1:
-        raise SystemExit("--gateways and --routers must be >= 1")
-    if args.mode == "aggregated":
-        args.prefill = 0
-    elif args.mode == "disaggregated" and args.prefill == 0:
-        raise SystemExit("--mode disaggregated needs --prefill >= 1")
-    _setup_logging(args.log_level)
     model_dir = resolve_model_dir(args.model)  # converts the default GGUF once, here
     served = args.served_model_name or (
         DEFAULT_MODEL_NAME if args.model is None else model_dir.name
@@ -156,18 +183,13 @@ def serve(args: argparse.Namespace, tls: TLSConfig) -> None:
     dial = _WILDCARDS.get(bind, bind)  # where serve and the children reach internal servers
     hosts = tuple(dict.fromkeys(("localhost", "127.0.0.1", dial)))
     py = [sys.executable, "-m", "tandem_cli.main"]
-    engine_flags = []
-    for name in _ENGINE_FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            engine_flags += [f"--{name.replace('_', '-')}", str(value)]
-    if not args.enable_prefix_caching:
-        engine_flags.append("--no-enable-prefix-caching")
-    if args.async_scheduling is not None:
-        engine_flags.append(
-            "--async-scheduling" if args.async_scheduling else "--no-async-scheduling"
-        )
+    engine_flags = _engine_argv(args)
     common = ["--model", str(model_dir), "--log-level", args.log_level]
+    fixed = {args.port, *(args.router_port + i for i in range(args.routers) if args.router_port)}
+    ports = _Ports(bind, fixed)
+    # Every router and worker serves /metrics on its own port (chosen once: a restarted
+    # child keeps it); the gateways scrape them into the one /metrics on --port.
+    scrape = []
 
     shares = _memory_shares(args)
     stop = StopSignal()
@@ -178,37 +200,46 @@ def serve(args: argparse.Namespace, tls: TLSConfig) -> None:
         workers = []
         for role, count in (("decode", args.decode), ("prefill", args.prefill)):
             for i in range(count):
-                port = free_port(bind)
+                port, metrics_port = ports.take(), ports.take()
                 cmd = [*py, role, "--host", bind, "--port", str(port), *common, *engine_flags]
                 cmd += ["--kv-transport", args.kv_transport, *plane.argv(role)]
+                cmd += ["--metrics-port", str(metrics_port)]
                 if role == "decode":
                     cmd += ["--stream-interval", str(args.stream_interval)]
                 cmd += ["--served-model-name", served]  # the label of the workers' metrics
                 if shares[role] is not None:
                     cmd += ["--gpu-memory-utilization", str(shares[role])]
                 workers.append(sup.start(Child(role, i, f"{dial}:{port}", cmd, plane.env)))
+                scrape.append(f"{role}=http://{startup.url_host(dial)}:{metrics_port}/metrics")
         for w in workers:
             wait_grpc_healthy(w.address, w.proc, args.startup_timeout, plane.health_tls)
         routers = []  # gateway i talks to router i % len(routers)
         for i in range(args.routers):
-            port = args.router_port + i if args.router_port else free_port(bind)
+            port = args.router_port + i if args.router_port else ports.take()
+            metrics_port = ports.take()
             cmd = [*py, "router", "--host", bind, "--port", str(port), *common]
             cmd += ["--served-model-name", served, "--routing-policy", args.routing_policy]
             cmd += ["--max-local-prefill-length", str(args.max_local_prefill_length)]
             cmd += ["--stream-interval", str(args.stream_interval), *plane.argv("router")]
+            cmd += ["--max-logprobs", str(args.max_logprobs)]
+            cmd += ["--metrics-port", str(metrics_port)]
             if args.max_model_len:
                 cmd += ["--max-model-len", str(args.max_model_len)]
             for w in workers:
                 cmd += [f"--{w.role}", w.address]
             routers.append(sup.start(Child("router", i, f"{dial}:{port}", cmd, plane.env)))
+            scrape.append(f"router=http://{startup.url_host(dial)}:{metrics_port}/metrics")
         for r in routers:
             wait_grpc_healthy(r.address, r.proc, args.startup_timeout, plane.health_tls)
         # one port (SO_REUSEPORT), one /metrics over all of them
         gw_flags, gw_env, metrics_dir = gateway_pool(args.gateways)
         gw_env = {**(gw_env or {}), **plane.env}
-        for name, _, _ in _GATEWAY_FLAGS:
+        for name, _, _ in GATEWAY_FLAGS:
             if getattr(args, name) is not None:
                 gw_flags = [*gw_flags, f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        gw_flags = [*gw_flags, "--max-logprobs", str(args.max_logprobs)]
+        for source in scrape:
+            gw_flags = [*gw_flags, "--scrape-metrics", source]
         for i in range(args.gateways):
             cmd = [*py, "gateway", "--host", host, "--port", str(args.port)]
             cmd += ["--router", routers[i % len(routers)].address, "--log-level", args.log_level]
@@ -216,14 +247,10 @@ def serve(args: argparse.Namespace, tls: TLSConfig) -> None:
             on_exit = metrics_cleanup(metrics_dir) if metrics_dir else None
             gateway = sup.start(Child("gateway", i, f"{host}:{args.port}", cmd, gw_env, on_exit))
         # The port answers once one gateway listens; one still starting gets no connections.
-        wait_http_healthy(f"http://{host}:{args.port}/health", gateway.proc, args.startup_timeout)
-        router_list = ", ".join(r.address for r in routers)
-        print(
-            f"tandem is serving {served} at http://{host}:{args.port}/v1 ({args.gateways} "
-            f"gateway(s); router grpc {router_list}; {args.prefill} prefill, {args.decode} "
-            f"decode; {plane.describe()}). Ctrl-C stops.",
-            flush=True,
-        )
+        base = f"http://{startup.url_host(host)}:{args.port}"
+        wait_http_healthy(f"{base}/health", gateway.proc, args.startup_timeout)
+        banner = _banner(args, plane, served, model_dir, workers, routers, base)
+        print("\n".join(banner.lines()), flush=True)
         stop.raising = False
         sup.run(lambda: bool(stop.signum))
     except KeyboardInterrupt:
@@ -239,120 +266,33 @@ def serve(args: argparse.Namespace, tls: TLSConfig) -> None:
             shutil.rmtree(plane.cert_dir, ignore_errors=True)
 
 
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="HF directory or .gguf (default: SmolLM2-135M-Instruct)",
+def _banner(args, plane: InternalPlane, served: str, model_dir, workers, routers, base: str):
+    """Read back what the stack runs with (the decode servers' KV cache, the router's
+    context length) for the startup banner."""
+    decode = [
+        startup.decode_capacity(w.address, plane.stats_tls or plane.health_tls)
+        for w in workers
+        if w.role == "decode"
+    ]
+    max_model_len = startup.router_max_model_len(
+        routers[0].address, plane.health_tls, args.api_key or ""
+    ) or (args.max_model_len or startup.model_config_len(model_dir))
+    device, dtype = startup.device_and_dtype(args.device, args.dtype)
+    return startup.Banner(
+        served=served,
+        model=str(model_dir),
+        base_url=f"{base}/v1",
+        metrics_url=f"{base}/metrics",
+        routers=[r.address for r in routers],
+        num_gateways=args.gateways,
+        num_prefill=args.prefill,
+        num_decode=args.decode,
+        internal=plane.describe(),
+        client_credentials=plane.client_credentials(),
+        device=device,
+        dtype=dtype,
+        tensor_parallel_size=args.tensor_parallel_size or WORKER_DEFAULTS["tensor_parallel_size"],
+        decode=decode,
+        max_model_len=max_model_len,
+        max_num_seqs=args.max_num_seqs or WORKER_DEFAULTS["max_num_seqs"],
     )
-    p.epilog = (
-        "Each child it starts, and starts again after it exited, prints one line to stdout: "
-        "'event=child_started role=ROLE index=I address=HOST:PORT pid=PID restarts=N' (ROLE: "
-        "decode, prefill, router, gateway); exits and restarts are logged (logger "
-        "tandem.serve). A child that exits is restarted on the same address, after 1 s "
-        "doubling to 30 s while it keeps failing."
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address the gateways (HTTP) listen on")
-    p.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
-    p.add_argument(
-        "--internal-host",
-        default="127.0.0.1",
-        help="address the router, prefill and decode servers (gRPC) listen on",
-    )
-    p.add_argument(
-        "--router-port", type=int, default=0, help="router gRPC port (default: a free one)"
-    )
-    p.add_argument(
-        "--internal-plaintext",
-        action="store_true",
-        help="development only: internal gRPC in plaintext with a random shared token (env "
-        "TANDEM_INTERNAL_TOKEN if set) instead of mutual TLS with throw-away certificates",
-    )
-    p.add_argument(
-        "--prefill", type=int, default=1, help="prefill servers (0: decode servers prefill locally)"
-    )
-    p.add_argument("--decode", type=int, default=1, help="decode servers")
-    p.add_argument(
-        "--gateways",
-        type=int,
-        default=1,
-        help="gateway processes sharing --port (SO_REUSEPORT; vLLM's --api-server-count): "
-        "the HTTP/SSE work of many streams on several cores; admission limits are per process",
-    )
-    p.add_argument(
-        "--routers",
-        type=int,
-        default=1,
-        help="router processes (gateway i uses router i %% N): tokenizing, detokenizing and "
-        "the per-token gRPC streams on several cores; with --router-port P they take P, P+1, ...",
-    )
-    p.add_argument(
-        "--mode",
-        choices=["aggregated", "disaggregated"],
-        default=None,
-        help="aggregated: decode servers prefill locally (same as --prefill 0); "
-        "disaggregated: --prefill servers prefill and push KV to the decode servers",
-    )
-    p.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=None,
-        help="fraction of the GPU each decode server may use (default 0.9 aggregated, "
-        "0.6 shared among the decode servers when prefill servers share the GPU)",
-    )
-    p.add_argument(
-        "--prefill-gpu-memory-utilization",
-        type=float,
-        default=None,
-        help="fraction of the GPU each prefill server may use (default 0.3 shared among them)",
-    )
-    p.add_argument(
-        "--routing-policy", default="prefix", choices=["prefix", "least_load", "round_robin"]
-    )
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument(
-        "--max-local-prefill-length",
-        type=int,
-        default=0,
-        help="router: prefill on the decode server when the prompt's part not cached there is"
-        " shorter than this many tokens (conditional disaggregation; 0: always remote)",
-    )
-    p.add_argument(
-        "--stream-interval",
-        type=int,
-        default=1,
-        help="decode servers and router: send a request's tokens N at a time (first and last"
-        " at once); fewer messages per step at large batches, coarser streaming",
-    )
-    p.add_argument(
-        "--kv-transport",
-        default="auto",
-        # kvtransfer.select.CHOICES, spelled out: this module must not import torch
-        choices=["auto", "grpc", "shm", "cuda_ipc"],
-        help="KV handoff transport of the prefill and decode servers (auto: cuda_ipc on a"
-        " shared GPU, shm between CPU servers, else grpc)",
-    )
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get(API_KEY_ENV),
-        help="gateways and routers demand it (HTTP Authorization: Bearer, gRPC metadata "
-        "authorization: Bearer) (env TANDEM_API_KEY)",
-    )
-    g = p.add_argument_group("gateway admission", "passed to every gateway (default: its own)")
-    for name, kind, text in _GATEWAY_FLAGS:
-        g.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=text)
-    p.add_argument("--startup-timeout", type=float, default=600.0)
-    p.add_argument("--log-level", default="warning")
-    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    p.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="workers launch each step before the previous one's tokens reach the host"
-        " (default: on for CUDA at tensor-parallel size 1)",
-    )
-    for name in _ENGINE_FLAGS:
-        kind = str if name in ("dtype", "device", "load_format", "kernel_backend") else int
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
-    add_tls_args(p)  # passed to every process it starts

@@ -33,6 +33,7 @@ from tandem.async_engine import AsyncEngine
 from tandem.engine import LLMEngine
 from tandem.engine_records import EngineDeadError
 from tandem.loader.default_model import DEFAULT_MODEL_NAME
+from tandem.log_config import configure_logging, quote
 from worker.drain import QUIET_S, QUIET_STATIC_S, InFlightRpcs, wait_idle
 from worker.flags import engine_config_from_args
 from worker.load import LoadSampler, WorkerMetrics
@@ -70,13 +71,6 @@ def run_event_loop(main: Awaitable[int]) -> int:
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.WARNING),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
-    )
 
 
 @dataclass
@@ -158,7 +152,7 @@ async def serve(
     await server.start()
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    print(f"{role_name} server listening on {address} (tls: {tls.mode})", flush=True)
+    log.info("event=worker_listening role=%s address=%s tls=%s", role_name, address, tls.mode)
     warn_if_open(tls, role_name)
 
     metrics = None if metrics_registry is None else WorkerMetrics(model_name, metrics_registry)
@@ -189,7 +183,7 @@ async def serve(
         await registry.close()
     t_engine = time.monotonic()
     engine.shutdown()  # at tensor-parallel size > 1 this also stops the other ranks
-    log.warning(
+    log.info(
         "event=worker_stopped address=%s server_stop_s=%.2f engine_stop_s=%.2f",
         address, t_engine - t_stop, time.monotonic() - t_engine,
     )  # fmt: skip
@@ -225,7 +219,9 @@ async def _wait_for_stop(
     for w in waits:
         w.cancel()
     if dead.done() and not dead.cancelled():
-        log.critical("event=engine_dead error=%r: NOT_SERVING, exiting", dead.result())
+        log.critical(
+            "event=engine_dead error=%s status=NOT_SERVING exiting=True", quote(repr(dead.result()))
+        )
         return EXIT_ENGINE_DEAD
     return 0 if stop.is_set() else EXIT_REFUSED
 
@@ -244,14 +240,14 @@ async def _drain(args, address, engine, in_flight, parts, registry, force) -> No
 
     t0 = time.monotonic()
     deregistered = registry is not None and await registry.deregister()
-    log.warning(
+    log.info(
         "event=drain_start address=%s rpcs=%d engine_requests=%d handoffs=%d timeout_s=%.0f",
         address, in_flight.count, await engine_requests(), parts.num_active_handoffs(),
         args.drain_timeout,
     )  # fmt: skip
     quiet = QUIET_S if deregistered else QUIET_STATIC_S
     remaining = await wait_idle(busy, args.drain_timeout, quiet, force)
-    log.warning(
+    log.info(
         "event=drain_done address=%s waited_s=%.2f remaining=%d deregistered=%s",
         address, time.monotonic() - t0, remaining, deregistered,
     )  # fmt: skip

@@ -58,7 +58,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams, check: bool = True) -> Sam
 
 def request_limits(engine) -> RequestLimits:
     """A worker's limits, read once from its LLMEngine (the model's vocabulary and context)."""
-    return RequestLimits(engine.model_cfg.vocab_size, engine.max_model_len)
+    return RequestLimits(engine.model_cfg.vocab_size, engine.max_model_len, engine.cfg.max_logprobs)
 
 
 # the core's param names -> the wire fields of a DecodeRequest / PrefillRequest

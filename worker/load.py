@@ -1,8 +1,9 @@
 """A worker's load: one snapshot refreshed between engine steps, read by heartbeats and
-exported as Prometheus gauges on --metrics-port.
+exported as Prometheus metrics on --metrics-port.
 
-Gauge names follow vLLM's where the meaning is the same (autoscalers and dashboards built
-for vLLM work; the Kubernetes HPA examples scale on them), `tandem:` for the rest.
+Names follow vLLM's V1 engine where the meaning is the same (autoscalers and dashboards built
+for vLLM work; the Kubernetes HPA examples scale on them), `tandem:` for the rest; every
+family has vLLM's `model_name` label.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import logging
 import weakref
 from collections.abc import Callable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from protos import worker_pb2
 from tandem.async_engine import AsyncEngine
-from tandem.engine_records import EngineDeadError
+from tandem.engine_records import EngineDeadError, EngineStats
 
 log = logging.getLogger("tandem.worker.load")
 
@@ -31,12 +33,9 @@ STATS_WAIT_S = 1.0
 _last_read: weakref.WeakKeyDictionary[AsyncEngine, tuple] = weakref.WeakKeyDictionary()
 
 
-async def worker_stats(
-    engine: AsyncEngine,
-    num_active_handoffs: int = 0,
-    num_kv_handoffs: Mapping[str, int] | None = None,
-    wait_s: float = STATS_WAIT_S,
-) -> worker_pb2.WorkerStats:
+async def read_stats(engine: AsyncEngine, wait_s: float = STATS_WAIT_S) -> tuple[EngineStats, int]:
+    """(EngineStats, in-flight prompt tokens): fresh, or the last read if the engine thread
+    does not answer within wait_s."""
     core = engine.engine
 
     def collect():
@@ -54,6 +53,26 @@ async def worker_stats(
             read.add_done_callback(lambda f: _remember(engine, f))
     else:
         _last_read[engine] = (s, in_flight)
+    return s, in_flight
+
+
+async def worker_stats(
+    engine: AsyncEngine,
+    num_active_handoffs: int = 0,
+    num_kv_handoffs: Mapping[str, int] | None = None,
+    wait_s: float = STATS_WAIT_S,
+) -> worker_pb2.WorkerStats:
+    s, in_flight = await read_stats(engine, wait_s)
+    return _to_proto(engine, s, in_flight, num_active_handoffs, num_kv_handoffs)
+
+
+def _to_proto(
+    engine: AsyncEngine,
+    s: EngineStats,
+    in_flight: int,
+    num_active_handoffs: int,
+    num_kv_handoffs: Mapping[str, int] | None,
+) -> worker_pb2.WorkerStats:
     return worker_pb2.WorkerStats(
         num_running=s.num_running,
         num_waiting=s.num_waiting,
@@ -63,7 +82,7 @@ async def worker_stats(
         prefix_cache_hits=s.prefix_cache_hits,
         prefix_cache_queries=s.prefix_cache_queries,
         num_active_handoffs=num_active_handoffs,
-        block_size=core.cfg.block_size,
+        block_size=engine.engine.cfg.block_size,
         in_flight_prompt_tokens=in_flight,
         num_kv_handoffs=dict(num_kv_handoffs or {}),
     )
@@ -75,41 +94,51 @@ def _remember(engine: AsyncEngine, read: asyncio.Future) -> None:
 
 
 class WorkerMetrics:
+    """The worker's metrics, read from the latest load snapshot at scrape time: counters are
+    the engine's own running totals (nothing is summed here, so none can drift)."""
+
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        self.model_name = model_name
+        self.stats = worker_pb2.WorkerStats()
+        self.num_preemptions = 0  # not in WorkerStats: the router has no use for it
         self.registry = registry or CollectorRegistry()
+        self.registry.register(self)
 
-        def gauge(name: str, doc: str):
-            return Gauge(name, doc, ["model_name"], registry=self.registry).labels(model_name)
+    def update(self, s: worker_pb2.WorkerStats, num_preemptions: int = 0) -> None:
+        self.stats, self.num_preemptions = s, num_preemptions
 
-        self.running = gauge("vllm:num_requests_running", "Requests in the running batch.")
-        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
-        self.kv_usage = gauge(
-            "vllm:kv_cache_usage_perc", "Fraction of KV blocks in use or reserved (1 = full)."
-        )
-        self.handoffs = gauge(
-            "tandem:num_active_handoffs",
-            "KV handoffs in progress (decode: reserved or receiving; prefill: KV pushes).",
-        )
-        self.kv_handoffs = Counter(
+    def collect(self):
+        s = self.stats
+        used = s.num_total_blocks - s.num_free_blocks
+        usage = used / s.num_total_blocks if s.num_total_blocks else 0.0
+        for kind, name, doc, value in (
+            (GaugeMetricFamily, "vllm:num_requests_running", "Requests in the running batch.",
+             s.num_running),
+            (GaugeMetricFamily, "vllm:num_requests_waiting", "Requests waiting to be scheduled.",
+             s.num_waiting),
+            (GaugeMetricFamily, "vllm:kv_cache_usage_perc",
+             "Fraction of KV blocks in use or reserved (1 = full).", usage),
+            (CounterMetricFamily, "vllm:prefix_cache_queries",
+             "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
+            (CounterMetricFamily, "vllm:prefix_cache_hits",
+             "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
+            (CounterMetricFamily, "vllm:num_preemptions",
+             "Requests preempted (blocks freed, recomputed later).", self.num_preemptions),
+            (GaugeMetricFamily, "tandem:num_active_handoffs",
+             "KV handoffs in progress (decode: reserved or receiving; prefill: KV pushes).",
+             s.num_active_handoffs),
+        ):  # fmt: skip
+            family = kind(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
+        handoffs = CounterMetricFamily(
             "tandem:kv_handoffs",
             "KV handoffs completed, by transport (decode: received; prefill: sent).",
-            ["model_name", "transport"],
-            registry=self.registry,
+            labels=["model_name", "transport"],
         )
-        self.model_name = model_name
-        self._kv_handoffs_seen: dict[str, int] = {}
-
-    def update(self, s: worker_pb2.WorkerStats) -> None:
-        self.running.set(s.num_running)
-        self.waiting.set(s.num_waiting)
-        used = s.num_total_blocks - s.num_free_blocks
-        self.kv_usage.set(used / s.num_total_blocks if s.num_total_blocks else 0.0)
-        self.handoffs.set(s.num_active_handoffs)
-        for transport, n in s.num_kv_handoffs.items():  # counters: add what is new
-            seen = self._kv_handoffs_seen.get(transport, 0)
-            if n > seen:
-                self.kv_handoffs.labels(self.model_name, transport).inc(n - seen)
-                self._kv_handoffs_seen[transport] = n
+        for transport, n in sorted(s.num_kv_handoffs.items()):
+            handoffs.add_metric([self.model_name, transport], n)
+        yield handoffs
 
 
 class LoadSampler:
@@ -130,11 +159,12 @@ class LoadSampler:
         self._task: asyncio.Task | None = None
 
     async def refresh(self) -> worker_pb2.WorkerStats:
-        self.latest = await worker_stats(
-            self.engine, self.num_active_handoffs(), self.num_kv_handoffs()
+        s, in_flight = await read_stats(self.engine)
+        self.latest = _to_proto(
+            self.engine, s, in_flight, self.num_active_handoffs(), self.num_kv_handoffs()
         )
         if self.metrics is not None:
-            self.metrics.update(self.latest)
+            self.metrics.update(self.latest, s.num_preemptions)
         return self.latest
 
     def start(self) -> None:
@@ -146,7 +176,7 @@ class LoadSampler:
             try:
                 await self.refresh()
             except EngineDeadError:
-                log.error("event=engine_dead; load sampling stopped")
+                log.error("event=load_sampling_stopped reason=engine_dead")
                 return
 
     async def close(self) -> None:

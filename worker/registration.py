@@ -125,7 +125,7 @@ class RegistryClient:
         self._backoff = FIRST_BACKOFF_S
         self.worker_id = resp.worker_id
         self.interval_s = (resp.heartbeat_interval_ms or 1000) / 1000
-        log.warning(
+        log.info(
             "event=worker_registered worker_id=%s role=%s address=%s router=%s heartbeat_ms=%d",
             resp.worker_id, role_name(self.info.role), self.info.address,
             self.router_address, resp.heartbeat_interval_ms,

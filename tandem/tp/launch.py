@@ -117,7 +117,7 @@ class TPWorkers:
                 code = p.poll()
                 if code is not None and not self._stopping:
                     log.critical(
-                        "event=tp_rank_died rank=%d code=%s: rank 0 cannot continue, exiting",
+                        "event=tp_rank_died rank=%d code=%s exiting=True",
                         r, code,
                     )  # fmt: skip
                     os._exit(70)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import os
 import signal
 import sys
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from tandem.config import EngineConfig, ModelConfig
+from tandem.log_config import configure_logging
 from tandem.runner import ModelRunner
 from tandem.tp.group import destroy_groups, init_groups
 from tandem.tp.launch import SPEC_ENV, STARTUP_TIMEOUT_S, cpu_threads_per_rank
@@ -36,10 +36,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def main() -> None:
     spec = json.loads(os.environ[SPEC_ENV])
     _die_with_parent(spec["parent_pid"])
-    logging.basicConfig(
-        level=spec["log_level"],
-        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
-    )
+    configure_logging(spec["log_level"])
     # SIGINT (Ctrl-C reaches the whole process group): rank 0 decides when we stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

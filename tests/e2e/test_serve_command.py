@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+import tandem
 from router.client import TandemClient, TandemError
 from rpc.tls import PLAINTEXT, TLSConfig
 
@@ -26,8 +27,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 def _start_serve(
     *flags: str, env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen, int, str]:
-    """`tandem serve` on a free port with the given flags; (process, port, its banner line)."""
+) -> tuple[subprocess.Popen, int, str, dict[str, str]]:
+    """`tandem serve` on a free port with the given flags; (process, port, the banner's first
+    line, the banner's rows as {label: text})."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -49,13 +51,29 @@ def _start_serve(
             proc.kill()
             raise AssertionError("tandem serve did not come up")
         line = proc.stdout.readline()
-    return proc, port, line
+    rows = {}
+    while "metrics" not in rows:  # the banner's last row
+        row = proc.stdout.readline()
+        assert row, "tandem serve stopped in the middle of its banner"
+        label, _, text = row.strip().partition("  ")
+        rows[label] = text.strip()
+    return proc, port, line, rows
 
 
 def test_tandem_serve_starts_answers_and_stops_cleanly():
-    proc, port, line = _start_serve()
+    proc, port, line, rows = _start_serve()
     try:
         assert f"http://127.0.0.1:{port}/v1" in line
+        # the banner: version, model, device, the decode server's KV cache (--num-blocks 256
+        # of 16 tokens), URLs and the router's client certificate
+        assert rows["version"] == f"tandem {tandem.__version__}"
+        assert rows["model"].startswith("SmolLM2-135M-Instruct (")
+        assert rows["device"] == "cpu, dtype float32, tensor-parallel size 1"
+        assert rows["KV cache"].endswith(": 4,096 tokens (256 blocks of 16)"), rows["KV cache"]
+        assert rows["concurrency"].startswith("256 sequences per decode server")
+        assert "0.50x requests of the full 8,192-token context" in rows["concurrency"]
+        assert rows["OpenAI API"] == f"http://127.0.0.1:{port}/v1"
+        assert rows["metrics"] == f"http://127.0.0.1:{port}/metrics"
         # default: internal mutual TLS with serve's own certificates, removed at exit
         cert_dir = line.split("client credentials in ")[1].split(")")[0]
         assert os.stat(cert_dir).st_mode & 0o777 == 0o700
@@ -74,6 +92,9 @@ def test_tandem_serve_starts_answers_and_stops_cleanly():
         d = cert_dir + "/"
         tls = TLSConfig.from_files(d + "client.pem", d + "client-key.pem", d + "ca.pem")
         router = line.split("router grpc ")[1].split(";")[0]
+        assert rows["gRPC router"] == (
+            f"{router} (client certificate {d}client.pem, key {d}client-key.pem, CA {d}ca.pem)"
+        )
         with TandemClient(router, timeout=30, tls=tls, max_retries=0) as c:
             assert c.models() == ["SmolLM2-135M-Instruct"]
     finally:
@@ -86,7 +107,7 @@ def test_serve_with_stream_interval_and_async_scheduling_streams_the_same_text()
     """`tandem serve --stream-interval 3 --async-scheduling` (async forced on, here on CPU):
     streamed completions arrive 3 tokens a chunk (the first alone) and read the same as the
     non-streamed answer."""
-    proc, port, _ = _start_serve("--stream-interval", "3", "--async-scheduling")
+    proc, port, _, _ = _start_serve("--stream-interval", "3", "--async-scheduling")
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         kw = dict(model="SmolLM2-135M-Instruct", prompt="The capital of France is", temperature=0)
@@ -139,7 +160,7 @@ def test_serve_with_two_gateways_and_two_routers_shares_one_port_and_one_metrics
     """`tandem serve --gateways 2 --routers 2`: two gateway processes on one port (each new
     connection lands on one of them), each on its own router; both answer, and /metrics, from
     whichever process, counts every request the two served."""
-    proc, port, line = _start_serve("--gateways", "2", "--routers", "2")
+    proc, port, line, _ = _start_serve("--gateways", "2", "--routers", "2")
     base = f"http://127.0.0.1:{port}"
     try:
         assert "2 gateway(s)" in line and line.count("127.0.0.1:") == 3  # gateway + 2 routers
@@ -203,9 +224,14 @@ def test_serve_internal_plaintext_with_api_key_and_admission_flags():
     env.pop("TANDEM_API_KEY", None)
     flags = ["--prefill", "0", "--internal-plaintext", "--api-key", key]
     flags += ["--max-concurrent-requests", "3", "--queue-timeout-s", "2.5"]
-    proc, port, line = _start_serve(*flags, env=env)
+    proc, port, line, rows = _start_serve(*flags, env=env)
     try:
         assert "internal plaintext + shared token" in line
+        # the banner read the decode server's Stats with the token and the router's context
+        # length with the API key
+        assert rows["KV cache"].endswith(": 4,096 tokens (256 blocks of 16)"), rows["KV cache"]
+        assert "0.50x requests of the full 8,192-token context" in rows["concurrency"]
+        assert "TANDEM_INTERNAL_TOKEN" in rows["gRPC router"]
         children = _children(proc.pid)
         (gateway,) = [c for c in children.values() if " gateway " in c]
         assert (

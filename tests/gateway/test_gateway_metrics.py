@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from gateway.admission import Admission, Refused
 from gateway.metrics import GatewayMetrics
 
@@ -40,7 +42,36 @@ def test_admission_gauges_track_running_and_waiting():
         assert _gauges(metrics) == (1, 0)
         admission.release()
         assert _gauges(metrics) == (0, 0)
-        body, media_type = metrics.exposition()
+        body, media_type = await metrics.exposition()
         assert b"tandem:gateway_requests_admitted 0.0" in body and media_type.startswith("text/")
 
     asyncio.run(scenario())
+
+
+def test_own_exposition_has_vllm_names_model_name_labels_and_no_created_series():
+    async def scenario():
+        metrics = GatewayMetrics()
+        metrics.running.labels("tiny").inc()
+        metrics.ttft.labels("tiny").observe(0.2)
+        metrics.e2e.labels("tiny").observe(0.5)
+        metrics.prompt_tokens.labels("tiny").inc(7)
+        metrics.generation_tokens.labels("tiny").inc(3)
+        metrics.success.labels("tiny", "stop").inc()
+        body, _ = await metrics.exposition()
+        return {f.name: f for f in text_string_to_metric_families(body.decode())}
+
+    families = asyncio.run(scenario())
+    assert not [name for name in families if name.endswith("_created")]
+    vllm = {
+        "vllm:num_requests_running": "gauge",
+        "vllm:time_to_first_token_seconds": "histogram",
+        "vllm:e2e_request_latency_seconds": "histogram",
+        "vllm:prompt_tokens": "counter",
+        "vllm:generation_tokens": "counter",
+        "vllm:request_success": "counter",
+    }
+    for name, kind in vllm.items():
+        f = families[name]
+        assert f.type == kind and f.samples, name
+        assert all(s.labels.get("model_name") == "tiny" for s in f.samples), name
+    assert families["vllm:prompt_tokens"].samples[0].value == 7

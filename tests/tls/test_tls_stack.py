@@ -77,8 +77,9 @@ class Stack:
         try:
             wait_http_healthy(f"http://{HOST}:{self.http_port}/health", self.serve, START_TIMEOUT_S)
             text = self.serve_out.read_text()
-            self.prefill = re.search(r"prefill server listening on (\S+)", text)[1]
-            self.decode = re.search(r"decode server listening on (\S+)", text)[1]
+            # serve prints each child it starts: event=child_started role=R index=I address=A
+            self.prefill = re.search(r"child_started role=prefill index=0 address=(\S+)", text)[1]
+            self.decode = re.search(r"child_started role=decode index=0 address=(\S+)", text)[1]
             self.joiner_log = log_dir / "joiner.log"
             self.joiner_address = f"{HOST}:{free_port(HOST)}"
             cmd = [sys.executable, "-m", "tandem_cli.main", "decode", "--host", HOST]

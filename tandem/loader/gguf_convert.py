@@ -1,132 +1,78 @@
-"""GGUF (llama.cpp) -> an HF-format directory: config.json, model.safetensors, tokenizer files.
+"""GGUF (llama.cpp) -> an HF-format directory, through transformers' own GGUF support.
 
-Tensors are dequantized with the `gguf` package. llama.cpp stores q/k projection rows
-interleaved for its rotary layout; they are put back in HF's rotate-halves order here.
+transformers reads the config and the tokenizer from the GGUF's metadata and maps, un-permutes
+and dequantizes the tensors (with the `gguf` package); this module only writes what they return
+as config.json, generation_config.json, tokenizer files and one bf16 model.safetensors.
+bf16 halves the disk of an fp32 copy; the engine upcasts on load, so fp32 compute sees the same
+numbers as HF loading the same directory.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import shutil
+import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+CACHE_DTYPE = torch.bfloat16
 
 
-def _hf_name(gguf_name: str) -> str:
-    base, _, suffix = gguf_name.rpartition(".")  # suffix: weight | bias
-    if base.startswith("blk."):
-        _, idx, part = base.split(".", 2)
-        return f"model.layers.{idx}.{_LAYER_NAMES[part]}.{suffix}"
-    return f"{_TOP_NAMES[base]}.{suffix}"
+def _hf_config(gguf_path: Path):
+    """The HF config of the GGUF, with `architectures` named by transformers' own model class
+    (a GGUF has no such field, and tandem picks its model class by that name)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-
-def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
-    # llama.cpp row order per head: (d/2 pairs, 2) interleaved; HF: (2 halves, d/2)
-    rows = w.shape[0]
-    return (
-        w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
-
-
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
-def _hf_config(reader, arch: str, has_output: bool) -> dict:
-    p = f"{arch}."
-    num_heads = _field(reader, p + "attention.head_count")
-    hidden = _field(reader, p + "embedding_length")
-    cfg = {
-        "architectures": [_ARCHS[arch]],
-        "model_type": arch,
-        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
-        "hidden_size": hidden,
-        "intermediate_size": _field(reader, p + "feed_forward_length"),
-        "num_hidden_layers": _field(reader, p + "block_count"),
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": _field(reader, p + "attention.head_count_kv", num_heads),
-        "head_dim": _field(reader, p + "attention.key_length", hidden // num_heads),
-        "rms_norm_eps": float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(_field(reader, p + "rope.freq_base", 10000.0)),
-        "max_position_embeddings": _field(reader, p + "context_length", 4096),
-        "tie_word_embeddings": not has_output,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "torch_dtype": "float32",
-        "hidden_act": "silu",
-    }
-    if arch == "qwen2":
-        cfg["attention_bias"] = True
-    return cfg
+    config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    with torch.device("meta"):  # only the class and parameter names, no memory
+        model = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(model).__name__]
+    config.dtype = CACHE_DTYPE
+    return config, model
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write an HF directory for gguf_path into out_dir (atomically: a temp dir, then rename)."""
-    import gguf
-    from gguf.quants import dequantize
-    from transformers import AutoTokenizer
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    start = time.perf_counter()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    reader = gguf.GGUFReader(str(gguf_path))
-    arch = _field(reader, "general.architecture")
-    if arch not in _ARCHS:
-        raise ValueError(
-            f"GGUF architecture {arch!r} is not supported; supported: {sorted(_ARCHS)}"
-        )
-    names = {t.name for t in reader.tensors}
-    cfg = _hf_config(reader, arch, has_output="output.weight" in names)
-    tensors = {}
-    from tqdm import tqdm
+    log.info("event=gguf_converting path=%s dtype=bfloat16 out=%s", gguf_path, out_dir)
+    config, meta_model = _hf_config(gguf_path)
+    # shows its own progress bar per tensor, left on screen when done
+    tensors = load_gguf_checkpoint(
+        str(gguf_path), return_tensors=True, model_to_load=meta_model, torch_dtype=CACHE_DTYPE
+    )["tensors"]
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
 
-    for t in tqdm(
-        reader.tensors, desc=f"dequantizing {gguf_path.name}", unit="tensor", leave=False
-    ):
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        kind = t.name.split(".")[-2]
-        if arch == "llama" and kind == "attn_q":
-            w = _unpermute(w, cfg["num_attention_heads"])
-        elif arch == "llama" and kind == "attn_k":
-            w = _unpermute(w, cfg["num_key_value_heads"])
-        tensors[_hf_name(t.name)] = torch.from_numpy(np.array(w, copy=True))
-
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tok.save_pretrained(str(tmp))
-    gen_cfg = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
-    (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(
+        {name: t.contiguous() for name, t in tensors.items()},
+        str(tmp / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    config.save_pretrained(str(tmp))
+    GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
     if out_dir.exists():  # another process won the race; keep theirs
-        import shutil
-
         shutil.rmtree(tmp)
     else:
         tmp.rename(out_dir)
-    log.info("converted gguf=%s out=%s", gguf_path, out_dir)
+    size = sum(f.stat().st_size for f in out_dir.iterdir())
+    log.info(
+        "event=gguf_converted path=%s out=%s tensors=%d bytes=%d seconds=%.1f",
+        gguf_path,
+        out_dir,
+        len(tensors),
+        size,
+        time.perf_counter() - start,
+    )
     return out_dir

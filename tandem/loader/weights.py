@@ -24,7 +24,7 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, Any]]:
     from tqdm import tqdm
 
     for path in tqdm(
-        files, desc="loading weights", unit="file", disable=len(files) < 2, leave=False
+        files, desc="loading weights", unit="file", disable=len(files) < 2, leave=True
     ):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():

@@ -16,10 +16,10 @@ from tandem import SamplingParams
 from tandem.loader.default_model import default_gguf_path
 
 
-def test_gguf_conversion_matches_hf_gguf_loader(smollm, hf_smollm, prompt_ids):
-    """Our converted directory vs HF's own GGUF reader (the code behind
-    `from_pretrained(gguf_file=...)`, minus its accelerate dependency): every tensor is
-    bit-identical, which checks the q/k un-permutation, and so are the logits."""
+def test_cached_weights_are_hf_gguf_reading_in_bf16(smollm, hf_smollm, prompt_ids):
+    """The cache directory vs HF's own GGUF reader (the code behind
+    `from_pretrained(gguf_file=...)`, minus its accelerate dependency) in fp32: every tensor is
+    that reading rounded to bf16, and the rounding barely moves the logits."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     gguf = load_gguf_checkpoint(
@@ -29,7 +29,8 @@ def test_gguf_conversion_matches_hf_gguf_loader(smollm, hf_smollm, prompt_ids):
     ours = hf_smollm.state_dict()
     assert set(ours) - set(theirs) == {"lm_head.weight"}  # tied to the embedding
     for name, tensor in theirs.items():
-        assert torch.equal(ours[name], tensor.float()), name
+        assert tensor.dtype == torch.float32
+        assert torch.equal(ours[name], tensor.to(torch.bfloat16).float()), name
 
     for key in ("num_attention_heads", "num_key_value_heads", "hidden_size", "rms_norm_eps"):
         assert gguf["config"][key] == getattr(hf_smollm.config, key), key
@@ -41,7 +42,10 @@ def test_gguf_conversion_matches_hf_gguf_loader(smollm, hf_smollm, prompt_ids):
         ref = hf_gguf(ids).logits
         got = hf_smollm(ids).logits
     assert ref.std() > 1.0
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # measured: max 0.17 and mean 0.02 apart on logits of std ~9, every argmax the same
+    diff = (got - ref).abs()
+    assert 0 < diff.max() < 0.5 and diff.mean() < 0.05  # > 0: the cache really is bf16
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
 
 
 def test_prompt_logits_match_hf(smollm, hf_smollm, prompt_ids):

@@ -38,5 +38,7 @@ lint: $(TESTING)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two pytest workers, a test file each at a time (a file's servers and fixtures stay in one
+# worker): the suite spends much of its time waiting on the processes it starts.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile

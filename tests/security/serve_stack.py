@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from attacks import Target
@@ -34,7 +35,11 @@ class ServeStack:
         try:
             url = f"http://{HOST}:{self.port}/health"
             wait_http_healthy(url, self.proc, START_TIMEOUT_S)
-            text = self.out.read_text()
+            deadline = time.monotonic() + 120  # the banner follows health: it asks the workers
+            while not _CERTS.search(text := self.out.read_text()):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"no startup banner from tandem serve: {text[-2000:]}")
+                time.sleep(0.2)
             children: dict[str, list[str]] = {}
             for role, _, address, _ in _CHILD.findall(text):
                 children.setdefault(role, []).append(address)

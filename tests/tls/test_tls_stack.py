@@ -115,8 +115,9 @@ def _stats(address: str, tls, stub_class) -> worker_pb2.WorkerStats:
         return stub_class(ch).Stats(worker_pb2.StatsRequest(), timeout=10)
 
 
-def test_completion_through_gateway_with_remote_prefill(stack, client_tls):
-    before = _stats(stack.prefill, client_tls, worker_pb2_grpc.PrefillStub)
+def test_completion_through_gateway_with_remote_prefill(stack, server_tls):
+    # Stats answers the router's role only: the stack's own certificate (every role) asks
+    before = _stats(stack.prefill, server_tls, worker_pb2_grpc.PrefillStub)
     client = openai.OpenAI(base_url=stack.base_url, api_key="none", max_retries=0, timeout=120)
     resp = client.completions.create(
         model=DEFAULT_MODEL_NAME,
@@ -126,7 +127,7 @@ def test_completion_through_gateway_with_remote_prefill(stack, client_tls):
     )
     assert resp.usage.completion_tokens == 8 and resp.choices[0].text.strip()
     # The prefill server computed the prompt (its prefix-cache lookups grew by it) ...
-    after = _stats(stack.prefill, client_tls, worker_pb2_grpc.PrefillStub)
+    after = _stats(stack.prefill, server_tls, worker_pb2_grpc.PrefillStub)
     assert after.prefix_cache_queries - before.prefix_cache_queries >= resp.usage.prompt_tokens
     # ... and its KV push to the decode server was taken: no worker failed, nothing retried.
     log = stack.serve_err.read_text()

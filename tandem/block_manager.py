@@ -62,9 +62,13 @@ class BlockManager:
         """Attach the longest cached prefix of a fresh request; returns the tokens it covers.
 
         At least one token is always left to compute, since its logits give the next token.
+        A request asking for prompt logprobs takes no hit (as in vLLM): they come from the
+        logits of every prompt position, and a cached one has none.
         """
         assert not req.block_table and req.num_computed_tokens == 0
         self._extend_hashes(req)
+        if req.params.prompt_logprobs is not None:
+            return 0
         num_hit = 0
         if self.enable_prefix_caching:
             max_blocks = (req.num_tokens - 1) // self.block_size

@@ -20,7 +20,8 @@ What follows from scheduling a step before the previous one's tokens are known:
   - blocks of a request in the step in flight are freed only after that step is processed
     (a same-host KV transport may write a freed block from another process at once);
   - penalties and logprobs need the previous tokens on the host: while any request with them
-    is in the engine, steps run synchronously (the offline API and servers behave the same).
+    is in the engine, steps run synchronously (the offline API and servers behave the same);
+    a grammar's mask waits for them only at sampling, after the forward (tandem/structured.py).
 
 Besides plain generation it has the two halves of a KV handoff:
     prefill side:  add_request(hold_blocks=True) ... finished -> read KV -> release(req_id)
@@ -43,6 +44,7 @@ from tandem.records import Logprob, SamplingParams
 from tandem.request import Request, RequestStatus, finish_reason
 from tandem.runner import Launched, ModelRunner
 from tandem.scheduler import Scheduler
+from tandem.structured import GrammarBackend
 from tandem.tp.group import check_tensor_parallel
 from tandem.validation import RequestLimits, check_prompt, check_sampling
 
@@ -82,6 +84,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}  # every request the engine holds, any state
         self.eos_token_ids = frozenset(self.model_cfg.eos_token_ids)
+        # structured outputs: the tokenizer and compiler load on the first constrained request
+        self.grammars = GrammarBackend(self.model_dir, self.limits.vocab_size, self.eos_token_ids)
         self.num_preemptions = 0
         # Admission bound on the waiting queue (servers set it; None: unbounded, the offline
         # API). Preempted requests go back to the queue whatever its length.
@@ -121,8 +125,11 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             max_total_tokens=self.max_model_len,
         )
+        if params.structured is not None:  # the servers compiled it before: a cache hit
+            req.grammar = self.grammars.new_state(params.structured, req.output_token_ids)
         self.requests[req_id] = req
-        if params.needs_penalties or params.logprobs is not None:
+        asks = self.runner.prompt_logprobs.ask(req)  # prompt logprobs: steps run synchronously too
+        if params.needs_penalties or params.logprobs is not None or asks:
             self._sync_reqs.add(req_id)
         return req
 
@@ -130,6 +137,7 @@ class LLMEngine:
         """req_id leaves the engine's table."""
         self.requests.pop(req_id, None)
         self._sync_reqs.discard(req_id)
+        self.runner.prompt_logprobs.forget(req_id)
 
     def add_request(
         self,
@@ -299,20 +307,22 @@ class LLMEngine:
         tokens, logprobs = self.runner.collect(launched)
         outputs = []
         append, running, bs = self._append_token, RequestStatus.RUNNING, self.cfg.block_size
+        take_plp = self.runner.prompt_logprobs.take
         for req, token, logprob in zip(launched.sampling, tokens, logprobs, strict=True):
             req.num_pending_tokens -= 1
             status = req.status
             if status is not running and status.finished:  # aborted, or stopped already
                 continue
             append(req, token, logprob)
+            plp = None if req.params.prompt_logprobs is None else take_plp(req.req_id)
             if req.status is running:
                 outputs.append(
-                    StepOutput(req.req_id, [token], [logprob], None, req.num_cached_tokens)
+                    StepOutput(req.req_id, [token], [logprob], None, req.num_cached_tokens, "", plp)
                 )
                 continue
             reason = finish_reason(req.status)
             outputs.append(
-                StepOutput(req.req_id, [token], [logprob], reason, req.num_cached_tokens)
+                StepOutput(req.req_id, [token], [logprob], reason, req.num_cached_tokens, "", plp)
             )
             if reason is not None:
                 self._finish(req, req.status)
@@ -340,6 +350,8 @@ class LLMEngine:
             req.logprobs.append(logprob)
         n = len(toks)
         if token in req.stop_ids and n >= req.min_num_tokens:
+            req.status = RequestStatus.FINISHED_STOPPED
+        elif req.grammar is not None and req.grammar.advance(req):  # its end (even ignore_eos)
             req.status = RequestStatus.FINISHED_STOPPED
         elif n >= req.max_num_tokens:
             req.status = RequestStatus.FINISHED_LENGTH

@@ -17,7 +17,9 @@ class HostInputs(NamedTuple):
     seq_lens: np.ndarray  # int32 [B]
     query_start_loc: np.ndarray  # int32 [B+1]
     block_tables: np.ndarray  # int32 [B, max_blocks]
-    logits_rows: list[int]  # rows of the packed batch whose logits are sampled
+    # rows of the packed batch whose logits are computed: the sampled ones, in chunk order,
+    # then those of the prompt logprobs asked for (tandem/step_inputs.py)
+    logits_rows: list[int]
     max_query_len: int
 
     @property

@@ -136,6 +136,13 @@ def _merge(
 
 
 def _with(first: StepOutput, token_ids, logprobs, last: StepOutput) -> StepOutput:
+    # prompt logprobs ride on a request's first output only: the merge's first
     return StepOutput(
-        first.req_id, token_ids, logprobs, last.finish_reason, last.num_cached_tokens, last.error
+        first.req_id,
+        token_ids,
+        logprobs,
+        last.finish_reason,
+        last.num_cached_tokens,
+        last.error,
+        first.prompt_logprobs,
     )

@@ -97,6 +97,9 @@ class Logprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # the top-k (token_id, logprob), best first
+    # the token's rank in its distribution (1: the most likely) where computed (prompt
+    # logprobs: vLLM's Logprob.rank); None elsewhere
+    rank: int | None = None
 
 
 @dataclass(slots=True)

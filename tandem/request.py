@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tandem.records import Logprob, SamplingParams
+
+if TYPE_CHECKING:
+    from tandem.structured import GrammarState
 
 
 class RequestStatus(enum.Enum):
@@ -66,8 +70,11 @@ class Request:
     max_num_tokens: int = 0  # prompt + max_output_tokens: "length" when reached
     min_num_tokens: int = 0  # prompt + min_tokens: no stop before it
     stop_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) and stop_token_ids
-    # greedy with nothing to do per row (bias, penalties, min_tokens, logprobs): the sampler's
-    # fast path (set from params at construction; params do not change afterwards)
+    # structured outputs (tandem/structured.py): the matcher that masks this request's
+    # tokens; set by the engine at admission, None when unconstrained
+    grammar: GrammarState | None = None
+    # greedy with nothing to do per row (bias, penalties, min_tokens, logprobs, a grammar):
+    # the sampler's fast path (set from params at construction; params do not change)
     plain_greedy: bool = False
 
     def prepare_limits(self) -> None:
@@ -87,6 +94,7 @@ class Request:
             and not p.needs_penalties
             and not p.min_tokens
             and p.logprobs is None
+            and p.structured is None
         )
 
     @property

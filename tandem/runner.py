@@ -5,6 +5,10 @@ graph instead, decode_graphs.py), the model runs it, and the rows that reach the
 request are sampled on the device (sampler.py). The pool is sized from memory in kv_pool.py;
 its KV crosses to other servers through kv_copy (tp/kv_copy.py).
 
+Prompt logprobs (SamplingParams.prompt_logprobs) come from the same forward: the positions a
+request asks for (engine_records.PromptLogprobs.spans) get logits too, only for the requests
+that ask, a slice of rows at a time, and log_softmax in fp32 scores each prompt token.
+
 At tensor-parallel size N (tandem/tp) every rank holds a runner with its shard of the model and
 of the KV pool (num_kv_heads / N heads). Rank 0 prepares each step's inputs on the host,
 broadcasts them (StepSync) and runs the same forward (run_host) as the other ranks, which loop
@@ -21,6 +25,7 @@ import torch
 from tandem.block_tables import BlockTables
 from tandem.config import EngineConfig, ModelConfig, resolve_dtype
 from tandem.decode_graphs import DecodeGraphs, graph_batch_sizes
+from tandem.engine_records import PromptLogprobs, PromptSpan
 from tandem.host_inputs import HostInputs
 from tandem.kv_pool import KVLayout, allocate_kv_pool, blocks_from_memory
 from tandem.loader import load_model
@@ -29,6 +34,7 @@ from tandem.request import Request
 from tandem.sampler import gather_logprobs, sample_on_device
 from tandem.scheduler import ScheduledChunk
 from tandem.step_inputs import StepInputs, to_device
+from tandem.structured import grammar_bitmask
 from tandem.tp.group import TPGroup
 from tandem.tp.kv_copy import KVCopier
 from tandem.tp.step_sync import KV_GATHER, KV_SCATTER, STEP, StepSync
@@ -37,12 +43,24 @@ from tandem_kernels.registry import get_ops
 
 log = logging.getLogger(__name__)
 
+# prompt-logprob rows per lm_head call: bounds their fp32 [rows, vocab] logits
+PROMPT_LOGITS_ROWS = 512
+
 
 class Launched:
     """One step on its way: the forward and the sampling are queued on the GPU; the sampled
     tokens are being copied into pinned host memory (collect() waits for them)."""
 
-    __slots__ = ("sampling", "tokens", "host_tokens", "event", "logprobs", "chunk_reqs", "step_id")
+    __slots__ = (
+        "sampling",
+        "tokens",
+        "host_tokens",
+        "event",
+        "logprobs",
+        "chunk_reqs",
+        "step_id",
+        "prompt",
+    )
 
     def __init__(self, sampling, tokens=None, host_tokens=None, event=None, logprobs=None):
         self.sampling: list[Request] = sampling  # the requests that sample, in row order
@@ -52,6 +70,8 @@ class Launched:
         self.logprobs: torch.Tensor | None = logprobs  # [S, V] when a request asked
         self.chunk_reqs: list[Request] = []  # every request of the step (set by the engine)
         self.step_id = -1
+        # prompt logprobs on their way: ([(req_id, target token ids, k)], device scores)
+        self.prompt: tuple[list, tuple[torch.Tensor, ...]] | None = None
 
 
 class ModelRunner:
@@ -102,6 +122,7 @@ class ModelRunner:
         max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.tables = BlockTables(max_blocks_per_seq)
         self.inputs = StepInputs(self.tables, self.block_size, device)
+        self.prompt_logprobs = PromptLogprobs()  # the engine asks, takes and forgets
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not cfg.enforce_eager and cfg.cuda_graph_max_batch_size:
             sizes = graph_batch_sizes(min(cfg.cuda_graph_max_batch_size, cfg.max_num_seqs))
@@ -169,33 +190,79 @@ class ModelRunner:
         host yet (c == len(token_ids): async scheduling) takes it from prev.tokens on the
         device, at row req.pending_row."""
         pending: list[tuple[int, int]] = []
+        spans = self.prompt_logprobs.spans(chunks)
+        prompt = None
         if self.sync is not None:  # tensor parallel: every rank runs the same inputs
-            host = self.inputs.prepare_host(chunks, pending)
+            host = self.inputs.prepare_host(chunks, pending, spans)
             assert not pending, "async scheduling is off at tensor-parallel size > 1"
             self.sync.send_step(host)
             logits = self.run_host(host)
-        elif self._graph_fits(len(chunks), all(n == 1 for _, n in chunks)):
+            if spans:  # the prompt rows follow the sampled ones
+                s = len(sampling)
+                prompt = self._score_prompt(chunks, spans, None, logits[s:])
+                logits = logits[:s]
+        elif not spans and self._graph_fits(len(chunks), all(n == 1 for _, n in chunks)):
             staged = self.graphs.stage(chunks, prev.tokens if prev is not None else None)
             hidden = self.graphs.replay(*staged)  # decode: every chunk samples, rows 0..B-1
             logits = self.model.compute_logits(hidden)
         else:
-            ids, pos, meta, rows = self.inputs.prepare(chunks, pending)
+            ids, pos, meta, rows = self.inputs.prepare(chunks, pending, spans)
             if pending:
                 self._fill_pending(ids, pending, prev)
             hidden = self.model(ids, pos, meta, self.kv_caches)
+            if spans:
+                prompt_rows, rows = rows[len(sampling) :], rows[: len(sampling)]
+                idx = to_device(np.asarray(prompt_rows, dtype=np.int64), self.device)
+                prompt = self._score_prompt(chunks, spans, hidden.index_select(0, idx))
             if sampling:  # rows through pinned memory: indexing with a list would sync
                 idx = to_device(np.asarray(rows, dtype=np.int64), self.device)
                 logits = self.model.compute_logits(hidden.index_select(0, idx))
         if not sampling:
-            return Launched([])
-        tokens, logprobs = sample_on_device(logits, sampling, self.gen)
+            launched = Launched([])
+            launched.prompt = prompt
+            return launched
+        mask = grammar_bitmask(logits, sampling, prev)  # constrained rows wait for prev's tokens
+        tokens, logprobs = sample_on_device(logits, sampling, self.gen, mask)
         if self.device.type != "cuda":
-            return Launched(sampling, tokens, tokens, None, logprobs)
-        host = torch.empty(len(sampling), dtype=torch.long, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return Launched(sampling, tokens, host, event, logprobs)
+            launched = Launched(sampling, tokens, tokens, None, logprobs)
+        else:
+            host = torch.empty(len(sampling), dtype=torch.long, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            launched = Launched(sampling, tokens, host, event, logprobs)
+        launched.prompt = prompt
+        return launched
+
+    def _score_prompt(
+        self,
+        chunks: list[ScheduledChunk],
+        spans: list[PromptSpan],
+        hidden: torch.Tensor | None,
+        logits: torch.Tensor | None = None,
+    ) -> tuple[list, tuple[torch.Tensor, ...]] | None:
+        """Each span's prompt tokens scored from the logits of the positions before them
+        (given, or from their hidden rows PROMPT_LOGITS_ROWS at a time): the token's
+        logprob and rank, and the top-k. None on the ranks > 0 (no logits there)."""
+        metas, targets = [], []
+        for i, start, end in spans:
+            req = chunks[i].req
+            ids = req.token_ids[start + 1 : end + 1]
+            metas.append((req.req_id, ids, req.params.prompt_logprobs))
+            targets += ids
+        k = max(m[2] for m in metas)
+        target = torch.tensor(targets, dtype=torch.long).to(self.device, non_blocking=True)
+        if logits is not None:
+            return metas, _prompt_scores(logits, target, k)
+        parts = []
+        for a in range(0, len(targets), PROMPT_LOGITS_ROWS):
+            b = a + PROMPT_LOGITS_ROWS
+            part = self.model.compute_logits(hidden[a:b])  # every rank: a collective at tp > 1
+            if part is not None:
+                parts.append(_prompt_scores(part, target[a:b], k))
+        if not parts:
+            return None
+        return metas, tuple(torch.cat(t) for t in zip(*parts, strict=True))
 
     def _fill_pending(
         self, input_ids: torch.Tensor, pending: list[tuple[int, int]], prev: Launched | None
@@ -206,6 +273,8 @@ class ModelRunner:
 
     def collect(self, launched: Launched) -> tuple[list[int], list[Logprob | None]]:
         """Wait for a launched step's sampled tokens (the one host sync of a step)."""
+        if launched.prompt is not None:
+            self._collect_prompt(*launched.prompt)
         if not launched.sampling:
             return [], []
         if launched.event is not None:
@@ -213,11 +282,29 @@ class ModelRunner:
         tokens = launched.host_tokens.tolist()
         return tokens, gather_logprobs(tokens, launched.logprobs, launched.sampling)
 
+    def _collect_prompt(self, metas: list, scores: tuple[torch.Tensor, ...]) -> None:
+        logprob, rank, top_vals, top_ids = (t.tolist() for t in scores)
+        r = 0
+        for req_id, ids, k in metas:
+            entries = [
+                Logprob(
+                    t,
+                    logprob[r + j],
+                    list(zip(top_ids[r + j][:k], top_vals[r + j][:k], strict=True)),
+                    rank[r + j],
+                )
+                for j, t in enumerate(ids)
+            ]
+            r += len(ids)
+            self.prompt_logprobs.add(req_id, entries)
+
     @torch.inference_mode()
     def run_host(self, host: HostInputs) -> torch.Tensor | None:
         """The forward of one step from host inputs, on every rank: rank 0 gets the logits of
         host.logits_rows (None when nothing samples), the other ranks None."""
-        if self._graph_fits(len(host.seq_lens), host.decode_only):
+        num_seqs = len(host.seq_lens)
+        every_row_samples = host.logits_rows == list(range(num_seqs))  # no prompt rows
+        if every_row_samples and self._graph_fits(num_seqs, host.decode_only):
             hidden = self.graphs.run_host(host)  # decode: every row samples
         else:
             ids, pos, meta = self.inputs.device_inputs(host)
@@ -239,3 +326,15 @@ class ModelRunner:
                 self.kv_copy.scatter_part(*msg)
             else:
                 return
+
+
+def _prompt_scores(
+    logits: torch.Tensor, target: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 logits [R, V] and the tokens they score [R] -> each token's logprob and rank
+    (1: the most likely), and the top-k logprobs and ids [R, k]."""
+    lp = logits.float().log_softmax(-1)
+    tok = lp.gather(1, target[:, None])
+    rank = (lp > tok).sum(-1) + 1
+    top_vals, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], target[:, None][:, :0])
+    return tok[:, 0], rank, top_vals, top_ids

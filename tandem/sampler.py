@@ -1,9 +1,10 @@
 """Turning the last-position logits of a batch into tokens (and logprobs), on the logits' device.
 
-Order, per request: logit_bias -> penalties -> min_tokens mask -> logprobs (of this processed
-distribution, before temperature) -> greedy argmax, or temperature -> top-k -> top-p -> min-p
--> draw. A seeded request draws with a generator seeded from (seed, output index), so its
-tokens do not depend on the batch it ran in, on preemption, or on which worker sampled it.
+Order, per request: the grammar's token mask (structured outputs, tandem/structured.py) ->
+logit_bias -> penalties -> min_tokens mask -> logprobs (of this processed distribution,
+before temperature) -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw. A
+seeded request draws with a generator seeded from (seed, output index), so its tokens do not
+depend on the batch it ran in, on preemption, or on which worker sampled it.
 
 The common case is batched: one argmax over the greedy rows, the filters as tensor ops over all
 sampled rows (one sort when any row asks for top-k or top-p), one noise draw for the unseeded
@@ -22,6 +23,7 @@ import torch
 from tandem.engine_records import RequestFailed
 from tandem.records import Logprob
 from tandem.request import Request
+from tandem.structured import apply_bitmask
 
 _SEED_STRIDE = 1_000_003
 
@@ -76,8 +78,15 @@ def _mask_row(logits: torch.Tensor, i: int, req: Request) -> None:
         banned = set(req.params.stop_token_ids)
         if not req.params.ignore_eos:
             banned |= req.eos_token_ids
-        if banned:
-            logits[i, _dev(sorted(banned), torch.long, logits.device)] = float("-inf")
+        if not banned:
+            return
+        ids = _dev(sorted(banned), torch.long, logits.device)
+        if req.grammar is not None:  # a finished grammar allows only stop tokens: it wins
+            kept = logits[i].index_fill(0, ids, float("-inf"))
+            if bool(torch.isfinite(kept).any()):  # a host sync, for constrained rows only
+                logits[i] = kept
+            return
+        logits[i, ids] = float("-inf")
 
 
 def _filtered_probs(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
@@ -135,11 +144,17 @@ def _seeded_noise_row(noise: torch.Tensor, i: int, req: Request) -> None:
 
 
 def sample_on_device(
-    logits: torch.Tensor, reqs: list[Request], default_gen: torch.Generator | None = None
+    logits: torch.Tensor,
+    reqs: list[Request],
+    default_gen: torch.Generator | None = None,
+    bitmask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, V] fp32 (modified in place) -> the chosen tokens [B] int64 on the logits'
     device, and the log-probabilities [B, V] when any request asks for logprobs; no host sync
-    (penalties, which read the request's tokens, are the caller's to keep in step)."""
+    (penalties, which read the request's tokens, are the caller's to keep in step).
+    bitmask: the grammars' token mask of the batch (structured.grammar_bitmask), or None."""
+    if bitmask is not None:  # constrained rows: before anything else reads the logits
+        apply_bitmask(logits, bitmask)
     if all(r.plain_greedy for r in reqs):  # the common case: nothing per row
         return logits.argmax(-1), None
     # one pass over the batch sorts out the rows with per-request work (most have none)
@@ -202,9 +217,12 @@ def _logprob_row(row: torch.Tensor, token: int, k: int) -> Logprob:
 
 
 def sample(
-    logits: torch.Tensor, reqs: list[Request], default_gen: torch.Generator | None = None
+    logits: torch.Tensor,
+    reqs: list[Request],
+    default_gen: torch.Generator | None = None,
+    bitmask: torch.Tensor | None = None,
 ) -> tuple[list[int], list[Logprob | None]]:
     """logits [B, V] fp32 (modified in place) -> one token per request, and logprobs if asked."""
-    tokens_t, logprobs = sample_on_device(logits, reqs, default_gen)
+    tokens_t, logprobs = sample_on_device(logits, reqs, default_gen, bitmask)
     tokens = tokens_t.tolist()  # the one host sync of a step
     return tokens, gather_logprobs(tokens, logprobs, reqs)

@@ -6,7 +6,8 @@ For a packed batch (chunk of request b covers positions [c_b, c_b + n_b)):
     positions       = concat(range(c_b, c_b + n_b))
     slot_mapping[t] = block_table_b[pos // bs] * bs + pos % bs
     seq_lens[b]     = c_b + n_b
-    logits rows     = the last token of every chunk that reaches the end of its request
+    logits rows     = the last token of every chunk that reaches the end of its request,
+                      then the prompt-logprob rows: positions [start, end) of each PromptSpan
 
 prepare_host builds it on the host (numpy; what rank 0 broadcasts at tensor-parallel size > 1),
 device_inputs copies it to the device. Decode-only steps under CUDA graphs take another path
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from tandem.block_tables import BlockTables
+from tandem.engine_records import PromptSpan
 from tandem.host_inputs import HostInputs
 from tandem.models.attention_metadata import AttentionMetadata
 from tandem.scheduler import ScheduledChunk
@@ -43,17 +45,24 @@ class StepInputs:
         self.split_mixed_attention = True
 
     def prepare(
-        self, chunks: list[ScheduledChunk], pending: list[tuple[int, int]] | None = None
+        self,
+        chunks: list[ScheduledChunk],
+        pending: list[tuple[int, int]] | None = None,
+        spans: list[PromptSpan] = (),
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        host = self.prepare_host(chunks, pending)
+        host = self.prepare_host(chunks, pending, spans)
         return (*self.device_inputs(host), host.logits_rows)
 
     def prepare_host(
-        self, chunks: list[ScheduledChunk], pending: list[tuple[int, int]] | None = None
+        self,
+        chunks: list[ScheduledChunk],
+        pending: list[tuple[int, int]] | None = None,
+        spans: list[PromptSpan] = (),
     ) -> HostInputs:
         """pending: where to collect (packed row, row in the previous step's sampled tokens)
         for decode chunks whose input token is still on the GPU (async scheduling); their
-        input_ids entry is left 0 for the caller to fill on the device."""
+        input_ids entry is left 0 for the caller to fill on the device. spans: the prompt
+        positions whose logits give prompt logprobs; their rows follow the sampled ones."""
         bs = self.block_size
         table_row = self.tables.row
         n_seqs = len(chunks)
@@ -90,6 +99,9 @@ class StepInputs:
             seq_lens[i] = c + n
             if c + n == req.num_scheduled_tokens:  # the chunk reaches its end: it samples
                 logits_rows.append(s + n - 1)
+        for i, start, end in spans:  # packed row of position p: starts[i] + p - c
+            first = int(starts[i]) + start - chunks[i].req.num_computed_tokens
+            logits_rows.extend(range(first, first + end - start))
         width = self.tables.width(max_blocks)
         tables = np.zeros((n_seqs, width), dtype=np.int32)
         for i, row in enumerate(rows):  # a row taken before the array grew is shorter

@@ -28,6 +28,11 @@ MAX_STOP_LEN = 1024  # characters per stop string
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 1024  # entries
 MAX_ABS_LOGIT_BIAS = 100.0
+MAX_STRUCTURED_SPEC = 64 * 1024  # bytes of a schema, regex, grammar or structural tag
+MAX_CHOICES = 1024
+# tandem.records.STRUCTURED_KINDS, repeated: records imports this module (a test keeps the two
+# equal)
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 _INT64 = (-(1 << 63), 1 << 63)
 
 
@@ -91,6 +96,36 @@ def check_sampling(
     for v in s.logit_bias.values():
         if not -MAX_ABS_LOGIT_BIAS <= v <= MAX_ABS_LOGIT_BIAS:  # NaN fails too
             raise InvalidField("logit_bias", "logit_bias values must be in [-100, 100]")
+    plp = s.prompt_logprobs
+    if plp is not None and not 0 <= plp <= max_top_logprobs:
+        raise InvalidField(
+            "prompt_logprobs", f"prompt_logprobs must be in [0, {max_top_logprobs}], got {plp}"
+        )
+    if s.n < 1:
+        raise InvalidField("n", f"n must be >= 1, got {s.n}")
+    if s.best_of is not None and s.best_of < s.n:
+        raise InvalidField("best_of", f"best_of must be >= n ({s.n}), got {s.best_of}")
+    if s.structured is not None:
+        check_structured(s.structured)
+
+
+def check_structured(so) -> None:
+    """The shape of a StructuredOutput (whether xgrammar accepts the spec is the worker's
+    compile step: tandem/structured.py)."""
+    param = "structured_outputs"
+    if so.kind not in STRUCTURED_KINDS:
+        raise InvalidField(param, f"structured output kind must be one of {STRUCTURED_KINDS}")
+    if len(so.spec.encode()) > MAX_STRUCTURED_SPEC:
+        raise InvalidField(param, f"the {so.kind} spec is over {MAX_STRUCTURED_SPEC} bytes")
+    if so.kind in ("json", "regex", "grammar", "structural_tag") and not so.spec:
+        raise InvalidField(param, f"the {so.kind} constraint needs a non-empty spec")
+    if so.kind == "choice":
+        if not 0 < len(so.choices) <= MAX_CHOICES:
+            raise InvalidField(param, f"choice takes 1..{MAX_CHOICES} strings")
+        if any(not c for c in so.choices):
+            raise InvalidField(param, "choice strings must not be empty")
+        if sum(len(c.encode()) for c in so.choices) > MAX_STRUCTURED_SPEC:
+            raise InvalidField(param, f"the choices are over {MAX_STRUCTURED_SPEC} bytes")
 
 
 def check_prompt(

@@ -12,8 +12,10 @@ must never load. Keep this module light: protos and the core's torch-free record
 
 from __future__ import annotations
 
+import asyncio
+
 from protos import common_pb2
-from tandem.records import SamplingParams
+from tandem.records import SamplingParams, StructuredOutput
 from tandem.validation import InvalidField, RequestLimits, check_prompt, check_sampling
 
 _FINISH_TO_PROTO = {
@@ -52,8 +54,49 @@ def sampling_from_proto(p: common_pb2.SamplingParams, check: bool = True) -> Sam
         max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
         # the wire's flag + count; a count without the flag asks for nothing
         logprobs=p.top_logprobs if p.logprobs else None,
+        structured=structured_from_proto(p.structured) if p.HasField("structured") else None,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
         check=check,
     )
+
+
+# StructuredOutput's oneof field <-> StructuredOutput.kind
+_KIND_FIELDS = {
+    "json": "json_schema",
+    "json_object": "json_object",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+    "structural_tag": "structural_tag",
+}
+_FIELD_KINDS = {v: k for k, v in _KIND_FIELDS.items()}
+
+
+def structured_from_proto(p: common_pb2.StructuredOutput) -> StructuredOutput | None:
+    """None when no kind is set (an empty message constrains nothing)."""
+    which = p.WhichOneof("kind")
+    if which is None:
+        return None
+    if which == "choice":
+        return StructuredOutput("choice", choices=tuple(p.choice.choices))
+    if which == "json_object":
+        return StructuredOutput("json_object")
+    return StructuredOutput(_FIELD_KINDS[which], spec=getattr(p, which))
+
+
+def structured_to_proto(s: StructuredOutput) -> common_pb2.StructuredOutput:
+    """Raises InvalidField for a kind the wire does not carry."""
+    field = _KIND_FIELDS.get(s.kind)
+    if field is None:
+        raise InvalidField("structured_outputs", f"unknown structured output kind {s.kind!r}")
+    p = common_pb2.StructuredOutput()
+    if s.kind == "choice":
+        p.choice.choices.extend(s.choices)
+    elif s.kind == "json_object":
+        p.json_object = True
+    else:
+        setattr(p, field, s.spec)
+    return p
 
 
 def request_limits(engine) -> RequestLimits:
@@ -63,7 +106,11 @@ def request_limits(engine) -> RequestLimits:
 
 # the core's param names -> the wire fields of a DecodeRequest / PrefillRequest
 _PROMPT_FIELD = "prompt_token_ids"
-_TOP_LEVEL_FIELDS = {"prompt": _PROMPT_FIELD, "num_output_tokens": "num_output_tokens"}
+_TOP_LEVEL_FIELDS = {
+    "prompt": _PROMPT_FIELD,
+    "num_output_tokens": "num_output_tokens",
+    "structured_outputs": "sampling.structured",
+}
 
 
 def checked_request(request, limits: RequestLimits) -> tuple[list[int], SamplingParams]:
@@ -83,6 +130,19 @@ def checked_request(request, limits: RequestLimits) -> tuple[list[int], Sampling
         field = _TOP_LEVEL_FIELDS.get(e.param, f"sampling.{e.param}")
         raise InvalidField(field, f"{field}: {e.message}", e.context_length) from None
     return prompt, params
+
+
+async def compile_structured(engine, params: SamplingParams) -> None:
+    """Compile a request's constraint in a thread (xgrammar may take a while on a big schema)
+    before it goes to the engine loop, whose lookup is then a cache hit. engine: the core
+    LLMEngine. Raises InvalidField naming the wire field for a spec xgrammar refuses."""
+    if params.structured is None:
+        return
+    try:
+        await asyncio.to_thread(engine.grammars.compile, params.structured)
+    except InvalidField as e:
+        field = _TOP_LEVEL_FIELDS["structured_outputs"]
+        raise InvalidField(field, f"{field}: {e.message}") from None
 
 
 def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
@@ -107,4 +167,8 @@ def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
         p.seed = s.seed
     if s.max_tokens is not None:
         p.max_tokens = s.max_tokens
+    if s.structured is not None:
+        p.structured.CopyFrom(structured_to_proto(s.structured))
+    if s.prompt_logprobs is not None:
+        p.prompt_logprobs = s.prompt_logprobs
     return p

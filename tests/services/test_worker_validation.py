@@ -27,13 +27,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))  # core_helpers
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # worker_pair
 
 from core_helpers import save_tiny_model  # noqa: E402
+from worker_pair import HOST, Session, serve_worker_pair  # noqa: E402
 
 from protos import common_pb2, worker_pb2, worker_pb2_grpc  # noqa: E402
 from worker.bootstrap import EXIT_ENGINE_DEAD  # noqa: E402
 
-HOST = "127.0.0.1"
 VOCAB = 256  # the tiny model's (core_helpers.BASE)
 MAX_MODEL_LEN = 128
 PROMPT = [3, 17, 42, 99, 7, 11, 250, 8, 64, 5, 31]
@@ -108,75 +109,14 @@ def reference(model_dir) -> list[int]:
 @contextlib.asynccontextmanager
 async def _workers(model_dir):
     """A prefill and a decode servicer on one in-process server (real engines, 127.0.0.1)."""
-    from decode_service.servicer import DecodeServicer
-    from kvtransfer.base import DecodeKV
-    from kvtransfer.channel import CHANNEL_OPTIONS, Channels
-    from kvtransfer.ledger import HandoffLedger
-    from kvtransfer.receiver import KVTransferServicer
-    from kvtransfer.registry import RECEIVERS
-    from kvtransfer.select import KVSenders
-    from prefill_service.servicer import PrefillServicer
-    from tandem.async_engine import AsyncEngine
     from tandem.config import EngineConfig
     from tandem.engine import LLMEngine
 
     cfg = EngineConfig(
         model=str(model_dir), num_blocks=64, max_model_len=MAX_MODEL_LEN, **_ENGINE_FLAGS
     )
-    p_engine, d_engine = AsyncEngine(LLMEngine(cfg)), AsyncEngine(LLMEngine(cfg))
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    addr = f"{HOST}:{server.add_insecure_port(f'{HOST}:0')}"
-    ledger = HandoffLedger(lease_s=10)
-    kv_cache = d_engine.engine.kv_cache
-    prefill = PrefillServicer(p_engine, KVSenders(p_engine.engine.kv_cache, channels=Channels(10)))
-    worker_pb2_grpc.add_PrefillServicer_to_server(prefill, server)
-    worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(d_engine, ledger, addr), server)
-    kv = DecodeKV(kv_cache, tuple(kv_cache.shape))
-    kv_servicer = KVTransferServicer(ledger, {"grpc": RECEIVERS["grpc"](kv)})
-    worker_pb2_grpc.add_KVTransferServicer_to_server(kv_servicer, server)
-    await server.start()
-    channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-    try:
+    async with serve_worker_pair(LLMEngine(cfg), LLMEngine(cfg)) as channel:
         yield channel
-    finally:
-        await prefill.close()
-        await channel.close()
-        await server.stop(None)
-        p_engine.shutdown()
-        d_engine.shutdown()
-
-
-class _Session:
-    def __init__(self, channel) -> None:
-        self.up: asyncio.Queue = asyncio.Queue()
-        self.call = worker_pb2_grpc.DecodeStub(channel).Session(self._requests())
-        self.events: dict[str, list] = {}
-
-    async def _requests(self):
-        while (msg := await self.up.get()) is not None:
-            yield msg
-
-    def generate(self, req_id, prompt, sampling, local=True, **top) -> None:
-        request = worker_pb2.DecodeRequest(
-            req_id=req_id, prompt_token_ids=prompt, sampling=sampling, prefill_locally=local, **top
-        )
-        self.up.put_nowait(worker_pb2.SessionRequest(generate=request))
-
-    async def read_until(self, done) -> None:
-        while not done(self.events):
-            msg = await asyncio.wait_for(self.call.read(), 60)
-            assert msg is not grpc.aio.EOF
-            for ev in msg.events:
-                self.events.setdefault(ev.req_id, []).append(ev)
-
-    def ended(self, req_id) -> bool:
-        evs = self.events.get(req_id, [])
-        return bool(evs) and (
-            evs[-1].WhichOneof("event") == "error" or evs[-1].tokens.finish_reason != 0
-        )
-
-    def tokens(self, req_id) -> list[int]:
-        return [t for ev in self.events.get(req_id, []) for t in ev.tokens.token_ids]
 
 
 async def _all_free(channel) -> tuple[worker_pb2.WorkerStats, worker_pb2.WorkerStats]:
@@ -194,7 +134,7 @@ async def _all_free(channel) -> tuple[worker_pb2.WorkerStats, worker_pb2.WorkerS
 def test_bad_fields_are_refused_by_name_and_the_workers_go_on(model_dir, reference):
     async def body():
         async with _workers(model_dir) as channel:
-            session = _Session(channel)
+            session = Session(channel)
             for name, prompt, fields, top, _ in BAD:
                 session.generate(name, prompt, _sampling(**fields), **top)
             await session.read_until(lambda _: all(session.ended(b[0]) for b in BAD))
@@ -281,7 +221,7 @@ async def _break_it(addr: str, proc: subprocess.Popen):
         await asyncio.sleep(0.3)
     watch = health.Watch(health_pb2.HealthCheckRequest(service=service))
     statuses = [(await asyncio.wait_for(watch.read(), 10)).status]
-    session = _Session(channel)
+    session = Session(channel)
     session.generate("doomed", PROMPT, _sampling())
     await session.read_until(lambda _: session.ended("doomed"))
     error = session.events["doomed"][-1].error

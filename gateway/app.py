@@ -27,15 +27,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from gateway import openai_format as fmt
+from gateway import translate
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.errors import APIError, bad_request, from_grpc, unavailable
 from gateway.federation import Federation
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import Guard
-from gateway.protocol import MAX_MODEL_NAME_LEN, ChatCompletionRequest, CompletionRequest
+from gateway.protocol import (
+    MAX_MODEL_NAME_LEN,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from gateway.readiness import RouterReadiness
-from gateway.translate import chat_to_proto, completion_to_protos
 from protos import router_pb2, router_pb2_grpc
 from rpc.tls import aio_channel
 
@@ -73,6 +79,8 @@ async def parse_body(request: Request, model_cls):
         if err["type"] == "json_invalid":
             raise bad_request(f"malformed JSON body: {err['msg']}") from None
         if not loc:
+            if err["type"] == "value_error":  # a whole-body rule (gateway.protocol)
+                raise bad_request(str(err.get("ctx", {}).get("error", err["msg"]))) from None
             raise bad_request("the request body must be a JSON object") from None
         raise bad_request(f"{'.'.join(loc)}: {err['msg']}", loc[0]) from None
 
@@ -212,12 +220,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        try:
-            resp = await state["stub"].ListModels(
-                router_pb2.ListModelsRequest(), timeout=config.router_timeout_s, metadata=router_md
-            )
-        except grpc.aio.AioRpcError as e:
-            raise from_grpc(e) from None
+        resp = await unary("ListModels", router_pb2.ListModelsRequest())
+        if resp.models:
+            state["served_name"] = resp.models[0].id
         data = [
             {
                 "id": config.served_model_name or m.id,
@@ -231,23 +236,49 @@ def create_app(config: GatewayConfig) -> FastAPI:
         ]
         return {"object": "list", "data": data}
 
-    def model_for(r) -> str:
-        return config.served_model_name or r.model or ""
+    async def unary(method: str, req):
+        try:
+            return await getattr(state["stub"], method)(
+                req, timeout=config.router_timeout_s, metadata=router_md
+            )
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e) from None
 
-    async def run(request: Request, body, reqs, kind: str):
+    async def served_name() -> str:
+        """The router's model name (ListModels, asked once), for requests that name none."""
+        if "served_name" not in state:
+            resp = await unary("ListModels", router_pb2.ListModelsRequest())
+            if not resp.models:
+                raise unavailable("no_model", message="the router serves no model")
+            state["served_name"] = resp.models[0].id
+        return state["served_name"]
+
+    async def model_for(body, reqs) -> str:
+        """The model name of every response and chunk; the router's requests get the
+        router's own name ("" when the gateway serves it under an alias)."""
         # Absent (None) means the served model, as in vLLM; "" or a name longer than any
         # model's is a bad request, never an unknown model or an overload.
         if body.model is not None and not 0 < len(body.model) <= MAX_MODEL_NAME_LEN:
             raise bad_request(f"model must have 1..{MAX_MODEL_NAME_LEN} characters", "model")
-        model = model_for(body)
-        if config.served_model_name and body.model and body.model != config.served_model_name:
+        if not config.served_model_name:
+            return body.model or await served_name()
+        if body.model and body.model != config.served_model_name:
             raise APIError(
                 404, f"The model `{body.model}` does not exist.", param="model",
                 code="model_not_found",
             )  # fmt: skip
-        if config.served_model_name:
-            for r in reqs:
-                r.model = ""  # the router's own name may differ from the alias
+        for r in reqs:
+            r.model = ""  # the router's own name may differ from the alias
+        return config.served_model_name
+
+    def client_error(body, e: grpc.aio.AioRpcError) -> APIError:
+        err = from_grpc(e)
+        if err.param == "structured_outputs":  # the router's name for any constraint
+            err.param = translate.constraint_field(body) or err.param
+        return err
+
+    async def run(request: Request, body, reqs, kind: str):
+        model = await model_for(body, reqs)
         t0 = time.monotonic()
         stream = merged(state["stub"], reqs, config.request_timeout_s, router_md)
         # The first chunk arrives before any HTTP status is sent, so refusals (bad params,
@@ -259,7 +290,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         except BaseException as e:
             await stream.aclose()
             if isinstance(e, grpc.aio.AioRpcError):
-                raise from_grpc(e) from None
+                raise client_error(body, e) from None
             if isinstance(e, StopAsyncIteration):
                 raise APIError(500, "empty response from router", "internal_error") from None
             raise
@@ -297,7 +328,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                     if text := builder.stream_end():
                         yield text
                 except grpc.aio.AioRpcError as e:
-                    yield f"data: {json.dumps(from_grpc(e).body())}\n\n"
+                    yield f"data: {json.dumps(client_error(body, e).body())}\n\n"
                 finally:
                     await stream.aclose()
                     finish()
@@ -315,7 +346,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
             # noticed by watching for the disconnect, which cancels the calls.
             await unless_gone(request, collect())
         except grpc.aio.AioRpcError as e:
-            raise from_grpc(e) from None
+            raise client_error(body, e) from None
         finally:
             await stream.aclose()
             finish()
@@ -324,11 +355,39 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await parse_body(request, ChatCompletionRequest)
-        return await run(request, body, [chat_to_proto(body, config)], "chat")
+        return await run(request, body, [translate.chat_to_proto(body, config)], "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await parse_body(request, CompletionRequest)
-        return await run(request, body, completion_to_protos(body, config), "completion")
+        return await run(request, body, translate.completion_to_protos(body, config), "completion")
+
+    # vLLM's tokenizer endpoints (same API key as the rest; no admission slot: no generation)
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await parse_body(request, TokenizeRequest)
+        req = translate.tokenize_to_proto(body, config)
+        await model_for(body, [req])
+        resp = await unary("Tokenize", req)
+        return {
+            "count": len(resp.token_ids),
+            "max_model_len": resp.max_model_len,
+            "tokens": list(resp.token_ids),
+            "token_strs": list(resp.token_strs) if body.return_token_strs else None,
+        }
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await parse_body(request, DetokenizeRequest)
+        req = router_pb2.DetokenizeRequest(
+            model=body.model or "", token_ids=body.tokens, skip_special_tokens=False
+        )  # vLLM decodes special tokens too
+        await model_for(body, [req])
+        try:
+            resp = await unary("Detokenize", req)
+        except APIError as e:
+            e.param = "tokens" if e.param == "token_ids" else e.param
+            raise
+        return {"prompt": resp.text}
 
     return app

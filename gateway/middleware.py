@@ -22,7 +22,14 @@ from gateway.metrics import GatewayMetrics
 
 GENERATE_ROUTES = ("/v1/completions", "/v1/chat/completions")
 PROBE_ROUTES = ("/health", "/ready", "/live")
-KNOWN_ROUTES = (*PROBE_ROUTES, "/metrics", "/v1/models", *GENERATE_ROUTES)
+KNOWN_ROUTES = (
+    *PROBE_ROUTES,
+    "/metrics",
+    "/v1/models",
+    "/tokenize",
+    "/detokenize",
+    *GENERATE_ROUTES,
+)
 
 
 def _too_large(limit: int) -> APIError:

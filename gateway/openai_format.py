@@ -4,9 +4,14 @@ Choice index across a batch of prompts: prompt_index * n + choice index (as Open
 
 Streaming takes the router's chunks in batches (gateway.app.merged: several only when the
 SSE writer lagged). A batch becomes one SSE event per choice that has something to say, its
-chunks merged: their text joined, every token's logprobs entry kept in order, the last
-finish_reason. The events' JSON is the chunk's fixed fields, encoded once per request,
-around json.dumps of the choice: the same bytes json.dumps of the whole event would give.
+chunks merged: their text (and reasoning) joined, a tool call's argument pieces joined, every
+token's logprobs entry kept in order, the last finish_reason. The events' JSON is the chunk's
+fixed fields, encoded once per request, around json.dumps of the choice: the same bytes
+json.dumps of the whole event would give.
+
+Chat: a choice that made tool calls and stopped finishes with "tool_calls" (OpenAI); its
+message content is null when the output was only tool calls. prompt_logprobs (vLLM's shape,
+gateway.responses) are top-level for chat (one prompt), per choice for completions.
 """
 
 from __future__ import annotations
@@ -14,7 +19,15 @@ from __future__ import annotations
 import json
 import time
 
-from gateway.responses import FINISH, CompletionLogprobs, chat_logprobs, usage_json
+from gateway.responses import (
+    FINISH,
+    CompletionLogprobs,
+    ToolCalls,
+    chat_logprobs,
+    prompt_logprobs_json,
+    tool_call_delta_json,
+    usage_json,
+)
 
 
 class _Builder:
@@ -28,6 +41,8 @@ class _Builder:
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.texts = [""] * self.num_choices
         self.finish = [None] * self.num_choices
+        self.prompt_logprobs: list[list | None] = [None] * self.num_choices
+        self.want_prompt_logprobs = body.prompt_logprobs is not None
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         self.cached = 0
         self.frame = self._sse_frame()
@@ -50,6 +65,14 @@ class _Builder:
 
     def finish_reasons(self):
         return self.finish
+
+    def _prompt_logprobs(self, i: int, chunk) -> None:
+        """The router sends a prompt's entries with its choice 0 only (the same for every
+        choice): they go to each choice of that prompt."""
+        if self.want_prompt_logprobs and chunk.index == 0 and self.prompt_logprobs[i] is None:
+            entries = prompt_logprobs_json(chunk.prompt_logprobs)
+            for j in range(i, i + self.n):
+                self.prompt_logprobs[j] = entries
 
     def _event(self, choices: list[dict]) -> dict:
         e = {
@@ -105,6 +128,13 @@ class ChatBuilder(_Builder):
         super().__init__(*args)
         self.logprobs = [[] for _ in range(self.num_choices)]
         self.want_logprobs = args[-1].logprobs
+        self.reasoning = [""] * self.num_choices
+        self.tool_calls = [ToolCalls() for _ in range(self.num_choices)]
+        self.called = [False] * self.num_choices  # the choice made tool calls (stream)
+
+    def _finish_reason(self, i: int, reason: str | None) -> str | None:
+        # OpenAI: a choice that ended by calling tools finishes with "tool_calls"
+        return "tool_calls" if reason == "stop" and self.called[i] else reason
 
     def stream_start(self) -> str:
         return self.sse(
@@ -124,19 +154,35 @@ class ChatBuilder(_Builder):
         i = self._index(prompt_idx, chunk)
         reason = FINISH[chunk.finish_reason]
         self.finish[i] = reason or self.finish[i]
-        if not chunk.text and reason is None and not chunk.logprobs:
+        delta: dict = {}
+        if chunk.reasoning_text:
+            delta["reasoning_content"] = chunk.reasoning_text
+        if chunk.text:
+            delta["content"] = chunk.text
+        if chunk.tool_calls:
+            delta["tool_calls"] = [tool_call_delta_json(d) for d in chunk.tool_calls]
+            self.called[i] = True
+        if not delta and reason is None and not chunk.logprobs:
             return None
         return {
             "index": i,
-            "delta": {"content": chunk.text} if chunk.text else {},
+            "delta": delta,
             "logprobs": {"content": chat_logprobs(chunk)} if self.want_logprobs else None,
-            "finish_reason": reason,
+            "finish_reason": self._finish_reason(i, reason),
         }
 
     @staticmethod
     def _merge(acc: dict, choice: dict) -> None:
-        if "content" in choice["delta"]:
-            acc["delta"]["content"] = acc["delta"].get("content", "") + choice["delta"]["content"]
+        into, delta = acc["delta"], choice["delta"]
+        for key in ("reasoning_content", "content"):
+            if key in delta:
+                into[key] = into.get(key, "") + delta[key]
+        for call in delta.get("tool_calls", ()):
+            calls = into.setdefault("tool_calls", [])
+            if calls and calls[-1]["index"] == call["index"] and "id" not in call:
+                calls[-1]["function"]["arguments"] += call["function"]["arguments"]
+            else:
+                calls.append(call)
         if acc["logprobs"] is not None:
             acc["logprobs"]["content"] += choice["logprobs"]["content"]
 
@@ -144,8 +190,24 @@ class ChatBuilder(_Builder):
         self._account(chunk)
         i = self._index(prompt_idx, chunk)
         self.texts[i] += chunk.text
+        self.reasoning[i] += chunk.reasoning_text
+        self.tool_calls[i].add(chunk.tool_calls)
+        self.called[i] = self.called[i] or bool(chunk.tool_calls)
         self.logprobs[i] += chat_logprobs(chunk)
         self.finish[i] = FINISH[chunk.finish_reason] or self.finish[i]
+        self._prompt_logprobs(i, chunk)
+
+    def _message(self, i: int) -> dict:
+        calls = self.tool_calls[i].calls
+        m = {
+            "role": "assistant",
+            # OpenAI: null content when the output was only tool calls
+            "content": self.texts[i] if self.texts[i] or not calls else None,
+            "reasoning_content": self.reasoning[i] or None,
+        }
+        if calls:
+            m["tool_calls"] = calls
+        return m
 
     def response(self) -> dict:
         return {
@@ -156,13 +218,15 @@ class ChatBuilder(_Builder):
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": self.texts[i]},
+                    "message": self._message(i),
                     "logprobs": {"content": self.logprobs[i]} if self.want_logprobs else None,
-                    "finish_reason": self.finish[i],
+                    "finish_reason": self._finish_reason(i, self.finish[i]),
                 }
                 for i in range(self.num_choices)
             ],
             "usage": self._usage(),
+            # vLLM: one prompt, so one list for the response (None unless asked)
+            "prompt_logprobs": self.prompt_logprobs[0],
         }
 
 
@@ -210,6 +274,7 @@ class CompletionBuilder(_Builder):
             self._lp(i, chunk)
         self.texts[i] += chunk.text
         self.finish[i] = FINISH[chunk.finish_reason] or self.finish[i]
+        self._prompt_logprobs(i, chunk)
 
     def response(self) -> dict:
         return {
@@ -223,6 +288,7 @@ class CompletionBuilder(_Builder):
                     "text": self.texts[i],
                     "logprobs": self.logprobs[i].json() if self.want_logprobs else None,
                     "finish_reason": self.finish[i],
+                    "prompt_logprobs": self.prompt_logprobs[i],  # vLLM: per choice
                 }
                 for i in range(self.num_choices)
             ],

@@ -12,9 +12,9 @@ a 400 naming the field rather than a protobuf error.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 INT32_MAX = 2**31 - 1
 MAX_MODEL_NAME_LEN = 256  # as the router's bound (router/engine.py)
@@ -37,15 +37,86 @@ class TextPart(_Base):
     text: str
 
 
+class FunctionCall(_Base):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_Base):
+    """An assistant message's tool call, sent back in a later turn."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Base):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
+    reasoning_content: str | None = None  # assistant: its reasoning, when sent back
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+
+class FunctionDefinition(_Base):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON Schema of the arguments
+    strict: bool | None = None
+
+
+class Tool(_Base):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Base):
+    name: str
+
+
+class NamedToolChoice(_Base):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(_Base):
+    """response_format.json_schema, as `chat.completions.parse(response_format=Model)` sends."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None
+
+
+class ResponseFormat(_Base):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs the `json_schema` field")
+        return self
+
+
+class StructuredOutputs(_Base):
+    """vLLM's `structured_outputs` (one of its keys; backend options are ignored)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
 
 
 class SamplingFields(BaseModel):
@@ -74,6 +145,15 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: str | None = None
+    # Structured outputs: at most one of these per request (gateway.translate).
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM: logprobs of the prompt tokens, with this many alternatives per position.
+    prompt_logprobs: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -95,6 +175,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, else "none" (vLLM)
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
@@ -113,3 +196,30 @@ class CompletionRequest(SamplingFields):
         if p and all(isinstance(x, int) for x in p):
             return [p]
         return list(p)
+
+
+class TokenizeRequest(_Base):
+    """POST /tokenize (vLLM): `prompt` text, or chat `messages` rendered by the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    # unset: true for a prompt, false for messages (the chat template adds BOS itself)
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` and `messages`")
+        return self
+
+
+class DetokenizeRequest(_Base):
+    """POST /detokenize (vLLM)."""
+
+    model: str | None = None
+    tokens: list[TokenId]

@@ -66,15 +66,21 @@ def render_chat(
     messages: list[dict],
     add_generation_prompt: bool = True,
     special_tokens: dict[str, str] | None = None,
+    tools: list[dict] | None = None,
     **extra,
 ) -> str:
+    """tools: OpenAI's shape [{"type": "function", "function": {...}}], or None (HF passes
+    None too). extra: the request's chat_template_kwargs; as in HF and vLLM they may override
+    add_generation_prompt and the special tokens, never the messages or the tools."""
+    variables = {
+        **(special_tokens or {}),
+        "add_generation_prompt": add_generation_prompt,
+        **extra,
+        "messages": messages,
+        "tools": tools,
+    }
     try:
-        return _compile(template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            **(special_tokens or {}),
-            **extra,
-        )
+        return _compile(template).render(**variables)
     except TemplateError:
         raise
     except jinja2.TemplateError as e:

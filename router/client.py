@@ -12,6 +12,14 @@ other services can use it:
         async for chunk in c.generate(messages=[{"role": "user", "content": "hi"}]):
             ...
 
+Beyond sampling: tools (OpenAI's [{"type": "function", "function": {...}}] or the function
+dicts), tool_choice ("none" | "auto" | "required" | a function name, or OpenAI's {"type":
+"function", "function": {"name": ...}}), structured (a tandem.records.StructuredOutput or
+vLLM's structured_outputs dict: {"json": schema} | {"regex": ...} | {"choice": [...]} |
+{"grammar": ...} | {"json_object": True} | {"structural_tag": ...}), prompt_logprobs (k),
+chat_template_kwargs (a dict). Chunks carry reasoning_text, tool_calls (ToolCallDelta pieces)
+and prompt_logprobs; complete() assembles each choice's tool calls.
+
 api_key= (default: env TANDEM_API_KEY) is sent as `authorization: Bearer <key>` on every
 call. A refusal that says when to come back (RESOURCE_EXHAUSTED or UNAVAILABLE with
 `retry-after` metadata) is retried up to max_retries times after that many seconds (at most
@@ -29,12 +37,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from protos import common_pb2, router_pb2, router_pb2_grpc
+from protos import router_pb2, router_pb2_grpc
+from router.client_requests import build_request, tokenize_request
+from router.tool_parsers import ToolCall, ToolCallDelta
 from rpc.tls import PLAINTEXT, TLSConfig, aio_channel, channel
 from tandem.records import Usage
 
 _FINISH = {1: "stop", 2: "length", 3: "abort", 4: "error"}
-_SAMPLING = {f.name for f in common_pb2.SamplingParams.DESCRIPTOR.fields}
 _RETRYABLE = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
 MAX_RETRY_AFTER_S = 30.0  # a longer wait asked by the server is cut to this
 API_KEY_ENV = "TANDEM_API_KEY"
@@ -57,6 +66,9 @@ class Chunk:
     stop_reason: str = ""
     usage: Usage | None = None  # on the stream's last chunk
     logprobs: list = field(default_factory=list)  # tandem.v1.TokenLogprob messages
+    reasoning_text: str = ""  # new reasoning text (router started with --reasoning-parser)
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)  # pieces of tool calls
+    prompt_logprobs: list = field(default_factory=list)  # TokenLogprob messages, first chunk
 
 
 @dataclass(slots=True)
@@ -65,6 +77,9 @@ class Completion:
     texts: list[str]  # per choice
     finish_reasons: list[str | None]
     usage: Usage | None
+    reasoning_texts: list[str] = field(default_factory=list)  # per choice
+    tool_calls: list[list[ToolCall]] = field(default_factory=list)  # per choice
+    prompt_logprobs: list = field(default_factory=list)  # TokenLogprob messages (choice 0)
 
 
 class TandemError(Exception):
@@ -106,70 +121,50 @@ class _Retries:
         return None if seconds is None else min(seconds, MAX_RETRY_AFTER_S)
 
 
-def build_request(
-    prompt: str | list[int] | None = None,
-    *,
-    messages: list[dict] | None = None,
-    model: str = "",
-    n: int = 1,
-    stop: list[str] | str | None = None,
-    request_id: str = "",
-    echo: bool = False,
-    include_stop_str_in_output: bool = False,
-    skip_special_tokens: bool = True,
-    **sampling,
-) -> router_pb2.GenerateRequest:
-    unknown = set(sampling) - _SAMPLING
-    if unknown:
-        raise TypeError(f"unknown sampling parameters: {sorted(unknown)}")
-    req = router_pb2.GenerateRequest(
-        model=model,
-        n=n,
-        request_id=request_id,
-        echo=echo,
-        stop=[stop] if isinstance(stop, str) else list(stop or []),
-        include_stop_str_in_output=include_stop_str_in_output,
-        skip_special_tokens=skip_special_tokens,
-        sampling=common_pb2.SamplingParams(**{k: v for k, v in sampling.items() if v is not None}),
-    )
-    if messages is not None:
-        req.chat.messages.extend(router_pb2.ChatMessage(**m) for m in messages)
-    elif isinstance(prompt, str):
-        req.text = prompt
-    elif prompt is not None:
-        req.token_ids.ids.extend(prompt)
-    return req
-
-
 def _chunk(c: router_pb2.GenerateResponse) -> Chunk:
     usage = None
     if c.HasField("usage"):
         u = c.usage
         # (total_tokens is prompt + completion: Usage computes it as the router did)
         usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+    calls = [ToolCallDelta(d.index, d.id, d.name, d.arguments) for d in c.tool_calls]
     return Chunk(
         c.request_id, c.index, c.text, list(c.token_ids), _FINISH.get(c.finish_reason),
-        c.stop_reason, usage, list(c.logprobs),
+        c.stop_reason, usage, list(c.logprobs), c.reasoning_text, calls,
+        list(c.prompt_logprobs),
     )  # fmt: skip
 
 
 class _Collector:
     def __init__(self):
         self.texts: dict[int, str] = {}
+        self.reasoning: dict[int, str] = {}
+        self.calls: dict[int, list[ToolCall]] = {}
         self.reasons: dict[int, str | None] = {}
-        self.usage, self.request_id = None, ""
+        self.usage, self.request_id, self.prompt_logprobs = None, "", []
 
     def add(self, ch: Chunk) -> None:
         self.request_id = ch.request_id
-        self.texts[ch.index] = self.texts.get(ch.index, "") + ch.text
-        self.reasons[ch.index] = ch.finish_reason or self.reasons.get(ch.index)
+        i = ch.index
+        self.texts[i] = self.texts.get(i, "") + ch.text
+        self.reasoning[i] = self.reasoning.get(i, "") + ch.reasoning_text
+        calls = self.calls.setdefault(i, [])
+        for d in ch.tool_calls:  # a call's first piece has its id and name; later ones add
+            if d.index == len(calls):
+                calls.append(ToolCall(d.id, d.name, d.arguments))
+            else:
+                calls[d.index].arguments += d.arguments
+        if ch.prompt_logprobs and i == 0:
+            self.prompt_logprobs = ch.prompt_logprobs
+        self.reasons[i] = ch.finish_reason or self.reasons.get(i)
         self.usage = ch.usage or self.usage
 
     def result(self) -> Completion:
         idx = sorted(self.texts)
         return Completion(
             self.request_id, [self.texts[i] for i in idx], [self.reasons[i] for i in idx],
-            self.usage,
+            self.usage, [self.reasoning[i] for i in idx], [self.calls[i] for i in idx],
+            self.prompt_logprobs,
         )  # fmt: skip
 
 
@@ -226,12 +221,11 @@ class TandemClient:
             time.sleep(delay)
             attempt += 1
 
-    def tokenize(self, text: str | None = None, messages: list[dict] | None = None) -> list[int]:
-        req = router_pb2.TokenizeRequest()
-        if messages is not None:
-            req.chat.messages.extend(router_pb2.ChatMessage(**m) for m in messages)
-        else:
-            req.text = text or ""
+    def tokenize(
+        self, text: str | None = None, messages: list[dict] | None = None, **kwargs
+    ) -> list[int]:
+        """kwargs: tools, chat_template_kwargs (chat), as generate() takes them."""
+        req = tokenize_request(text, messages, **kwargs)
         return list(self._unary(self.stub.Tokenize, req).token_ids)
 
     def detokenize(self, token_ids: list[int]) -> str:
@@ -309,12 +303,10 @@ class AsyncTandemClient:
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def tokenize(self, text: str | None = None, messages: list[dict] | None = None):
-        req = router_pb2.TokenizeRequest()
-        if messages is not None:
-            req.chat.messages.extend(router_pb2.ChatMessage(**m) for m in messages)
-        else:
-            req.text = text or ""
+    async def tokenize(
+        self, text: str | None = None, messages: list[dict] | None = None, **kwargs
+    ) -> list[int]:
+        req = tokenize_request(text, messages, **kwargs)
         return list((await self._unary(self.stub.Tokenize, req)).token_ids)
 
     async def detokenize(self, token_ids: list[int]) -> str:

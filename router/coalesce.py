@@ -13,6 +13,8 @@ them are waiting (its first chunk and its final chunk always go at once).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from router.types import ChoiceChunk, FinishReason
 
 
@@ -21,6 +23,14 @@ def merge_into(acc: ChoiceChunk, c: ChoiceChunk) -> None:
     acc.token_ids += c.token_ids
     acc.text += c.text
     acc.logprobs += c.logprobs  # one entry per token, still parallel to token_ids
+    acc.reasoning_text += c.reasoning_text
+    acc.prompt_logprobs += c.prompt_logprobs  # only a choice's first chunk has them
+    for d in c.tool_calls:  # a later piece of the same call appends to its arguments
+        last = acc.tool_calls[-1] if acc.tool_calls else None
+        if last is not None and last.index == d.index and not d.id and not d.name:
+            acc.tool_calls[-1] = replace(last, arguments=last.arguments + d.arguments)
+        else:
+            acc.tool_calls.append(d)
     if c.finish_reason != FinishReason.NONE:
         acc.finish_reason, acc.stop_reason = c.finish_reason, c.stop_reason
         acc.timing, acc.num_cached_tokens = c.timing, c.num_cached_tokens

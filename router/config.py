@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from router.reasoning import REASONING_PARSERS
+from router.tool_parsers import TOOL_PARSERS
 from rpc.tls import PLAINTEXT, TLSConfig
 
 
@@ -51,6 +53,14 @@ class RouterConfig:
     # The public Router API demands `authorization: Bearer <api_key>` when set (the gateway's
     # key: the gRPC API is no back door around it); internal services are unaffected.
     api_key: str = field(default="", repr=False)
+    # Tool calling and reasoning (vLLM's flags). tool_call_parser: how tool calls are found in
+    # a choice's output text (router/tool_parsers.py; "": none); tool_choice "auto" is
+    # allowed only with it and enable_auto_tool_choice ("required" and a named function are
+    # forced with structured outputs and need neither). reasoning_parser: how a chat choice's
+    # reasoning is split from its content (router/reasoning.py; "": none).
+    tool_call_parser: str = ""
+    enable_auto_tool_choice: bool = False
+    reasoning_parser: str = ""
 
     def __post_init__(self):
         if self.routing_policy not in ("prefix", "least_load", "round_robin"):
@@ -65,3 +75,18 @@ class RouterConfig:
             raise ValueError("max_local_prefill_length must be >= 0")
         if min(self.worker_timeout_s, self.handoff_timeout_s, self.stream_idle_timeout_s) <= 0:
             raise ValueError("worker, handoff and stream-idle timeouts must be > 0")
+        if self.tool_call_parser and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(
+                f"unknown tool call parser {self.tool_call_parser!r}; one of {TOOL_PARSERS}"
+            )
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("enable_auto_tool_choice needs a tool_call_parser")
+        if self.reasoning_parser and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"unknown reasoning parser {self.reasoning_parser!r}; one of {REASONING_PARSERS}"
+            )
+
+    @property
+    def auto_tool_choice(self) -> bool:
+        """Whether tool_choice "auto" can be served (vLLM: both flags set)."""
+        return self.enable_auto_tool_choice and bool(self.tool_call_parser)

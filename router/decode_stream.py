@@ -50,10 +50,26 @@ class _WorkerFailed(Exception):
         self.code = code  # grpc.StatusCode when the worker answered with one
 
 
+# A worker's refusal starts with the wire field it names ("sampling.structured: ..."); the
+# public API names these fields so (a grammar only the worker's xgrammar can refuse)
+_PUBLIC_PARAMS = {
+    "sampling.structured": "structured_outputs",
+    "sampling.prompt_logprobs": "prompt_logprobs",
+}
+
+
+def _invalid_argument(details: str) -> RequestError:
+    field, sep, rest = details.partition(": ")
+    param = _PUBLIC_PARAMS.get(field) if sep else None
+    if param is None:
+        return RequestError(ErrorKind.INVALID_ARGUMENT, details or "invalid request")
+    return RequestError(ErrorKind.INVALID_ARGUMENT, f"{param}: {rest}", param=param)
+
+
 def _status_error(code: grpc.StatusCode, details: str, worker) -> Exception:
     """A worker's status -> RequestError (the request's fault) or _WorkerFailed (retry)."""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return RequestError(ErrorKind.INVALID_ARGUMENT, details or "invalid request")
+        return _invalid_argument(details)
     if code == grpc.StatusCode.OUT_OF_RANGE:
         return RequestError(ErrorKind.CONTEXT_LENGTH, details or "context length exceeded")
     if code in _RETRYABLE:
@@ -208,6 +224,7 @@ def _merge_tokens(into: worker_pb2.TokenEvent, events: collections.deque) -> Non
         t = events.popleft().tokens
         into.token_ids.extend(t.token_ids)
         into.logprobs.extend(t.logprobs)
+        into.prompt_logprobs.extend(t.prompt_logprobs)  # (only a first event has them)
         into.num_cached_tokens = t.num_cached_tokens
         if t.HasField("stop_token_id"):
             into.stop_token_id = t.stop_token_id

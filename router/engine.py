@@ -1,9 +1,11 @@
 """The router engine: one public request from prompt to streamed choices.
 
 admit      count against max_num_requests (refuse beyond: never an unbounded queue)
-prepare    chat template / tokenize, validate, fill max_tokens
-fan out    one task per choice (n), each: handoff.stream_choice -> detokenize -> stop
-           strings -> ChoiceChunk on a shared queue
+prepare    validate (tool_choice settled; a forced call becomes a structured-output
+           constraint), chat template (tools, chat_template_kwargs) / tokenize, fill max_tokens
+fan out    one task per choice (n), each: handoff.stream_choice -> the choice's text
+           (router/choice_text.py: detokenize, stop strings, reasoning, tool calls) ->
+           ChoiceChunk on a shared queue
 merge      yield chunks as they come; usage rides on the very last chunk
 cleanup    client gone or Abort: cancel the choice tasks (which abort on the workers)
 """
@@ -12,18 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
+from router.choice_text import ChoiceText
 from router.coalesce import Coalescer
 from router.config import RouterConfig
-from router.detokenizer import IncrementalDetokenizer
 from router.handoff import HandoffLimits, stream_choice
 from router.metrics import RouterMetrics
 from router.policies import make_policy
-from router.stop import StopStringMatcher
 from router.tokenizer import RouterTokenizer
 from router.types import (
     ChoiceChunk,
@@ -101,7 +103,12 @@ class RouterEngine:
             return gi.prompt_token_ids, self.tokenizer.decode(gi.prompt_token_ids, False)
         if gi.messages is not None:
             try:
-                text = self.tokenizer.apply_chat_template(gi.messages, gi.add_generation_prompt)
+                text = self.tokenizer.apply_chat_template(
+                    gi.messages,
+                    gi.add_generation_prompt,
+                    gi.template_tools(),
+                    **gi.chat_template_kwargs,
+                )
             except ValueError as e:  # TemplateError included: the template refused the chat
                 raise RequestError(ErrorKind.INVALID_ARGUMENT, str(e), param="messages") from e
             add_special = False  # the template already wrote BOS etc.
@@ -119,7 +126,9 @@ class RouterEngine:
         t_arrival = time.monotonic()
         try:
             self.check_model(gi.model)
-            validate_input(gi, self.config.max_n, self.config.max_logprobs)
+            validate_input(
+                gi, self.config.max_n, self.config.max_logprobs, self.config.auto_tool_choice
+            )
             if len(self.running) >= self.config.max_num_requests:
                 raise RequestError(ErrorKind.OVERLOADED, "too many requests", retry_after=1)
             if not self.pool.has_role(Role.DECODE):
@@ -213,16 +222,18 @@ class RouterEngine:
         return tasks is not None
 
     async def _run_choice(self, gi, index, prompt_ids, prompt_text, t_arrival, queue) -> None:
-        """Worker tokens -> text (detokenizer, stop strings) -> ChoiceChunks on the queue."""
+        """Worker tokens -> the choice's text (router/choice_text.py) -> ChoiceChunks on the
+        queue."""
         req_id = f"{gi.request_id}-{index}"
-        s = gi.sampling
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, s.skip_special_tokens)
-        stops = StopStringMatcher(s.stop, s.include_stop_str_in_output)
+        out = ChoiceText(self.tokenizer, prompt_ids, prompt_text, gi, self.config)
         timing = Timing()
         first = True
         num_out = num_cached = 0
+        sampling = gi.sampling
+        if index and sampling.prompt_logprobs is not None:  # the prompt's are the same for all
+            sampling = dataclasses.replace(sampling, prompt_logprobs=None, check=False)
         stream = stream_choice(
-            self.pool, self.policy, req_id, prompt_ids, gi.sampling, timing, t_arrival, self.limits
+            self.pool, self.policy, req_id, prompt_ids, sampling, timing, t_arrival, self.limits
         )
         async with contextlib.aclosing(stream):
             async for batch in stream:
@@ -232,22 +243,17 @@ class RouterEngine:
                     first = False
                     self._first_token(req_id, timing, t_arrival, batch.num_cached_tokens)
                     num_cached = batch.num_cached_tokens
+                    if batch.prompt_logprobs:  # (an empty one is WorkerTokens' shared default)
+                        chunk.prompt_logprobs = batch.prompt_logprobs
                     if gi.echo:
                         chunk.text, chunk.prompt_token_ids = prompt_text, list(prompt_ids)
-                ids = batch.token_ids
-                if batch.stop_token_id is not None and not s.include_stop_str_in_output:
-                    # the stop token's own text is not output
-                    ids = [t for t in ids if t != batch.stop_token_id]
-                text = detok.add(ids[0]) if len(ids) == 1 else detok.add_many(ids)
                 finished = batch.finish_reason != FinishReason.NONE
-                if finished:
-                    text += detok.flush()
-                delta, matched = stops.feed(text)
-                chunk.text += delta
-                if matched is not None:
-                    chunk.finish_reason, chunk.stop_reason = FinishReason.STOP, matched
+                piece = out.feed(batch.token_ids, batch.stop_token_id, finished)
+                chunk.text += piece.text
+                chunk.reasoning_text, chunk.tool_calls = piece.reasoning, piece.tool_calls
+                if piece.stop is not None:
+                    chunk.finish_reason, chunk.stop_reason = FinishReason.STOP, piece.stop
                 elif finished:
-                    chunk.text += stops.flush()
                     chunk.finish_reason = batch.finish_reason
                     if batch.stop_token_id is not None:
                         chunk.stop_reason = str(batch.stop_token_id)

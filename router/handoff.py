@@ -19,6 +19,9 @@ blame:    Prefill RPC failed or timed out                -> that prefill server
                                                              never arrived); the decode
                                                              server is tried again
           decode stream error or silent for idle timeout  -> that decode server
+prompt logprobs (SamplingParams.prompt_logprobs): on the choice's first batch, from the
+          PrefillResponse (remote prefill) or the first TokenEvent (local prefill); a
+          migrated attempt after tokens went out does not ask again.
 exit:     finished on the decode server: nothing to clean. Otherwise (the prefill's token
           ended it, stop string, client cancel, error): abort it on the decode server (on
           the session) and Abort on the prefill one.
@@ -75,6 +78,9 @@ class WorkerTokens(NamedTuple):
     finish_reason: FinishReason
     stop_token_id: int | None
     num_cached_tokens: int
+    # SamplingParams.prompt_logprobs: the entries of prompt tokens 1.., on the choice's first
+    # batch; empty otherwise (never mutated: the default is shared)
+    prompt_logprobs: list[Logprob] = []
 
 
 async def stream_choice(
@@ -142,6 +148,10 @@ async def _attempt(
     pool.prefill_decisions["local" if local else "remote"] += 1
     timing.decode_worker = decode.address
     pb_sampling = sampling_to_proto(sampling)
+    if generated:  # migrated after tokens went out: the prompt logprobs went with the first
+        pb_sampling.ClearField("prompt_logprobs")
+    elif sampling.prompt_logprobs is not None:
+        pb_sampling.prompt_logprobs = sampling.prompt_logprobs
     stream = open_decode_stream(
         decode,
         worker_pb2.DecodeRequest(
@@ -191,6 +201,7 @@ async def _attempt(
                 FinishReason(t.finish_reason),
                 t.stop_token_id if t.HasField("stop_token_id") else None,
                 t.num_cached_tokens,
+                [logprob_from_proto(lp) for lp in t.prompt_logprobs],
             )
             finished = decode_done = batch.finish_reason != FinishReason.NONE
             yield batch
@@ -263,4 +274,5 @@ async def _prefill(
         FinishReason(resp.finish_reason),
         None,
         resp.num_cached_tokens,
+        [logprob_from_proto(lp) for lp in resp.prompt_logprobs],
     )

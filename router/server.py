@@ -24,8 +24,10 @@ from router.config import RouterConfig
 from router.engine import RouterEngine
 from router.metrics import PrefillDecisionCollector, RouterMetrics
 from router.policies import POLICIES
+from router.reasoning import REASONING_PARSERS
 from router.servicer import RegistryServicer, RouterServicer
 from router.tokenizer import RouterTokenizer
+from router.tool_parsers import TOOL_PARSERS
 from router.workers import MISSED_HEARTBEATS, MembershipCollector
 from rpc.auth import server_interceptors, warn_if_open
 from rpc.tls import PLAINTEXT, TLSConfig, add_port, add_tls_args, tls_from_args
@@ -131,6 +133,26 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="send a choice's tokens at most every N tokens (first and last at once)",
     )
     parser.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_PARSERS,
+        default="",
+        help="how tool calls are found in chat output (vLLM's names; the model's format: "
+        "hermes for Qwen2.5/Qwen3/Hermes, llama3_json for Llama 3.x, mistral for Mistral)",
+    )
+    parser.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='serve tool_choice "auto" (the model decides whether to call tools; needs '
+        '--tool-call-parser); "required" and a named function need neither flag',
+    )
+    parser.add_argument(
+        "--reasoning-parser",
+        choices=REASONING_PARSERS,
+        default="",
+        help="split chat output into reasoning_content and content (vLLM's names: qwen3, "
+        "deepseek_r1); off by default",
+    )
+    parser.add_argument(
         "--api-key",
         default=os.environ.get("TANDEM_API_KEY", ""),
         help="the public Router API demands metadata 'authorization: Bearer KEY' (the same key"
@@ -171,6 +193,9 @@ def config_from_args(args: argparse.Namespace, tls: TLSConfig = PLAINTEXT) -> Ro
         max_local_prefill_length=args.max_local_prefill_length,
         stream_interval=args.stream_interval,
         max_logprobs=args.max_logprobs,
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        reasoning_parser=args.reasoning_parser,
     )
 
 
@@ -263,6 +288,8 @@ def run(args: argparse.Namespace, tls: TLSConfig = PLAINTEXT) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = add_cli_args(argparse.ArgumentParser(prog="tandem router"))
     args = parser.parse_args(argv)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        parser.error("--enable-auto-tool-choice requires --tool-call-parser")
     run(args, tls_from_args(args, parser))
 
 

@@ -10,9 +10,16 @@ from pathlib import Path
 import grpc
 
 from protos import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
-from router.convert import chunk_to_proto, generate_input_from_proto
+from router.convert import (
+    chunk_to_proto,
+    generate_input_from_proto,
+    messages_from_proto,
+    template_kwargs_from_json,
+    tools_from_proto,
+)
 from router.engine import RouterEngine
 from router.types import ErrorKind, GenerateInput, RequestError
+from router.validate import check_template_kwargs
 from router.workers import CLOSE_LINGER_S, ReportedLoad, Role, WorkerHandle
 from rpc.auth import peer_roles
 
@@ -44,7 +51,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.engine = engine
 
     async def Generate(self, request, context):
-        gi = generate_input_from_proto(request)
+        try:
+            gi = generate_input_from_proto(request)
+        except RequestError as e:  # a field that does not parse (a tool's schema, ...)
+            self.engine.metrics.error(e.kind.value)
+            await _abort(context, e)
         try:
             async for chunk in self.engine.generate(gi):
                 yield chunk_to_proto(chunk, gi.request_id, self.engine.tokenizer)
@@ -62,21 +73,25 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if request.HasField("add_special_tokens"):
                 gi.add_special_tokens = request.add_special_tokens
         elif kind == "chat":
-            gi.messages = [
-                {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-                for m in request.chat.messages
-            ]
+            gi.messages = messages_from_proto(request.chat.messages)
             if request.HasField("add_generation_prompt"):
                 gi.add_generation_prompt = request.add_generation_prompt
         try:
             self.engine.check_model(request.model)
             if kind is None:
                 raise RequestError(ErrorKind.INVALID_ARGUMENT, "text or chat required", "prompt")
+            # the template sees what Generate's would: tools and chat_template_kwargs
+            gi.tools = tools_from_proto(request.tools)
+            if gi.tools and kind != "chat":
+                raise RequestError(ErrorKind.INVALID_ARGUMENT, "tools need chat messages", "tools")
+            gi.chat_template_kwargs = template_kwargs_from_json(request.chat_template_kwargs_json)
+            check_template_kwargs(gi)
             ids, text = await self.engine.tokenize(gi)
         except RequestError as e:
             await _abort(context, e)
+        strs = self.engine.tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else []
         return router_pb2.TokenizeResponse(
-            token_ids=ids, max_model_len=self.engine.max_model_len, prompt=text
+            token_ids=ids, max_model_len=self.engine.max_model_len, prompt=text, token_strs=strs
         )
 
     async def Detokenize(self, request, context):

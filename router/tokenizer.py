@@ -67,10 +67,29 @@ class RouterTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **template_kwargs,
+    ) -> str:
+        """HF's apply_chat_template(tokenize=False): tools in OpenAI's shape
+        [{"type": "function", "function": {...}}]; template_kwargs become template variables."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template; use a text prompt")
-        return render_chat(self.chat_template, messages, add_generation_prompt, self.special_tokens)
+        return render_chat(
+            self.chat_template,
+            messages,
+            add_generation_prompt,
+            self.special_tokens,
+            tools,
+            **template_kwargs,
+        )
+
+    def convert_ids_to_tokens(self, token_ids: list[int]) -> list[str]:
+        """The vocabulary's strings of the tokens (HF's convert_ids_to_tokens: "Ġworld")."""
+        return [self.tokenizer.id_to_token(t) or "" for t in token_ids]
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from router.tool_parsers import ToolCallDelta
 from tandem.records import Logprob, SamplingParams, Usage
 
 
@@ -50,7 +51,11 @@ class GenerateInput:
     request_id: str
     model: str
     text: str | None = None
-    messages: list[dict] | None = None  # [{"role", "content", optional "name"}]
+    # [{"role", "content", optional "name"}] as the chat template sees them, OpenAI's shape:
+    # assistant turns may add "tool_calls" [{"id", "type": "function", "function": {"name",
+    # "arguments"}}] (arguments a dict when its JSON text parses to one, as HF templates want)
+    # and "reasoning_content"; tool turns add "tool_call_id"
+    messages: list[dict] | None = None
     prompt_token_ids: list[int] | None = None
     # as sent, unchecked (router/validate.py checks it), with the request's stop strings and
     # detokenization settings; max_tokens None until validation fills it
@@ -62,6 +67,20 @@ class GenerateInput:
     echo: bool = False
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
+    # chat only: the functions the model may call, OpenAI function dicts {"name",
+    # "description", "parameters" (a JSON Schema dict), optional "strict"}
+    tools: list[dict] | None = None
+    # "none" | "auto" | "required" | a function name; None: "auto" with tools, else "none"
+    # (router/validate.py settles it)
+    tool_choice: str | None = None
+    # chat only: extra variables for the chat template (e.g. {"enable_thinking": False})
+    chat_template_kwargs: dict = field(default_factory=dict)
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as HF chat templates take them: [{"type": "function", "function": ...}]."""
+        if not self.tools:
+            return None
+        return [{"type": "function", "function": f} for f in self.tools]
 
 
 @dataclass(slots=True)
@@ -95,3 +114,9 @@ class ChoiceChunk:
     usage: Usage | None = None  # only on the very last chunk of the request
     prompt_token_ids: list[int] = field(default_factory=list)  # echo, first chunk
     num_cached_tokens: int = 0  # final chunk: prompt tokens served from a prefix cache
+    # --reasoning-parser: the thinking part of this piece of output (kept out of text)
+    reasoning_text: str = ""
+    # pieces of tool calls parsed from (or forced on) the output; their text is not in text
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs, first chunk: one entry per prompt token from the second
+    prompt_logprobs: list[Logprob] = field(default_factory=list)

@@ -169,6 +169,18 @@ def _engine_argv(args: argparse.Namespace) -> list[str]:
     return [*argv, "--max-logprobs", str(args.max_logprobs)]
 
 
+def _tool_argv(args: argparse.Namespace) -> list[str]:
+    """The router's tool-calling and reasoning flags, as given to serve."""
+    argv = []
+    if args.tool_call_parser:
+        argv += ["--tool-call-parser", args.tool_call_parser]
+    if args.enable_auto_tool_choice:
+        argv.append("--enable-auto-tool-choice")
+    if args.reasoning_parser:
+        argv += ["--reasoning-parser", args.reasoning_parser]
+    return argv
+
+
 def serve(args: argparse.Namespace, tls: TLSConfig) -> None:
     """Start gateway + router + prefill x N + decode x M on this host; Ctrl-C stops them all."""
     startup.check_ports(args)  # before anything is loaded or started
@@ -224,6 +236,7 @@ def serve(args: argparse.Namespace, tls: TLSConfig) -> None:
             cmd += ["--max-local-prefill-length", str(args.max_local_prefill_length)]
             cmd += ["--stream-interval", str(args.stream_interval), *plane.argv("router")]
             cmd += ["--max-logprobs", str(args.max_logprobs)]
+            cmd += _tool_argv(args)
             cmd += ["--metrics-port", str(metrics_port)]
             if args.max_model_len:
                 cmd += ["--max-model-len", str(args.max_model_len)]

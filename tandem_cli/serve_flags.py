@@ -22,6 +22,9 @@ DEVICES = ["auto", "cuda", "cpu"]
 LOAD_FORMATS = ["auto", "safetensors", "gguf", "dummy"]
 KERNEL_BACKENDS = ["auto", "torch", "triton"]
 KV_TRANSPORTS = ["auto", "grpc", "shm", "cuda_ipc"]  # kvtransfer.select.CHOICES
+# the router's (router/tool_parsers.py TOOL_PARSERS, router/reasoning.py REASONING_PARSERS)
+TOOL_CALL_PARSERS = ["hermes", "llama3_json", "mistral"]
+REASONING_PARSERS = ["qwen3", "deepseek_r1"]
 
 # The workers' own defaults (worker/flags.py; a test keeps the two equal), for help and banner.
 WORKER_DEFAULTS = {
@@ -223,6 +226,25 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="router: prefill on the decode server when the prompt's part not cached there is"
         " shorter than this many tokens (conditional disaggregation; 0: always remote)",
     )
+    rt.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=TOOL_CALL_PARSERS,
+        help="router: how tool calls are found in chat output (the model's format: hermes"
+        " for Qwen2.5/Qwen3/Hermes, llama3_json for Llama 3.x, mistral for Mistral)",
+    )
+    rt.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='router: serve tool_choice "auto" (needs --tool-call-parser); "required" and a'
+        " named function are forced with structured outputs and need neither flag",
+    )
+    rt.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=REASONING_PARSERS,
+        help="router: split chat output into reasoning_content and content (off by default)",
+    )
     g = p.add_argument_group("gateway admission", "passed to every gateway (default: its own)")
     for name, kind, text in GATEWAY_FLAGS:
         g.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=text)
@@ -269,3 +291,5 @@ def check_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error(f"--router-port {args.router_port} leaves no room for {args.routers} routers")
     if args.max_logprobs < 0:
         parser.error("--max-logprobs must be >= 0")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        parser.error("--enable-auto-tool-choice requires --tool-call-parser")

@@ -37,6 +37,8 @@ VLLM_FLAGS = {
     "--max-num-batched-tokens": "512",
     "--max-logprobs": "5",
     "--stream-interval": "2",
+    "--tool-call-parser": "hermes",
+    "--reasoning-parser": "qwen3",
     "--api-server-count": "2",
     "--enable-prefix-caching": None,
     "--no-enable-prefix-caching": None,
@@ -152,6 +154,31 @@ def test_serve_choices_and_defaults_are_the_workers_and_every_flag_it_passes_par
     )
     assert not got.enable_prefix_caching and got.enforce_eager and got.max_logprobs == 7
     assert got.async_scheduling is False and got.seed == 3 and got.tensor_parallel_size == 1
+
+
+def test_serve_hands_the_router_its_tool_and_reasoning_flags():
+    from router.server import add_cli_args
+    from tandem_cli.serve import _tool_argv
+
+    router = _Refuse(prog="tandem router")
+    add_cli_args(router)
+    serve_actions = {a.dest: a for a in _serve_parser()._actions}
+    router_actions = {a.dest: a for a in router._actions}
+    for dest in ("tool_call_parser", "reasoning_parser"):
+        assert list(serve_actions[dest].choices) == list(router_actions[dest].choices), dest
+    args = _parse(
+        ["--tool-call-parser", "llama3_json", "--enable-auto-tool-choice"]
+        + ["--reasoning-parser", "deepseek_r1"]
+    )
+    got = router.parse_args(["--model", "M", *_tool_argv(args)])
+    assert (got.tool_call_parser, got.enable_auto_tool_choice, got.reasoning_parser) == (
+        "llama3_json",
+        True,
+        "deepseek_r1",
+    )
+    assert _tool_argv(_parse([])) == []
+    with pytest.raises(AssertionError, match="--enable-auto-tool-choice requires"):
+        _parse(["--enable-auto-tool-choice"])
 
 
 def _parsers():

@@ -47,12 +47,15 @@ LIMITS = [
     ("top_k-int32", "/v1/completions", {**COMP, "top_k": I32}, "top_k"),
     ("min_tokens-int32", "/v1/completions", {**COMP, "min_tokens": I32}, "min_tokens"),
     ("seed-int64", "/v1/completions", {**COMP, "seed": 2**63}, "seed"),
-    ("tools", "/v1/chat/completions",
-     {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("response_format", "/v1/chat/completions",
-     {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
-    ("guided_json", "/v1/completions", {**COMP, "guided_json": {"type": "object"}},
-     "guided_json"),
+    ("tools-count", "/v1/chat/completions",
+     {**CHAT, "tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]},
+     "tools"),
+    ("response_format-size", "/v1/chat/completions",
+     {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+         "name": "s", "schema": {"description": "x" * (64 << 10)}}}}, "response_format"),
+    ("two-constraints", "/v1/completions",
+     {**COMP, "guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex"),
+    ("prompt_logprobs", "/v1/completions", {**COMP, "prompt_logprobs": 21}, "prompt_logprobs"),
     ("suffix", "/v1/completions", {**COMP, "suffix": "tail"}, "suffix"),
 ]  # fmt: skip
 

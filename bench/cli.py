@@ -58,6 +58,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="let EOS end outputs early (default: ignore_eos=true, exact output lengths)",
     )  # fmt: skip
     g.add_argument("--request-timeout", type=float, default=6 * 3600.0, help="seconds")
+    g.add_argument(
+        "--extra-body", type=json.loads, default={},
+        help="JSON object merged into every request body, e.g. a response_format",
+    )  # fmt: skip
 
     g = p.add_argument_group("dataset")
     g.add_argument("--dataset-name", choices=["random", "prefix"], default="random")
@@ -203,6 +207,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
         api_key=args.api_key,
         ignore_eos=args.ignore_eos,
         temperature=args.temperature,
+        extra_body=tuple(args.extra_body.items()),
     )
     await warm_up(endpoint, warmups, load)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -29,6 +29,8 @@
 #                              # handoff, engine recovery), KV transports with serving
 #   bash bench/gpu_pass.sh S2  # control plane without and with mutual TLS (lockstep and
 #                              # coalescing fake decode servers), 16 cores
+#   bash bench/gpu_pass.sh SO  # structured outputs: GPU tests, W1 via the gateway plain and
+#                              # with a JSON schema on every request, in turn
 #   bash bench/gpu_pass.sh Y   # after the floors redesign: GPU tests, then W1 engine-only on the
 #                              # core before it (.carry/old: tandem/ and bench/gpu_engine.py of
 #                              # the commit before) and after, in turn, 2 runs each
@@ -335,6 +337,21 @@ S2)  # what mutual TLS and the per-RPC role checks cost on the token path (same 
     step 280 python3 -m bench.control_plane --model /tmp/tandem-dummy-model --num-clients 4 \
       "${extra[@]}" --modes plaintext,mtls --repeats 2 --note "fake decode: $m" \
       --out "$RAW/control-plane-mtls-$m.json" 2>&1 | grep -E "^(mode|run|\{)"
+  done
+  ;;
+SO)  # structured outputs: GPU tests (masks under async scheduling), then W1 via the gateway
+    # unconstrained and with a JSON schema on every request, in turn, same call
+  step 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/core/test_structured_gpu.py \
+    tests/core/test_async_scheduling_gpu.py 2>&1 | tail -4
+  schema='{"type":"object","properties":{"name":{"type":"string"},"age":{"type":"integer"},'
+  schema+='"tags":{"type":"array","items":{"type":"string"}}},"required":["name","age","tags"]}'
+  body="{\"structured_outputs\": {\"json\": $schema}}"
+  runs=0
+  for t in plain json json plain; do
+    extra=(); [ $t = json ] && extra=(--bench-extra "$body")
+    runs=$((runs + 1))
+    step 140 python3 -m bench.gpu_serving w1 --out "$RAW" --tag "-$t-$runs" "${extra[@]}" \
+      2>&1 | grep -E "^W1" | cut -c1-600
   done
   ;;
 esac

@@ -152,6 +152,8 @@ def run_w1(a, model_dir: Path, out: Path) -> None:
         w1_args = ["--tokenizer", str(model_dir), "--dataset-name", "random"]
         w1_args += ["--random-input-len", "512"]
         w1_args += ["--random-output-len", "256", "--request-rate", "inf"]
+        if a.bench_extra:
+            w1_args += ["--extra-body", a.bench_extra]
         path = out / f"w1-aggregated{a.tag}.json"
         if a.num_clients > 1:
             res = bench_clients(serve.url, path, w1_args, a.requests, a.num_clients, 1, 8)
@@ -210,6 +212,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--serve-extra", default="", help="more `tandem serve` flags (w1)")
     ap.add_argument("--tag", default="", help="suffix of the w1 result and log file names")
+    ap.add_argument(
+        "--bench-extra", default="", help="w1: JSON object merged into every request body"
+    )
     ap.add_argument(
         "--num-clients", type=int, default=1, help="w1: `tandem bench` processes, merged"
     )

@@ -340,17 +340,19 @@ S2)  # what mutual TLS and the per-RPC role checks cost on the token path (same 
   done
   ;;
 SO)  # structured outputs: GPU tests (masks under async scheduling), then W1 via the gateway
-    # unconstrained and with a JSON schema on every request, in turn, same call
-  step 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/core/test_structured_gpu.py \
-    tests/core/test_async_scheduling_gpu.py 2>&1 | tail -4
+    # unconstrained and with a JSON schema on every request, in turn, same call; `SO 2`: the
+    # W1 runs only, in the other order
+  [ "${2:-1}" = 1 ] && step 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests/core/test_structured_gpu.py tests/core/test_async_scheduling_gpu.py 2>&1 | tail -4
   schema='{"type":"object","properties":{"name":{"type":"string"},"age":{"type":"integer"},'
   schema+='"tags":{"type":"array","items":{"type":"string"}}},"required":["name","age","tags"]}'
   body="{\"structured_outputs\": {\"json\": $schema}}"
-  runs=0
-  for t in plain json json plain; do
+  order="plain json plain"; [ "${2:-1}" = 2 ] && order="json plain json"
+  i=0
+  for t in $order; do
     extra=(); [ $t = json ] && extra=(--bench-extra "$body")
-    runs=$((runs + 1))
-    step 140 python3 -m bench.gpu_serving w1 --out "$RAW" --tag "-$t-$runs" "${extra[@]}" \
+    i=$((i + 1))
+    step 130 python3 -m bench.gpu_serving w1 --out "$RAW" --tag "-$t-${2:-1}$i" "${extra[@]}" \
       2>&1 | grep -E "^W1" | cut -c1-600
   done
   ;;

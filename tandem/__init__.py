@@ -1,6 +1,6 @@
 """tandem: an LLM inference server. The offline API is `from tandem import LLM, SamplingParams`."""
 
-from tandem.records import SamplingParams
+from tandem.records import SamplingParams, StructuredOutput
 
 __version__ = "0.1.0"
 
@@ -14,4 +14,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput", "__version__"]

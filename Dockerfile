@@ -16,6 +16,17 @@ ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv --system-site-packages /opt/tandem
+# TORCH_PIP_ARGS: where torch comes from when the base image has none (a slim Python or bare
+# Debian base): pip's arguments for it, e.g. "--index-url https://download.pytorch.org/whl/cpu"
+# for the CPU-only build (PyPI's Linux torch pulls GBs of CUDA libraries), or "--no-index
+# --find-links /wheels" for a wheel directory mounted into the build (podman build -v).
+# Empty (the default): the base image's torch. Installed before the source is copied, so a
+# source change keeps this layer; the range is pyproject's.
+ARG TORCH_PIP_ARGS=
+ARG TORCH_REQUIREMENT="torch>=2.4,<3"
+RUN if [ -n "$TORCH_PIP_ARGS" ]; then \
+      /opt/tandem/bin/pip install --no-deps $TORCH_PIP_ARGS "$TORCH_REQUIREMENT"; \
+    fi
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY tandem_cli/ tandem_cli/

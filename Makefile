@@ -20,7 +20,7 @@ RUNTIME_REQS := $(BIN)/python -c "import sys; \
   reqs = t.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
   print('\n'.join(r for r in reqs if not r.startswith('xgrammar')))"
 
-.PHONY: serve test lint
+.PHONY: serve test test-containers lint
 
 $(RUNTIME): pyproject.toml
 	@echo "== [1/4] virtual environment in $(VENV)"
@@ -55,4 +55,10 @@ lint: $(TESTING)
 # Two pytest workers, a test file each at a time (a file's servers and fixtures stay in one
 # worker): the suite spends much of its time waiting on the processes it starts.
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not container"
+
+# compose.yaml in podman containers on this host (tests/containers; skipped without podman):
+# builds a Debian base image and the image, then runs, scales and breaks the stack. One pytest
+# process: the image build wants both cores.
+test-containers: $(TESTING)
+	$(BIN)/python -m pytest -p no:xdist -m container tests/containers

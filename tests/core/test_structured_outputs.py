@@ -159,6 +159,17 @@ def test_unconstrained_rows_are_untouched_by_constrained_neighbours(llm, engine_
         assert _run(llm, [prompt], [p])[0].token_ids == out.token_ids
 
 
+def test_a_large_batch_fills_its_masks_in_the_thread_pool_as_one_row_would(llm):
+    """12 constrained rows (xgrammar's thread pool fills the masks) give each request's tokens
+    of its run alone (one row, filled on the engine's thread)."""
+    params = [_p(_json(SCHEMAS[i % len(SCHEMAS)]), 1.0, seed=40 + i) for i in range(12)]
+    prompts = [PROMPTS[i % 4] for i in range(12)]
+    together = _run(llm, prompts, params)
+    for prompt, p, out in zip(prompts, params, together, strict=True):
+        assert _run(llm, [prompt], [p])[0].token_ids == out.token_ids
+    _no_leaks(llm)
+
+
 def test_a_migrated_request_replays_its_outputs_into_a_fresh_matcher(llm, async_mode):
     so = _json(SCHEMAS[2])
     prompt = llm.tokenizer.encode(PROMPTS[0], add_special_tokens=False)

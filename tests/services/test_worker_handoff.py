@@ -4,27 +4,24 @@ engines on both sides: the router's handoff done by hand, checked against LLM.ge
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
 
-from decode_service.servicer import DecodeServicer, KVOffer
+from decode_service.servicer import KVOffer
 from kvtransfer.base import DecodeKV
-from kvtransfer.channel import CHANNEL_OPTIONS, Channels
-from kvtransfer.ledger import HandoffLedger
 from kvtransfer.pool import ShmPoolFile
-from kvtransfer.receiver import KVTransferServicer
-from kvtransfer.registry import RECEIVERS
-from kvtransfer.select import KVSenders
 from kvtransfer.wire import pool_to_proto
-from prefill_service.servicer import PrefillServicer
 from protos import common_pb2, worker_pb2, worker_pb2_grpc
-from tandem.async_engine import AsyncEngine
 from tandem.config import EngineConfig
 from tandem.engine import LLMEngine
 from tandem.records import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # worker_pair
+from worker_pair import serve_worker_pair  # noqa: E402
 
 PROMPTS = [
     [1, 9690, 314, 260, 3575, 282, 4649],
@@ -61,40 +58,19 @@ def shm_decode_engine():
     pool_file.close()
 
 
-@contextlib.asynccontextmanager
-async def _start(
+def _start(
     prefill_engine, decode_engine, pool_file: ShmPoolFile | None = None, shown_path: str = ""
 ):
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    port = server.add_insecure_port("127.0.0.1:0")
-    addr = f"127.0.0.1:{port}"
-    p_async, d_async = AsyncEngine(prefill_engine), AsyncEngine(decode_engine)
-    ledger = HandoffLedger(lease_s=5)
-    prefill = PrefillServicer(p_async, KVSenders(prefill_engine.kv_cache, channels=Channels(10)))
-    worker_pb2_grpc.add_PrefillServicer_to_server(prefill, server)
-    kv_cache = decode_engine.kv_cache
+    """The two workers on one in-process server; with pool_file, the decode side offers its
+    shm pool (shown to the prefill side at shown_path, when given) before grpc."""
     if pool_file is None:  # a decode server that offers grpc only
-        offer, kv = KVOffer(), DecodeKV(kv_cache, tuple(kv_cache.shape))
-    else:
-        export = pool_file.export(kv_cache)
-        shown = dataclasses.replace(export, shm_path=shown_path or export.shm_path)
-        offer = KVOffer(["shm", "grpc"], pool_to_proto(shown))
-        kv = DecodeKV(kv_cache, tuple(kv_cache.shape), export=export)
-    receivers = {name: RECEIVERS[name](kv) for name in offer.transports}
-    kv_servicer = KVTransferServicer(ledger, receivers)
-    decode = DecodeServicer(d_async, ledger, addr, offer)
-    worker_pb2_grpc.add_DecodeServicer_to_server(decode, server)
-    worker_pb2_grpc.add_KVTransferServicer_to_server(kv_servicer, server)
-    await server.start()
-    channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-    try:
-        yield channel
-    finally:
-        await prefill.close()
-        await channel.close()
-        await server.stop(None)
-        p_async.shutdown()
-        d_async.shutdown()
+        return serve_worker_pair(prefill_engine, decode_engine, lease_s=5)
+    kv_cache = decode_engine.kv_cache
+    export = pool_file.export(kv_cache)
+    shown = dataclasses.replace(export, shm_path=shown_path or export.shm_path)
+    offer = KVOffer(["shm", "grpc"], pool_to_proto(shown))
+    kv = DecodeKV(kv_cache, tuple(kv_cache.shape), export=export)
+    return serve_worker_pair(prefill_engine, decode_engine, offer, kv, lease_s=5)
 
 
 class _Session:

@@ -14,10 +14,11 @@ HOST = "127.0.0.1"
 
 
 @contextlib.asynccontextmanager
-async def serve_worker_pair(p_core, d_core):
-    """Serve Prefill, Decode and KVTransfer (grpc transport) for the two core LLMEngines;
-    yields a channel to them. Shuts the engines down on exit."""
-    from decode_service.servicer import DecodeServicer
+async def serve_worker_pair(p_core, d_core, offer=None, kv=None, lease_s: float = 10):
+    """Serve Prefill, Decode and KVTransfer for the two core LLMEngines; yields a channel to
+    them. offer/kv: the decode side's KVOffer and DecodeKV (default: grpc only, over
+    d_core's cache). Shuts the engines down on exit."""
+    from decode_service.servicer import DecodeServicer, KVOffer
     from kvtransfer.base import DecodeKV
     from kvtransfer.channel import CHANNEL_OPTIONS, Channels
     from kvtransfer.ledger import HandoffLedger
@@ -30,13 +31,16 @@ async def serve_worker_pair(p_core, d_core):
     p_engine, d_engine = AsyncEngine(p_core), AsyncEngine(d_core)
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     addr = f"{HOST}:{server.add_insecure_port(f'{HOST}:0')}"
-    ledger = HandoffLedger(lease_s=10)
+    ledger = HandoffLedger(lease_s=lease_s)
     kv_cache = d_core.kv_cache
+    if offer is None:
+        offer, kv = KVOffer(), DecodeKV(kv_cache, tuple(kv_cache.shape))
     prefill = PrefillServicer(p_engine, KVSenders(p_core.kv_cache, channels=Channels(10)))
     worker_pb2_grpc.add_PrefillServicer_to_server(prefill, server)
-    worker_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(d_engine, ledger, addr), server)
-    kv = DecodeKV(kv_cache, tuple(kv_cache.shape))
-    kv_servicer = KVTransferServicer(ledger, {"grpc": RECEIVERS["grpc"](kv)})
+    decode = DecodeServicer(d_engine, ledger, addr, offer)
+    worker_pb2_grpc.add_DecodeServicer_to_server(decode, server)
+    receivers = {name: RECEIVERS[name](kv) for name in offer.transports}
+    kv_servicer = KVTransferServicer(ledger, receivers)
     worker_pb2_grpc.add_KVTransferServicer_to_server(kv_servicer, server)
     await server.start()
     channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
